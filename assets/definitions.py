@@ -1,0 +1,9 @@
+"""The code location: merges each area's small definitions. Nothing else lives here."""
+
+import dagster as dg
+
+from assets import checks, model, resources, scoring, sensors
+
+AREAS = (model.defs, scoring.defs, checks.defs, sensors.defs)
+
+defs = dg.Definitions.merge(resources.defs, *AREAS)

@@ -1,0 +1,62 @@
+"""Dagster resources: where the lake is, which stream, which MLflow store. Read lazily."""
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from streamguard.config import Home
+from streamguard.lake import Lake
+
+
+class HomeResource(dg.ConfigurableResource):
+    """The platform's local state root (STREAMGUARD_HOME when unset)."""
+
+    root: str | None = Field(
+        default=None, description="State folder; defaults to $STREAMGUARD_HOME or .streamguard"
+    )
+
+    def home(self) -> Home:
+        home = Home(Path(self.root).resolve()) if self.root else Home.from_env()
+        return home.ensure()
+
+    def lake(self) -> Lake:
+        return Lake(self.home().lake)
+
+
+class KinesisResource(dg.ConfigurableResource):
+    """A Kinesis stream. The endpoint is configuration, so the same code runs on AWS."""
+
+    stream_name: str = Field(default="transactions", description="Kinesis stream to read")
+    endpoint_url: str | None = Field(
+        default=None,
+        description="Kinesis endpoint; unset uses AWS_ENDPOINT_URL_KINESIS or AWS itself",
+    )
+    region_name: str | None = Field(default=None, description="AWS region (default us-east-1)")
+    max_records_per_shard: int = Field(
+        default=25_000, description="Most records per shard that one sensor-triggered run takes"
+    )
+
+    def client(self) -> Any:
+        from streamguard.kinesis import kinesis_client
+
+        return kinesis_client(self.endpoint_url, self.region_name)
+
+
+class MlflowResource(dg.ConfigurableResource):
+    """The MLflow tracking store and registry holding `fraud_model`."""
+
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; defaults to SQLite under STREAMGUARD_HOME"
+    )
+    model_name: str = Field(default="fraud_model", description="Registered model name")
+    alias: str = Field(default="champion", description="Alias the scoring runs load")
+
+    def uri(self, home: Home) -> str:
+        return self.tracking_uri or home.mlflow_tracking_uri
+
+
+defs = dg.Definitions(
+    resources={"home": HomeResource(), "kinesis": KinesisResource(), "mlflow": MlflowResource()}
+)

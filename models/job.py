@@ -1,0 +1,326 @@
+"""The fraud scoring job: what one micro-batch of raw stream records becomes.
+
+Parse and validate, drop duplicates, compute the stateful features against the stored state,
+score with the registered model, apply the rules, decide alerts, and hand back the rows for each
+table. The runtime does the reading of the stream, the writing of Delta tables and the
+checkpointing; this module never imports it (it gets a `lake` object that can read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from models.features import (
+    CUSTOMER_STATE_SCHEMA,
+    FEATURE_SCHEMA,
+    FEATURE_VERSION,
+    KNOWN_FRAUD_SCHEMA,
+    TERMINAL_STATE_SCHEMA,
+    FeatureState,
+    compute_features,
+)
+from models.protocols import LakeReader, Processed, RecordLike, TableOutput
+from models.registry import MODEL_NAME, LoadedModel, load_model, resolve_version, score
+from models.rules import RULES, AlertPolicy, decide, rule_hits
+from models.schema import LABEL_SCHEMA, TIMESTAMP, TRANSACTION_SCHEMA, parse_records
+
+TRANSACTIONS = "transactions"
+FEATURES = "features"
+SCORES = "scores"
+ALERTS = "alerts"
+CUSTOMER_STATE = "customer_state"
+TERMINAL_STATE = "terminal_state"
+LABELS = "labels"
+
+_LINEAGE = [
+    pa.field("batch_id", pa.int64(), nullable=False),
+    pa.field("shard_id", pa.string()),
+    pa.field("sequence_number", pa.string()),
+    pa.field("ingested_at", TIMESTAMP),
+]
+TRANSACTIONS_TABLE_SCHEMA = pa.schema([*TRANSACTION_SCHEMA, *_LINEAGE])
+FEATURES_TABLE_SCHEMA = pa.schema(
+    [
+        *FEATURE_SCHEMA,
+        pa.field("feature_version", pa.string()),
+        pa.field("model_name", pa.string()),
+        pa.field("model_version", pa.string()),
+        pa.field("batch_id", pa.int64(), nullable=False),
+    ]
+)
+SCORES_TABLE_SCHEMA = pa.schema(
+    [
+        pa.field("transaction_id", pa.string(), nullable=False),
+        pa.field("customer_id", pa.string()),
+        pa.field("terminal_id", pa.string()),
+        pa.field("event_time", TIMESTAMP),
+        pa.field("score", pa.float64()),
+        pa.field("rules", pa.string()),  # comma-separated rule names that fired
+        pa.field("alert", pa.bool_()),
+        pa.field("model_name", pa.string()),
+        pa.field("model_version", pa.string()),
+        pa.field("batch_id", pa.int64(), nullable=False),
+        pa.field("scored_at", TIMESTAMP),
+    ]
+)
+ALERTS_TABLE_SCHEMA = pa.schema(
+    [
+        pa.field("transaction_id", pa.string(), nullable=False),
+        pa.field("customer_id", pa.string()),
+        pa.field("terminal_id", pa.string()),
+        pa.field("event_time", TIMESTAMP),
+        pa.field("amount", pa.float64()),
+        pa.field("score", pa.float64()),
+        pa.field("reason", pa.string()),
+        pa.field("model_version", pa.string()),
+        pa.field("batch_id", pa.int64(), nullable=False),
+        pa.field("created_at", TIMESTAMP),
+    ]
+)
+_UPDATED = [pa.field("batch_id", pa.int64()), pa.field("updated_at", TIMESTAMP)]
+CUSTOMER_STATE_TABLE_SCHEMA = pa.schema([*CUSTOMER_STATE_SCHEMA, *_UPDATED])
+TERMINAL_STATE_TABLE_SCHEMA = pa.schema([*TERMINAL_STATE_SCHEMA, *_UPDATED])
+
+
+# Written in this order; state last, so a replayed batch reads the state from before it.
+OUTPUTS: tuple[TableOutput, ...] = (
+    TableOutput(TRANSACTIONS, TRANSACTIONS_TABLE_SCHEMA),
+    TableOutput(FEATURES, FEATURES_TABLE_SCHEMA),
+    TableOutput(SCORES, SCORES_TABLE_SCHEMA),
+    TableOutput(ALERTS, ALERTS_TABLE_SCHEMA),
+    TableOutput(CUSTOMER_STATE, CUSTOMER_STATE_TABLE_SCHEMA, ("customer_id",)),
+    TableOutput(TERMINAL_STATE, TERMINAL_STATE_TABLE_SCHEMA, ("terminal_id",)),
+)
+TABLE_SCHEMAS: dict[str, pa.Schema] = {o.name: o.schema for o in OUTPUTS} | {LABELS: LABEL_SCHEMA}
+
+
+class FraudScoringJob:
+    """Scores micro-batches with one model version per batch (recorded in the batch plan)."""
+
+    outputs = OUTPUTS
+
+    def __init__(
+        self,
+        tracking_uri: str | None,
+        model_name: str = MODEL_NAME,
+        alias: str = "champion",
+        policy: AlertPolicy | None = None,
+        model: LoadedModel | None = None,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.model_name = model_name
+        self.alias = alias
+        self.policy = policy or AlertPolicy()
+        self._models: dict[str, LoadedModel] = {}
+        if model is not None:  # an already-loaded model (benchmarks, replays)
+            self._models[model.version] = model
+            self._fixed = model.version
+        else:
+            self._fixed = ""
+
+    def plan_context(self, lake: LakeReader) -> dict[str, Any]:
+        if self._fixed:
+            version = self._fixed
+        else:
+            assert self.tracking_uri is not None
+            version = resolve_version(self.tracking_uri, self.model_name, self.alias)
+        return {
+            "model_name": self.model_name,
+            "model_version": version,
+            "labels_version": lake.version(LABELS),
+        }
+
+    def _model(self, version: str) -> LoadedModel:
+        if version not in self._models:
+            assert self.tracking_uri is not None, "no tracking URI to load the model from"
+            self._models[version] = load_model(self.tracking_uri, self.model_name, version)
+        return self._models[version]
+
+    def process(
+        self,
+        records: Sequence[RecordLike],
+        batch_id: int,
+        context: dict[str, Any],
+        lake: LakeReader,
+    ) -> Processed:
+        now = datetime.now(UTC)
+        parsed = parse_records([r.data for r in records])
+        rejected = [(r.index, r.reason) for r in parsed.rejected]
+        valid = parsed.valid
+        valid, dupes = _drop_duplicates(valid, lake, batch_id)
+        rejected.extend(dupes)
+        index = valid["record_index"].to_numpy()
+        shard = pa.array([records[i].shard_id for i in index], pa.string())
+        seq = pa.array([records[i].sequence_number for i in index], pa.string())
+        valid = valid.drop_columns(["record_index"])
+        transactions = (
+            valid.append_column("batch_id", pa.array(np.full(len(index), batch_id), pa.int64()))
+            .append_column("shard_id", shard)
+            .append_column("sequence_number", seq)
+            .append_column("ingested_at", pa.array([now] * len(index), TIMESTAMP))
+        )
+        state = _load_state(lake, valid)
+        frauds = _known_frauds(lake, valid, batch_id, context.get("labels_version"))
+        result = compute_features(valid, state, frauds)
+        tables = self.score(result.features, context, batch_id, now)
+        tables[TRANSACTIONS] = transactions
+        for name, table in (
+            (CUSTOMER_STATE, result.state.customers),
+            (TERMINAL_STATE, result.state.terminals),
+        ):
+            n = table.num_rows
+            tables[name] = table.append_column(
+                "batch_id", pa.array(np.full(n, batch_id), pa.int64())
+            ).append_column("updated_at", pa.array([now] * n, TIMESTAMP))
+        stats = {
+            "valid": valid.num_rows,
+            "rejected": len(rejected),
+            "alerts": tables[ALERTS].num_rows,
+            "known_frauds": frauds.num_rows,
+            "model_version": str(context["model_version"]),
+        }
+        return Processed(tables, rejected, stats)
+
+    def score(
+        self, features: pa.Table, context: dict[str, Any], batch_id: int, now: datetime
+    ) -> dict[str, pa.Table]:
+        """Model score + rules -> alert decision, as rows for the features/scores/alerts tables."""
+        loaded = self._model(str(context["model_version"]))
+        frame = features.to_pandas()
+        probability = score(loaded.model, frame) if len(frame) else np.zeros(0)
+        hits = rule_hits(frame, self.policy)
+        alert, reasons = decide(probability, hits, self.policy)
+        n = features.num_rows
+        fired = hits[list(RULES)].to_numpy() if n else np.zeros((0, len(RULES)), bool)
+        rules = [",".join(r for r, on in zip(RULES, row, strict=True) if on) for row in fired]
+        batch = pa.array(np.full(n, batch_id), pa.int64())
+        version = pa.array([loaded.version] * n, pa.string())
+        feats = (
+            features.append_column("feature_version", pa.array([FEATURE_VERSION] * n, pa.string()))
+            .append_column("model_name", pa.array([loaded.name] * n, pa.string()))
+            .append_column("model_version", version)
+            .append_column("batch_id", batch)
+        )
+        scores = pa.table(
+            {
+                "transaction_id": features["transaction_id"],
+                "customer_id": features["customer_id"],
+                "terminal_id": features["terminal_id"],
+                "event_time": features["event_time"],
+                "score": pa.array(probability, pa.float64()),
+                "rules": pa.array(rules, pa.string()),
+                "alert": pa.array(alert, pa.bool_()),
+                "model_name": pa.array([loaded.name] * n, pa.string()),
+                "model_version": version,
+                "batch_id": batch,
+                "scored_at": pa.array([now] * n, TIMESTAMP),
+            },
+            schema=SCORES_TABLE_SCHEMA,
+        )
+        mask = pa.array(alert, pa.bool_())
+        flagged = features.filter(mask)
+        m = flagged.num_rows
+        alerts = pa.table(
+            {
+                "transaction_id": flagged["transaction_id"],
+                "customer_id": flagged["customer_id"],
+                "terminal_id": flagged["terminal_id"],
+                "event_time": flagged["event_time"],
+                "amount": flagged["amount"],
+                "score": pa.array(probability[alert], pa.float64()),
+                "reason": pa.array(
+                    [r for r, a in zip(reasons, alert, strict=True) if a], pa.string()
+                ),
+                "model_version": pa.array([loaded.version] * m, pa.string()),
+                "batch_id": pa.array(np.full(m, batch_id), pa.int64()),
+                "created_at": pa.array([now] * m, TIMESTAMP),
+            },
+            schema=ALERTS_TABLE_SCHEMA,
+        )
+        return {FEATURES: feats, SCORES: scores, ALERTS: alerts}
+
+
+def _drop_duplicates(
+    valid: pa.Table, lake: LakeReader, batch_id: int
+) -> tuple[pa.Table, list[tuple[int, str]]]:
+    """A transaction id is scored once: repeats (in the batch or earlier) are rejected."""
+    ids = valid["transaction_id"].to_numpy(zero_copy_only=False)
+    first = np.zeros(len(ids), dtype=bool)
+    _, first_pos = np.unique(ids, return_index=True)
+    first[first_pos] = True
+    rejected = [
+        (int(i), "duplicate transaction_id within the batch")
+        for i in valid["record_index"].to_numpy()[~first]
+    ]
+    valid = valid.filter(pa.array(first))
+    seen = lake.read(
+        TRANSACTIONS,
+        columns=["transaction_id"],
+        filter=pc.field("transaction_id").isin(valid["transaction_id"])
+        & (pc.field("batch_id") < batch_id),
+        schema=TRANSACTIONS_TABLE_SCHEMA,
+    )["transaction_id"]
+    if len(seen):
+        again = pc.is_in(valid["transaction_id"], value_set=seen.combine_chunks())
+        rejected += [
+            (int(i), "duplicate transaction_id: already processed in an earlier batch")
+            for i in valid.filter(again)["record_index"].to_numpy()
+        ]
+        valid = valid.filter(pc.invert(again))
+    return valid, rejected
+
+
+def _load_state(lake: LakeReader, valid: pa.Table) -> FeatureState:
+    customers = lake.read(
+        CUSTOMER_STATE,
+        columns=CUSTOMER_STATE_SCHEMA.names,
+        filter=pc.field("customer_id").isin(pc.unique(valid["customer_id"])),
+        schema=CUSTOMER_STATE_TABLE_SCHEMA,
+    )
+    terminals = lake.read(
+        TERMINAL_STATE,
+        columns=TERMINAL_STATE_SCHEMA.names,
+        filter=pc.field("terminal_id").isin(pc.unique(valid["terminal_id"])),
+        schema=TERMINAL_STATE_TABLE_SCHEMA,
+    )
+    return FeatureState(
+        customers.cast(CUSTOMER_STATE_SCHEMA), terminals.cast(TERMINAL_STATE_SCHEMA)
+    )
+
+
+def _known_frauds(
+    lake: LakeReader, valid: pa.Table, batch_id: int, labels_version: int | None
+) -> pa.Table:
+    """Frauds reported by the batch's last event, with their terminal and time.
+
+    Labels are read at the version recorded in the batch plan, so a replayed batch sees exactly
+    what the first attempt saw.
+    """
+    if labels_version is None or valid.num_rows == 0:
+        return KNOWN_FRAUD_SCHEMA.empty_table()
+    latest = pc.max(valid["event_time"])
+    labels = lake.read(
+        LABELS,
+        columns=["transaction_id", "reported_at"],
+        filter=(pc.field("is_fraud") == True) & (pc.field("reported_at") <= latest),  # noqa: E712
+        version=labels_version,
+        schema=LABEL_SCHEMA,
+    )
+    if labels.num_rows == 0:
+        return KNOWN_FRAUD_SCHEMA.empty_table()
+    earlier = lake.read(
+        TRANSACTIONS,
+        columns=["transaction_id", "terminal_id", "event_time"],
+        filter=pc.field("transaction_id").isin(labels["transaction_id"])
+        & (pc.field("batch_id") < batch_id),
+        schema=TRANSACTIONS_TABLE_SCHEMA,
+    )
+    txs = pa.concat_tables([earlier, valid.select(["transaction_id", "terminal_id", "event_time"])])
+    joined = txs.join(labels, "transaction_id", join_type="inner")
+    return joined.select(KNOWN_FRAUD_SCHEMA.names).cast(KNOWN_FRAUD_SCHEMA)

@@ -1,0 +1,259 @@
+"""The `streamguard` command line: generate data, run local Kinesis, produce, score, train, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from streamguard.config import Home
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (and exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from models.simulate import simulate, write_simulation
+
+    started = time.perf_counter()
+    sim = simulate(
+        days=args.days, customers=args.customers, seed=args.seed, terminals=args.terminals
+    )
+    tx_path, labels_path = write_simulation(sim, Path(args.out))
+    print(
+        f"wrote {sim.transactions.num_rows:,} transactions to {tx_path} and "
+        f"{sim.labels.num_rows:,} labels to {labels_path} in {time.perf_counter() - started:.1f}s"
+    )
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from streamguard.kinesis import kinesis_client
+
+    return kinesis_client(args.endpoint)
+
+
+def _cmd_produce(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from streamguard.kinesis import ensure_stream, produce_transactions
+
+    path = Path(args.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    table = pq.read_table(path)
+    client = _client(args)
+    ensure_stream(client, args.stream, shards=args.shards)
+    started = time.perf_counter()
+    if args.rate:
+        sent = 0
+        step = max(1, args.rate)
+        for offset in range(0, table.num_rows, step):
+            tick = time.perf_counter()
+            sent += produce_transactions(
+                client, args.stream, table.slice(offset, step), progress=False
+            )
+            time.sleep(max(0.0, 1.0 - (time.perf_counter() - tick)))
+            print(f"\rproduced {sent:,}/{table.num_rows:,}", end="", flush=True)
+        print()
+    else:
+        sent = produce_transactions(client, args.stream, table)
+    seconds = time.perf_counter() - started
+    print(f"produced {sent:,} records to {args.stream} in {seconds:.1f}s ({sent / seconds:,.0f}/s)")
+    return 0
+
+
+def _cmd_kinesis(args: argparse.Namespace) -> int:
+    from streamguard.local_kinesis import LocalKinesis
+
+    server = LocalKinesis(Home.from_env().ensure().kinesis, port=args.port)
+    if args.action == "start":
+        print(server.start())
+    elif args.action == "stop":
+        server.stop()
+        print("stopped")
+    else:
+        print(server.endpoint if server.running() else "not running")
+        return 0 if server.running() else 1
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from streamguard.lake import Lake
+    from streamguard.pipeline import scoring_runner
+    from streamguard.sources import KinesisSource
+
+    home = Home.from_env().ensure()
+    runner = scoring_runner(
+        Lake(home.lake),
+        KinesisSource(_client(args), args.stream),
+        home.mlflow_tracking_uri,
+        max_batch_records=args.max_batch,
+    )
+    report = runner.run()
+    print(
+        f"{len(report.batches)} batch(es), {report.n_records:,} records, "
+        f"{report.rows('alerts'):,} alerts; positions {report.positions}"
+    )
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from streamguard.pipeline import train_and_promote
+
+    home = Home.from_env().ensure()
+    outcome = train_and_promote(
+        home,
+        history=Path(args.history) if args.history else None,
+        labels=Path(args.labels) if args.labels else None,
+        train_days=args.train_days,
+        label_delay_days=args.label_delay_days,
+    )
+    print(outcome.summary())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from streamguard.demo import run_demo
+
+    summary = run_demo(
+        Home.from_env(),
+        days=args.days,
+        customers=args.customers,
+        seed=args.seed,
+        train_days=args.train_days,
+        timeout=args.timeout,
+    )
+    print(summary.render())
+    return 0 if summary.ok else 1
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    from streamguard.demo import run_dev
+
+    run_dev(
+        Home.from_env(), rate=args.rate, days=args.days, customers=args.customers, port=args.port
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="streamguard", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser(
+        "generate", help="write a seeded synthetic dataset (transactions + labels)"
+    )
+    gen.add_argument("--days", type=_positive, default=60, help="simulated days (default 60)")
+    gen.add_argument("--customers", type=_positive, default=1000, help="customers (default 1000)")
+    gen.add_argument(
+        "--terminals", type=_positive, default=None, help="terminals (default customers/5)"
+    )
+    gen.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    gen.add_argument("--out", required=True, help="output folder")
+    gen.set_defaults(func=_cmd_generate)
+
+    prod = sub.add_parser("produce", help="put a transactions Parquet file into a Kinesis stream")
+    prod.add_argument("path", help="transactions.parquet")
+    prod.add_argument("--stream", required=True, help="stream name (created if missing)")
+    prod.add_argument("--shards", type=_positive, default=2, help="shards if created (default 2)")
+    prod.add_argument(
+        "--rate", type=int, default=0, help="records per second (default: as fast as possible)"
+    )
+    prod.add_argument(
+        "--endpoint", default=None, help="Kinesis endpoint (default: AWS_ENDPOINT_URL_KINESIS)"
+    )
+    prod.set_defaults(func=_cmd_produce)
+
+    kin = sub.add_parser("kinesis", help="start or stop the local Kinesis-compatible server")
+    kin.add_argument("action", choices=["start", "stop", "status"])
+    kin.add_argument("--port", type=_positive, default=None, help="port (default: a free one)")
+    kin.set_defaults(func=_cmd_kinesis)
+
+    score = sub.add_parser(
+        "score", help="score a stream from its checkpoint to its end, in process"
+    )
+    score.add_argument("--stream", required=True, help="stream name")
+    score.add_argument(
+        "--max-batch", type=_positive, default=50_000, help="records per micro-batch"
+    )
+    score.add_argument(
+        "--endpoint", default=None, help="Kinesis endpoint (default: AWS_ENDPOINT_URL_KINESIS)"
+    )
+    score.set_defaults(func=_cmd_score)
+
+    train = sub.add_parser(
+        "train", help="train a model, register it and promote it if it is better"
+    )
+    train.add_argument(
+        "--history", default=None, help="transactions Parquet to replay (default: the feature log)"
+    )
+    train.add_argument("--labels", default=None, help="labels Parquet to load first")
+    train.add_argument(
+        "--train-days", type=_positive, default=None, help="days of history to train on"
+    )
+    train.add_argument(
+        "--label-delay-days", type=int, default=7, help="days labels need to arrive (default 7)"
+    )
+    train.set_defaults(func=_cmd_train)
+
+    demo = sub.add_parser("demo", help="the whole platform end to end on local components")
+    demo.add_argument("--days", type=_positive, default=60, help="simulated days (default 60)")
+    demo.add_argument("--customers", type=_positive, default=1000, help="customers (default 1000)")
+    demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    demo.add_argument(
+        "--train-days", type=_positive, default=21, help="days of history to train on (default 21)"
+    )
+    demo.add_argument(
+        "--timeout", type=_positive, default=900, help="seconds to wait for the stream to drain"
+    )
+    demo.set_defaults(func=_cmd_demo)
+
+    dev = sub.add_parser(
+        "dev", help="local Kinesis + Dagster UI + a producer trickling transactions"
+    )
+    dev.add_argument("--rate", type=_positive, default=200, help="records per second (default 200)")
+    dev.add_argument("--days", type=_positive, default=60, help="simulated days (default 60)")
+    dev.add_argument("--customers", type=_positive, default=1000, help="customers (default 1000)")
+    dev.add_argument("--port", type=_positive, default=3000, help="Dagster UI port (default 3000)")
+    dev.set_defaults(func=_cmd_dev)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user; --verbose for the traceback
+        if args.verbose:
+            logging.exception("failed")
+        print(f"streamguard {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

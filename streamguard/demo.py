@@ -1,0 +1,344 @@
+"""`make demo`: the whole platform, headless, on local components.
+
+Local Kinesis, a generated history, a trained champion, then the real Dagster daemon evaluating
+the sensor and launching scoring runs until the stream is drained. Dagster is driven through its
+own command line, the way an operator would, so this module never imports the Dagster layer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from streamguard.config import Home
+from streamguard.lake import Lake
+
+STREAM = "transactions"
+SCORING_JOB_NAME = "score_transactions_job"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bin(name: str) -> str:
+    """A console script of the running interpreter's environment (the venv), else PATH."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def dagster_env(home: Home, endpoint: str | None) -> dict[str, str]:
+    """Environment for Dagster processes: the same home, its own DAGSTER_HOME with our config."""
+    home.ensure()
+    config = REPO_ROOT / "platform" / "dagster.yaml"
+    shutil.copyfile(config, home.dagster / "dagster.yaml")
+    env = dict(os.environ)
+    env.update(
+        {
+            "STREAMGUARD_HOME": str(home.root),
+            "DAGSTER_HOME": str(home.dagster),
+            "PYSPARK_PYTHON": sys.executable,
+        }
+    )
+    if endpoint:
+        env["AWS_ENDPOINT_URL_KINESIS"] = endpoint
+    return env
+
+
+@contextmanager
+def process_group(
+    args: list[str], env: dict[str, str], log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a process in its own session and stop its whole group on exit.
+
+    Dagster started in the background of a non-interactive shell ignores SIGINT/SIGTERM unless
+    it leads its own process group; stopping the group also stops its code servers.
+    """
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            args,
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield proc
+        finally:
+            stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+@dataclass
+class DemoSummary:
+    transactions: int = 0
+    produced: int = 0
+    scored: int = 0
+    dead_letters: int = 0
+    alerts: int = 0
+    frauds: int = 0
+    true_alerts: int = 0
+    oot_precision: float = float("nan")
+    oot_recall: float = float("nan")
+    runs: dict[str, int] = field(default_factory=dict)
+    model_version: str = ""
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def precision(self) -> float:
+        return self.true_alerts / self.alerts if self.alerts else float("nan")
+
+    @property
+    def recall(self) -> float:
+        return self.true_alerts / self.frauds if self.frauds else float("nan")
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.scored + self.dead_letters == self.produced
+
+    def render(self) -> str:
+        runs = ", ".join(f"{k.lower()} {v}" for k, v in sorted(self.runs.items())) or "none"
+        lines = [
+            "streamguard demo summary",
+            f"  transactions generated   {self.transactions:,}",
+            f"  produced to Kinesis      {self.produced:,}",
+            f"  scored                   {self.scored:,}",
+            f"  dead letters             {self.dead_letters:,}",
+            f"  alerts                   {self.alerts:,}",
+            f"  frauds among scored      {self.frauds:,}",
+            f"  alert precision          {self.precision:.3f}",
+            f"  alert recall             {self.recall:.3f}",
+            f"  after training window    precision {self.oot_precision:.3f}, "
+            f"recall {self.oot_recall:.3f}",
+            f"  champion model version   {self.model_version}",
+            f"  scoring runs launched    {sum(self.runs.values())} ({runs})",
+            f"  wall time                {self.seconds:.1f}s",
+        ]
+        lines += [f"  PROBLEM: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def _reset(home: Home) -> None:
+    """A demo starts from a clean lake, registry and run history (the stream is new too)."""
+    for path in (home.lake, home.mlflow, home.dagster, home.data):
+        shutil.rmtree(path, ignore_errors=True)
+    home.ensure()
+
+
+def _step(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def run_demo(
+    home: Home,
+    days: int = 60,
+    customers: int = 1000,
+    seed: int = 7,
+    train_days: int = 21,
+    timeout: float = 900,
+) -> DemoSummary:
+    from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+    from models.simulate import simulate, write_simulation
+    from streamguard.kinesis import (
+        delete_stream,
+        ensure_stream,
+        kinesis_client,
+        produce_transactions,
+    )
+    from streamguard.local_kinesis import LocalKinesis
+
+    started = time.perf_counter()
+    summary = DemoSummary()
+    _reset(home)
+    server = LocalKinesis(home.kinesis)
+    endpoint = server.start()
+    _step(f"local Kinesis at {endpoint}")
+    try:
+        env = dagster_env(home, endpoint)
+        client = kinesis_client(endpoint)
+        delete_stream(client, STREAM)
+        ensure_stream(client, STREAM, shards=2)
+
+        sim = simulate(days=days, customers=customers, seed=seed)
+        write_simulation(sim, home.data)
+        summary.transactions = sim.transactions.num_rows
+        _step(f"generated {sim.transactions.num_rows:,} transactions over {days} days")
+        summary.produced = produce_transactions(client, STREAM, sim.transactions)
+        _step(f"produced {summary.produced:,} records to stream {STREAM!r}")
+
+        _step(f"training on the first {train_days} days and registering the champion")
+        config = (
+            '{"ops": {"fraud_model": {"config": {"train_days": %d}}}}' % train_days  # noqa: UP031
+        )
+        subprocess.run(
+            [_bin("dagster"), "asset", "materialize", "-m", "assets.definitions",
+             "--select", "fraud_labels,fraud_model", "--config-json", config],
+            env=env, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+
+        _step("starting the Dagster daemon; the sensor launches scoring runs")
+        os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+        lake = Lake(home.lake)
+        log = home.dagster / "daemon.log"
+        with process_group(
+            [_bin("dagster-daemon"), "run", "-w", str(REPO_ROOT / "workspace.yaml")], env, log
+        ) as daemon:
+            instance = DagsterInstance.get()
+            deadline = time.monotonic() + timeout
+            while True:
+                done = lake.count("transactions") + lake.count("dead_letters")
+                active = instance.get_runs_count(
+                    RunsFilter(
+                        job_name=SCORING_JOB_NAME,
+                        statuses=[
+                            DagsterRunStatus.QUEUED,
+                            DagsterRunStatus.NOT_STARTED,
+                            DagsterRunStatus.STARTING,
+                            DagsterRunStatus.STARTED,
+                        ],
+                    )
+                )
+                failed = instance.get_runs_count(
+                    RunsFilter(job_name=SCORING_JOB_NAME, statuses=[DagsterRunStatus.FAILURE])
+                )
+                print(
+                    f"\r[demo] processed {done:,}/{summary.produced:,} records", end="", flush=True
+                )
+                if done >= summary.produced and active == 0:
+                    break
+                if failed:
+                    summary.problems.append(f"{failed} scoring run(s) failed: see the Dagster UI")
+                    break
+                if daemon.poll() is not None:
+                    summary.problems.append(f"the Dagster daemon exited: see {log}")
+                    break
+                if time.monotonic() > deadline:
+                    summary.problems.append(f"stream not drained after {timeout:.0f}s")
+                    break
+                time.sleep(2)
+            print()
+            for status in DagsterRunStatus:
+                count = instance.get_runs_count(
+                    RunsFilter(job_name=SCORING_JOB_NAME, statuses=[status])
+                )
+                if count:
+                    summary.runs[status.value] = count
+        _summarise(summary, lake, sim.transactions, train_days)
+    finally:
+        server.stop()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _summarise(summary: DemoSummary, lake: Lake, transactions: pa.Table, train_days: int) -> None:
+    scores = lake.read("scores", columns=["transaction_id", "event_time", "alert", "model_version"])
+    labels = lake.read("labels", columns=["transaction_id", "is_fraud"])
+    fraud_ids = labels.filter(pc.equal(labels["is_fraud"], True))["transaction_id"]
+    is_fraud = pc.is_in(scores["transaction_id"], value_set=fraud_ids.combine_chunks())
+    alert = scores["alert"]
+    summary.scored = scores.num_rows
+    summary.dead_letters = lake.count("dead_letters")
+    summary.alerts = int(pc.sum(alert).as_py() or 0)
+    summary.frauds = int(pc.sum(is_fraud).as_py() or 0)
+    summary.true_alerts = int(pc.sum(pc.and_(alert, is_fraud)).as_py() or 0)
+    versions = pc.unique(scores["model_version"]).to_pylist() if scores.num_rows else []
+    summary.model_version = ", ".join(sorted(str(v) for v in versions))
+    if scores.num_rows:
+        cutoff = pc.min(transactions["event_time"]).as_py() + timedelta(days=train_days)
+        oot = pc.greater_equal(scores["event_time"], cutoff)
+        a, f = pc.and_(alert, oot), pc.and_(is_fraud, oot)
+        hits = int(pc.sum(pc.and_(a, f)).as_py() or 0)
+        n_a, n_f = int(pc.sum(a).as_py() or 0), int(pc.sum(f).as_py() or 0)
+        summary.oot_precision = hits / n_a if n_a else float("nan")
+        summary.oot_recall = hits / n_f if n_f else float("nan")
+
+
+def run_dev(
+    home: Home,
+    rate: int = 200,
+    days: int = 60,
+    customers: int = 1000,
+    seed: int = 7,
+    train_days: int = 21,
+    port: int = 3000,
+) -> None:
+    """`make dev`: local Kinesis + `dagster dev` + a producer trickling transactions.
+
+    Starts from a clean state like the demo; Ctrl-C stops every process it started.
+    """
+    from models.simulate import simulate, write_simulation
+    from streamguard.kinesis import (
+        delete_stream,
+        ensure_stream,
+        kinesis_client,
+        produce_transactions,
+    )
+    from streamguard.local_kinesis import LocalKinesis
+
+    _reset(home)
+    server = LocalKinesis(home.kinesis)
+    endpoint = server.start()
+    _step(f"local Kinesis at {endpoint}")
+    try:
+        env = dagster_env(home, endpoint)
+        client = kinesis_client(endpoint)
+        delete_stream(client, STREAM)
+        ensure_stream(client, STREAM, shards=2)
+        sim = simulate(days=days, customers=customers, seed=seed)
+        write_simulation(sim, home.data)
+        _step(f"generated {sim.transactions.num_rows:,} transactions; training the first champion")
+        config = '{"ops": {"fraud_model": {"config": {"train_days": %d}}}}' % train_days  # noqa: UP031
+        subprocess.run(
+            [_bin("dagster"), "asset", "materialize", "-m", "assets.definitions",
+             "--select", "fraud_labels,fraud_model", "--config-json", config],
+            env=env, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        log = home.dagster / "dagster-dev.log"
+        args = [_bin("dagster"), "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
+                "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+        with process_group(args, env, log) as dev:
+            _step(f"Dagster UI on http://127.0.0.1:{port} (log: {log}); Ctrl-C stops everything")
+            sent = 0
+            table = sim.transactions
+            for offset in range(0, table.num_rows, rate):
+                tick = time.monotonic()
+                sent += produce_transactions(
+                    client, STREAM, table.slice(offset, rate), progress=False
+                )
+                print(f"\r[dev] produced {sent:,}/{table.num_rows:,}", end="", flush=True)
+                if dev.poll() is not None:
+                    raise RuntimeError(f"dagster dev exited: see {log}")
+                time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+            print()
+            _step("all transactions produced; Ctrl-C to stop")
+            while dev.poll() is None:
+                time.sleep(1)
+    except KeyboardInterrupt:
+        print()
+        _step("stopping")
+    finally:
+        server.stop()

@@ -1,0 +1,82 @@
+"""Shared fixtures: one real local Kinesis server (kinesalite) per test session."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from models.features import replay
+from models.registry import MODEL_NAME, LoadedModel
+from models.simulate import Simulation, simulate, write_simulation
+from models.training import train
+from streamguard.config import Home
+from streamguard.kinesis import delete_stream, ensure_stream, kinesis_client
+from streamguard.local_kinesis import LocalKinesis
+from streamguard.pipeline import train_and_promote
+
+
+@pytest.fixture(scope="session")
+def kinesis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The endpoint of a kinesalite on a free loopback port, stopped when the session ends.
+
+    In memory (persist=False): tests need no restart survival, and reads are faster.
+    """
+    server = LocalKinesis(tmp_path_factory.mktemp("kinesis"), persist=False)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def kinesis(kinesis_server: str) -> Any:
+    """A boto3 Kinesis client for the session's server."""
+    return kinesis_client(kinesis_server)
+
+
+@pytest.fixture
+def stream_name(kinesis: Any, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh 2-shard stream for this test, deleted afterwards."""
+    base = re.sub(r"[^a-zA-Z0-9_.-]+", "-", request.node.name)[:80]
+    name = f"{base}-{uuid.uuid4().hex[:8]}"
+    ensure_stream(kinesis, name, shards=2)
+    yield name
+    delete_stream(kinesis, name)
+
+
+# --------------------------------------------------------------------------- fraud fixtures
+
+
+@pytest.fixture(scope="session")
+def small_sim() -> Simulation:
+    """A small seeded simulation: a few hundred transactions a day, every fraud scenario."""
+    return simulate(days=12, customers=80, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(small_sim: Simulation) -> LoadedModel:
+    """A real model fitted on the small simulation's replayed features (no registry)."""
+    features = replay(small_sim.transactions, small_sim.labels).features.to_pandas()
+    labels = small_sim.labels.to_pandas()
+    cutoff = pd.Timestamp(features["event_time"].max())
+    result = train(features, labels, cutoff, pd.Timedelta(0))
+    return LoadedModel(model=result.model, name=MODEL_NAME, version="test")
+
+
+@pytest.fixture(scope="session")
+def champion_home(tmp_path_factory: pytest.TempPathFactory, small_sim: Simulation) -> Home:
+    """A STREAMGUARD_HOME with the simulation's files, labels loaded and a champion registered."""
+    home = Home(tmp_path_factory.mktemp("home")).ensure()
+    write_simulation(small_sim, home.data)
+    train_and_promote(
+        home,
+        history=home.data / "transactions.parquet",
+        labels=home.data / "labels.parquet",
+        label_delay_days=0,
+    )
+    return home

@@ -1,0 +1,205 @@
+"""The stateful feature function on hand-computed cases."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pyarrow as pa
+import pytest
+
+from models.features import (
+    FEATURE_COLUMNS,
+    FEATURE_SCHEMA,
+    KNOWN_FRAUD_SCHEMA,
+    FeatureState,
+    compute_features,
+    known_frauds,
+    replay,
+    time_chunks,
+)
+from models.schema import LABEL_SCHEMA, TRANSACTION_SCHEMA
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def tx(
+    tid: str,
+    minutes: float,
+    customer: str = "c1",
+    terminal: str = "t1",
+    amount: float = 10.0,
+    kind: str = "debit",
+    channel: str | None = "pos",
+    location: str | None = "L1",
+) -> dict:
+    return {
+        "transaction_id": tid,
+        "event_time": T0 + timedelta(minutes=minutes),
+        "customer_id": customer,
+        "terminal_id": terminal,
+        "amount": amount,
+        "kind": kind,
+        "channel": channel,
+        "location": location,
+    }
+
+
+def table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=TRANSACTION_SCHEMA)
+
+
+def by_id(result_table: pa.Table) -> dict[str, dict]:
+    return {r["transaction_id"]: r for r in result_table.to_pylist()}
+
+
+def test_balance_windows_locations_by_hand() -> None:
+    rows = [
+        tx("a", 0, amount=1000.0, kind="credit", channel="wire", location=None),
+        tx("b", 10, amount=100.0, location="L1"),
+        tx("c", 30, amount=300.0, channel="atm", location="L2"),
+        tx("d", 120, amount=50.0, location="L1"),
+        tx("e", 35, customer="c2", amount=20.0, channel=None),
+    ]
+    result = compute_features(table(rows), FeatureState.empty())
+    assert result.features.schema == FEATURE_SCHEMA
+    f = by_id(result.features)
+    # Running balance before each debit and the amount/balance ratio.
+    assert [f[t]["balance_before"] for t in "abcd"] == [0.0, 1000.0, 900.0, 600.0]
+    assert f["c"]["amount_balance_ratio"] == pytest.approx(300 / 900)
+    assert f["e"]["amount_balance_ratio"] == pytest.approx(20.0)  # balance 0 -> amount / 1
+    # 1 h window: c sees a (30 min ago) and b; d (2 h) sees nothing within the hour.
+    assert f["c"]["count_1h"] == 2 and f["c"]["mean_amount_1h"] == pytest.approx(550.0)
+    assert f["d"]["count_1h"] == 0 and f["d"]["mean_amount_1h"] is None
+    assert f["d"]["count_1d"] == 3 and f["d"]["mean_amount_1d"] == pytest.approx(1400 / 3)
+    assert f["d"]["amount_to_mean_30d"] == pytest.approx(50 / (1400 / 3))
+    # Locations: no location -> NaN; first L1 unseen; L1 again seen; count of distinct before.
+    assert f["a"]["location_seen_before"] is None
+    assert (f["b"]["location_seen_before"], f["c"]["location_seen_before"]) == (0.0, 0.0)
+    assert f["d"]["location_seen_before"] == 1.0 and f["d"]["n_locations_seen"] == 2
+    assert f["b"]["seconds_since_prev"] == 600 and f["a"]["seconds_since_prev"] is None
+    # Channel one-hot is NaN when the channel is absent.
+    assert f["c"]["channel_atm"] == 1.0 and f["c"]["channel_pos"] == 0.0
+    assert f["e"]["channel_pos"] is None
+    # Other customers do not leak into c1's windows.
+    assert f["e"]["count_1d"] == 0
+    customers = {r["customer_id"]: r for r in result.state.customers.to_pylist()}
+    assert customers["c1"]["balance"] == pytest.approx(550.0)
+    assert customers["c1"]["locations"] == ["L1", "L2"]
+    assert customers["c1"]["n_transactions"] == 4
+
+
+def test_within_batch_order_follows_event_time_not_arrival() -> None:
+    # Arrival order d, c, b, a; each must still see only the transactions before it in time.
+    rows = [
+        tx("d", 30, amount=4.0),
+        tx("c", 20, amount=3.0),
+        tx("b", 10, amount=2.0),
+        tx("a", 0, amount=1.0, kind="credit"),
+    ]
+    f = by_id(compute_features(table(rows), FeatureState.empty()).features)
+    assert [f[t]["count_1h"] for t in "abcd"] == [0, 1, 2, 3]
+    assert [f[t]["balance_before"] for t in "abcd"] == [0.0, 1.0, -1.0, -4.0]
+    # Equal event times: arrival order breaks the tie.
+    tie = by_id(compute_features(table([tx("x", 5), tx("y", 5)]), FeatureState.empty()).features)
+    assert (tie["x"]["count_1h"], tie["y"]["count_1h"]) == (0, 1)
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 4])
+def test_batches_equal_one_batch(split: int) -> None:
+    rows = [
+        tx(
+            f"t{i}",
+            i * 47,
+            customer=f"c{i % 2}",
+            terminal=f"k{i % 3}",
+            amount=5.0 + i,
+            location=f"L{i % 4}",
+            kind="credit" if i % 5 == 0 else "debit",
+        )
+        for i in range(12)
+    ]
+    frauds = pa.Table.from_pylist(
+        [
+            {
+                "terminal_id": "k1",
+                "event_time": T0 + timedelta(minutes=47),
+                "reported_at": T0 + timedelta(minutes=200),
+            }
+        ],
+        schema=KNOWN_FRAUD_SCHEMA,
+    )
+    whole = compute_features(table(rows), FeatureState.empty(), frauds).features
+    state, parts = FeatureState.empty(), []
+    for i in range(0, len(rows), split):
+        r = compute_features(table(rows[i : i + split]), state, frauds)
+        parts.append(r.features)
+        state = state.updated(r.state)
+    assert pa.concat_tables(parts).equals(whole)
+
+
+def test_terminal_fraud_rate_respects_label_delay() -> None:
+    rows = [
+        tx("f", 0, terminal="k", customer="x"),
+        tx("g", 60, terminal="k", customer="y"),
+        tx("h", 180, terminal="k", customer="z"),
+        tx("i", 240, terminal="k", customer="w"),
+    ]
+    # f was fraud, reported at minute 120: g (before the report) must not know; h and i do.
+    frauds = pa.Table.from_pylist(
+        [{"terminal_id": "k", "event_time": T0, "reported_at": T0 + timedelta(minutes=120)}],
+        schema=KNOWN_FRAUD_SCHEMA,
+    )
+    f = by_id(compute_features(table(rows), FeatureState.empty(), frauds).features)
+    assert f["f"]["terminal_fraud_rate_1d"] is None  # no earlier transaction at k
+    assert f["g"]["terminal_fraud_rate_1d"] == 0.0
+    assert f["h"]["terminal_fraud_rate_1d"] == pytest.approx(1 / 2)
+    assert f["i"]["terminal_fraud_rate_1d"] == pytest.approx(1 / 3)
+    assert f["i"]["terminal_tx_count_1d"] == 3
+
+
+def test_replay_with_all_labels_leaks_no_future_label() -> None:
+    rows = [tx(f"r{i}", i * 60 * 24, customer=f"c{i}", terminal="k") for i in range(10)]
+    labels = pa.Table.from_pylist(
+        [
+            {
+                "transaction_id": "r2",
+                "is_fraud": True,
+                "reported_at": T0 + timedelta(days=6, minutes=1),
+                "fraud_scenario": "x",
+            }
+        ],
+        schema=LABEL_SCHEMA,
+    )
+    t = table(rows)
+    assert known_frauds(t, labels).num_rows == 1
+    f = by_id(replay(t, labels).features)
+    # r2 happened on day 2 but was reported on day 6: days 3..6 cannot know, 7+ do.
+    for i in range(3, 7):
+        assert f[f"r{i}"]["terminal_fraud_rate_7d"] == 0.0
+    # Windows are (t - 7 d, t): r7 sees days 1..6, r8 days 2..7; r9's window starts at day 2
+    # exactly, so r2 has left it.
+    assert f["r7"]["terminal_fraud_rate_7d"] == pytest.approx(1 / 6)
+    assert f["r8"]["terminal_fraud_rate_7d"] == pytest.approx(1 / 6)
+    assert f["r9"]["terminal_fraud_rate_7d"] == 0.0
+    assert f["r8"]["terminal_fraud_rate_30d"] == pytest.approx(1 / 8)
+    assert f["r9"]["terminal_fraud_rate_1d"] is None  # r8 is exactly 1 d back: outside
+
+
+def test_state_history_is_pruned_to_the_longest_window() -> None:
+    rows = [tx("old", 0, amount=7.0), tx("new", 60 * 24 * 40, amount=9.0)]
+    result = compute_features(table(rows), FeatureState.empty())
+    f = by_id(result.features)
+    assert f["new"]["count_30d"] == 0  # 40 days later the old one is out of every window
+    (state,) = result.state.customers.to_pylist()
+    assert state["history_amounts"] == [9.0]
+    assert state["n_transactions"] == 2
+
+
+def test_empty_batch_and_time_chunks() -> None:
+    empty = compute_features(table([]), FeatureState.empty())
+    assert empty.features.num_rows == 0 and empty.features.schema == FEATURE_SCHEMA
+    chunks = list(time_chunks(table([tx("a", 0), tx("b", 60 * 25), tx("c", 60 * 26)])))
+    assert [c.num_rows for c in chunks] == [1, 2]
+    with pytest.raises(ValueError, match="sorted"):
+        list(time_chunks(table([tx("a", 10), tx("b", 0)])))
+    assert len(FEATURE_COLUMNS) == len(set(FEATURE_COLUMNS))

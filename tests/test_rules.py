@@ -1,0 +1,167 @@
+"""The analyst rules and the alert decision on hand-made feature rows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.features import FEATURE_COLUMNS
+from models.rules import RULES, AlertPolicy, decide, rule_hits
+
+POLICY = AlertPolicy()
+
+# A debit that fires no rule: healthy balance, seen place, a quiet hour.
+QUIET = {c: 0.0 for c in FEATURE_COLUMNS} | {
+    "amount": 50.0,
+    "is_debit": 1.0,
+    "balance_before": 2000.0,
+    "amount_balance_ratio": 0.025,
+    "location_seen_before": 1.0,
+    "n_locations_seen": 4.0,
+    "count_1h": 0.0,
+}
+DRAIN = {"balance_before": 250.0, "amount": 240.0, "amount_balance_ratio": 0.96}
+NEW_PLACE = {"location_seen_before": 0.0, "n_locations_seen": 3.0}
+BURST = {"count_1h": 5.0}
+
+
+def frame(*rows: dict[str, float]) -> pd.DataFrame:
+    return pd.DataFrame([QUIET | r for r in rows], columns=FEATURE_COLUMNS)
+
+
+def fired(*rows: dict[str, float], policy: AlertPolicy = POLICY) -> list[list[str]]:
+    hits = rule_hits(frame(*rows), policy)
+    return [[r for r in RULES if hits.at[i, r]] for i in hits.index]
+
+
+def test_quiet_row_fires_nothing_and_output_shape() -> None:
+    features = frame({}, {}).set_axis([10, 20])  # a non-default index is kept
+    hits = rule_hits(features, POLICY)
+    assert list(hits.columns) == list(RULES)
+    assert list(hits.index) == [10, 20]
+    assert all(dtype == np.dtype(bool) for dtype in hits.dtypes)
+    assert not hits.to_numpy().any()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({}, True),
+        ({"is_debit": 0.0}, False),  # a credit is not a withdrawal
+        ({"balance_before": 300.0}, False),  # not below the low-balance line
+        ({"amount_balance_ratio": 0.79}, False),
+        ({"amount_balance_ratio": 0.8}, True),  # the ratio bound is inclusive
+        ({"amount": 99.0}, False),  # small amounts are ignored
+        ({"amount": 100.0}, True),
+        ({"balance_before": math.nan}, False),
+        ({"amount_balance_ratio": math.nan}, False),
+        ({"is_debit": math.nan}, False),
+    ],
+)
+def test_low_balance_large_withdrawal(change: dict[str, float], expected: bool) -> None:
+    assert fired(DRAIN | change) == [["low_balance_large_withdrawal"] if expected else []]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({}, True),
+        ({"location_seen_before": 1.0}, False),
+        ({"n_locations_seen": 2.0}, False),  # too little history to call a place new
+        ({"location_seen_before": math.nan}, False),  # no location on the transaction
+        ({"n_locations_seen": math.nan}, False),
+    ],
+)
+def test_never_seen_location(change: dict[str, float], expected: bool) -> None:
+    assert fired(NEW_PLACE | change) == [["never_seen_location"] if expected else []]
+
+
+@pytest.mark.parametrize(("count", "expected"), [(5.0, True), (9.0, True), (4.0, False)])
+def test_velocity_burst(count: float, expected: bool) -> None:
+    assert fired({"count_1h": count}) == [["velocity_burst"] if expected else []]
+    assert fired({"count_1h": math.nan}) == [[]]
+
+
+def test_all_rules_together_and_policy_changes_them() -> None:
+    assert fired(DRAIN | NEW_PLACE | BURST) == [list(RULES)]
+    strict = AlertPolicy(velocity_1h=10, min_locations_for_new=5, low_balance=100.0)
+    assert fired(DRAIN | NEW_PLACE | BURST, policy=strict) == [[]]
+
+
+def test_all_nan_row_fires_nothing() -> None:
+    features = pd.DataFrame([[math.nan] * len(FEATURE_COLUMNS)], columns=FEATURE_COLUMNS)
+    assert not rule_hits(features, POLICY).to_numpy().any()
+
+
+def test_empty_batch() -> None:
+    hits = rule_hits(pd.DataFrame(columns=FEATURE_COLUMNS, dtype=float), POLICY)
+    assert list(hits.columns) == list(RULES) and len(hits) == 0
+    alert, reasons = decide(np.zeros(0), hits, POLICY)
+    assert alert.shape == (0,) and reasons == []
+
+
+def test_decide_model_and_rule_branches_with_reasons() -> None:
+    features = frame(
+        {},  # model alone, high score
+        NEW_PLACE,  # rule + moderate score
+        NEW_PLACE,  # rule but score too low
+        {},  # moderate score, no rule
+        DRAIN | BURST,  # model alone would do; the rules are named too
+        {},  # threshold is inclusive
+        BURST,  # rule_threshold is inclusive
+        BURST,  # an unknown score never alerts
+    )
+    scores = np.array([0.93, 0.25, 0.15, 0.45, 0.6, 0.5, 0.2, math.nan])
+    alert, reasons = decide(scores, rule_hits(features, POLICY), POLICY)
+    assert alert.dtype == bool
+    assert alert.tolist() == [True, True, False, False, True, True, True, False]
+    assert reasons == [
+        "model 0.93",
+        "model 0.25; rules: never_seen_location",
+        "",
+        "",
+        "model 0.60; rules: low_balance_large_withdrawal, velocity_burst",
+        "model 0.50",
+        "model 0.20; rules: velocity_burst",
+        "",
+    ]
+
+
+def test_decide_follows_the_policy() -> None:
+    hits = rule_hits(frame(BURST, {}), POLICY)
+    scores = np.array([0.3, 0.7])
+    lenient = AlertPolicy(threshold=0.6, rule_threshold=0.3)
+    strict = AlertPolicy(threshold=0.8, rule_threshold=0.5)
+    assert decide(scores, hits, lenient)[0].tolist() == [True, True]
+    assert decide(scores, hits, strict)[0].tolist() == [False, False]
+
+
+def test_decide_on_a_large_batch() -> None:
+    n = 100_000
+    rng = np.random.default_rng(0)
+    features = pd.DataFrame({c: np.zeros(n) for c in FEATURE_COLUMNS})
+    features["count_1h"] = rng.integers(0, 8, n).astype(float)
+    scores = rng.random(n)
+    hits = rule_hits(features, POLICY)
+    alert, reasons = decide(scores, hits, POLICY)
+    burst = features["count_1h"].to_numpy() >= 5
+    expected = (scores >= 0.5) | (burst & (scores >= 0.2))
+    assert np.array_equal(alert, expected)
+    assert sum(bool(r) for r in reasons) == int(expected.sum())
+    with_rule = [r for r, b, a in zip(reasons, burst, alert, strict=True) if a and b]
+    assert with_rule and all(r.endswith("; rules: velocity_burst") for r in with_rule)
+
+
+def test_decide_rejects_misaligned_inputs() -> None:
+    with pytest.raises(ValueError, match="2 scores for 1 rows"):
+        decide(np.array([0.1, 0.2]), rule_hits(frame({}), POLICY), POLICY)
+
+
+def test_policy_validates_thresholds() -> None:
+    with pytest.raises(ValueError, match="rule_threshold"):
+        AlertPolicy(threshold=0.3, rule_threshold=0.4)
+    with pytest.raises(ValueError):
+        AlertPolicy(threshold=1.5)

@@ -1,0 +1,223 @@
+"""Point-in-time labels, the label delay, the time split, and the model on learnable data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.features import FEATURE_COLUMNS, KEY_COLUMNS
+from models.training import (
+    TrainResult,
+    evaluate,
+    label_frame,
+    make_pipeline,
+    score,
+    time_split,
+    train,
+    training_frame,
+)
+
+T0 = pd.Timestamp("2026-01-01", tz="UTC")
+DAY = pd.Timedelta(days=1)
+
+
+def synthetic(
+    n: int = 6000, days: int = 40, fraud_rate: float = 0.05, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Feature rows (KEY_COLUMNS + FEATURE_COLUMNS) whose fraud is learnable, and their labels.
+
+    Fraud drains the balance, happens in new places and at terminals with reported fraud; every
+    signal overlaps legitimate rows, and some features are NaN (unknown), as in the real stream.
+    """
+    rng = np.random.default_rng(seed)
+    seconds = np.sort(rng.uniform(0, days * 86_400, n))
+    times = (T0 + pd.to_timedelta(seconds, unit="s")).as_unit("us")
+    fraud = rng.random(n) < fraud_rate
+    cols = {c: rng.normal(size=n) for c in FEATURE_COLUMNS}
+    cols["amount"] = np.where(fraud, rng.lognormal(4.3, 1.0, n), rng.lognormal(3.5, 1.0, n))
+    cols["is_debit"] = (rng.random(n) < np.where(fraud, 0.98, 0.8)).astype(float)
+    cols["balance_before"] = np.where(fraud, rng.uniform(50, 2000, n), rng.uniform(100, 5000, n))
+    cols["amount_balance_ratio"] = cols["amount"] / np.maximum(cols["balance_before"], 1.0)
+    cols["location_seen_before"] = (rng.random(n) > np.where(fraud, 0.35, 0.1)).astype(float)
+    cols["terminal_fraud_rate_7d"] = np.clip(
+        np.where(fraud, rng.beta(1, 25, n), rng.beta(1, 60, n)), 0, 1
+    )
+    cols["count_1h"] = rng.poisson(np.where(fraud, 1.0, 0.4)).astype(float)
+    for name, share in [("location_seen_before", 0.2), ("seconds_since_prev", 0.1)]:
+        cols[name][rng.random(n) < share] = np.nan
+    cols["mean_amount_30d"][:50] = np.nan  # first transactions: no history yet
+    features = pd.DataFrame(
+        {
+            "transaction_id": [f"tx{i:06d}" for i in range(n)],
+            "event_time": times,
+            "customer_id": [f"C{i % 300:04d}" for i in range(n)],
+            "terminal_id": [f"T{i % 97:03d}" for i in range(n)],
+            **{c: cols[c].astype(np.float64) for c in FEATURE_COLUMNS},
+        }
+    )
+    delay = pd.to_timedelta(rng.uniform(0.1, 6.0, int(fraud.sum())) * 86_400, unit="s")
+    labels = pd.DataFrame(
+        {
+            "transaction_id": features["transaction_id"][fraud].to_numpy(),
+            "is_fraud": True,
+            "reported_at": (times[fraud] + delay).as_unit("us"),
+            "fraud_scenario": "synthetic",
+        }
+    )
+    return features, labels
+
+
+def labels_of(*rows: tuple[str, bool, pd.Timestamp]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "transaction_id": [r[0] for r in rows],
+            "is_fraud": [r[1] for r in rows],
+            "reported_at": pd.DatetimeIndex([r[2] for r in rows]).as_unit("us"),
+            "fraud_scenario": [None] * len(rows),
+        }
+    )
+
+
+def test_label_frame_is_point_in_time() -> None:
+    cutoff = T0 + 10 * DAY
+    keys = pd.DataFrame(
+        {
+            "transaction_id": [
+                "early",
+                "late",
+                "at_cutoff",
+                "unlabelled",
+                "cleared",
+                "cleared_late",
+            ],
+            "event_time": [T0] * 6,
+        },
+        index=[5, 4, 3, 2, 1, 0],
+    )
+    labels = labels_of(
+        ("early", True, T0 + 2 * DAY),
+        ("late", True, cutoff + pd.Timedelta(seconds=1)),  # not known yet at the cut-off
+        ("at_cutoff", True, cutoff),  # reported exactly at the cut-off counts
+        ("cleared", True, T0 + DAY),
+        ("cleared", False, T0 + 3 * DAY),  # the latest label by the cut-off decides
+        ("cleared_late", True, T0 + DAY),
+        ("cleared_late", False, cutoff + DAY),
+        ("someone_else", True, T0),
+    )
+    y = label_frame(keys, labels, cutoff)
+    assert list(y.index) == list(keys.index)
+    assert y.dtype == np.int64
+    assert y.tolist() == [1, 0, 1, 0, 0, 1]
+    # A naive cut-off is read as UTC, like every time in the lake.
+    naive = label_frame(keys, labels, pd.Timestamp("2026-01-11"))
+    assert naive.tolist() == y.tolist()
+    # Later, the late label exists.
+    assert label_frame(keys, labels, cutoff + 2 * DAY).tolist() == [1, 1, 1, 0, 0, 0]
+
+
+def test_training_frame_respects_the_label_delay() -> None:
+    features, labels = synthetic(n=2000, days=30)
+    cutoff = T0 + 30 * DAY
+    frame = training_frame(features, labels, cutoff, pd.Timedelta(days=7))
+    assert frame["event_time"].max() <= cutoff - 7 * DAY
+    assert frame["event_time"].is_monotonic_increasing
+    expected = features["event_time"] <= cutoff - 7 * DAY
+    assert len(frame) == int(expected.sum())
+    assert list(frame.columns) == [*KEY_COLUMNS, *FEATURE_COLUMNS, "label"]
+    assert set(frame["label"].unique()) <= {0, 1}
+    known = labels.loc[labels["reported_at"] <= cutoff, "transaction_id"]
+    assert frame["label"].sum() == frame["transaction_id"].isin(known).sum()
+
+    shorter = training_frame(features, labels, cutoff, pd.Timedelta(days=1))
+    assert len(shorter) > len(frame)
+    # The row exactly at cutoff - delay is in, one microsecond later is out.
+    edge = features.iloc[[100, 101]].copy()
+    edge_cutoff = edge["event_time"].iloc[0] + 7 * DAY
+    kept = training_frame(edge, labels, edge_cutoff)
+    assert kept["transaction_id"].tolist() == [edge["transaction_id"].iloc[0]]
+
+
+def test_training_frame_leaks_no_future_label() -> None:
+    features, labels = synthetic(n=2000, days=30)
+    cutoff = T0 + 20 * DAY
+    frame = training_frame(features, labels, cutoff, pd.Timedelta(days=2))
+    reported_late = labels.loc[labels["reported_at"] > cutoff, "transaction_id"]
+    in_window_late = frame["transaction_id"].isin(reported_late)
+    assert in_window_late.any()  # the synthetic delays straddle the cut-off
+    assert (frame.loc[in_window_late, "label"] == 0).all()
+
+
+def test_time_split_is_by_event_time() -> None:
+    features, labels = synthetic(n=1000, days=10)
+    frame = training_frame(features, labels, T0 + 20 * DAY)
+    shuffled = frame.sample(frac=1.0, random_state=1)
+    train_part, holdout = time_split(shuffled, holdout_fraction=0.25)
+    assert len(train_part) + len(holdout) == len(frame)
+    assert train_part["event_time"].max() < holdout["event_time"].min()
+    assert len(holdout) == math.ceil(0.25 * len(frame))
+    assert train_part["event_time"].is_monotonic_increasing
+
+    ties = pd.DataFrame(
+        {"event_time": [T0, T0 + DAY, T0 + DAY, T0 + DAY, T0 + 2 * DAY], "label": [0] * 5}
+    )
+    tr, ho = time_split(ties, holdout_fraction=0.5)  # boundary instant goes wholly to holdout
+    assert len(tr) == 1 and len(ho) == 4
+    with pytest.raises(ValueError):
+        time_split(frame, holdout_fraction=1.0)
+
+
+def test_make_pipeline_defaults_and_overrides() -> None:
+    model = make_pipeline().named_steps["model"]
+    assert model.random_state == 0 and model.class_weight is None
+    tuned = make_pipeline({"max_iter": 7, "class_weight": "balanced"}).named_steps["model"]
+    assert tuned.max_iter == 7 and tuned.class_weight == "balanced" and tuned.random_state == 0
+    with pytest.raises(ValueError, match="skops"):
+        make_pipeline({"scoring": "average_precision"})
+
+
+def test_train_and_evaluate_on_learnable_data() -> None:
+    features, labels = synthetic()
+    cutoff = T0 + 45 * DAY
+    result = train(features, labels, cutoff, pd.Timedelta(days=7))
+    assert isinstance(result, TrainResult)
+    frame = training_frame(features, labels, cutoff, pd.Timedelta(days=7))
+    assert result.n_train + result.n_holdout == len(frame)
+    assert result.train_start == frame["event_time"].iloc[0]
+    assert result.holdout_start is not None and result.train_end < result.holdout_start
+    assert result.cutoff == cutoff
+    assert result.params["random_state"] == 0
+    assert result.sample is not None and list(result.sample.columns) == FEATURE_COLUMNS
+    print(f"holdout metrics: {result.metrics}")
+    assert result.metrics["roc_auc"] > 0.8
+    assert result.metrics["average_precision"] > 0.3
+    assert result.metrics["n_rows"] == result.n_holdout
+    assert 0 < result.metrics["positive_rate"] < 0.2
+
+    _, holdout = time_split(frame)
+    p = score(result.model, holdout)
+    assert p.shape == (len(holdout),) and ((p >= 0) & (p <= 1)).all()
+    # Deterministic: the same data and parameters give the same model.
+    again = train(features, labels, cutoff, pd.Timedelta(days=7))
+    assert np.array_equal(score(again.model, holdout), p)
+
+
+def test_evaluate_is_robust_to_a_missing_class() -> None:
+    features, labels = synthetic(n=3000, days=20)
+    result = train(features, labels, T0 + 20 * DAY, pd.Timedelta(days=2))
+    frame = training_frame(features, labels, T0 + 20 * DAY, pd.Timedelta(days=2))
+    only_legit = frame[frame["label"] == 0]
+    metrics = evaluate(result.model, only_legit)
+    assert math.isnan(metrics["roc_auc"]) and math.isnan(metrics["average_precision"])
+    assert metrics["n_positive"] == 0 and metrics["positive_rate"] == 0
+    empty = evaluate(result.model, frame.iloc[:0])
+    assert empty["n_rows"] == 0 and math.isnan(empty["positive_rate"])
+    assert score(result.model, frame.iloc[:0]).shape == (0,)
+
+
+def test_train_refuses_a_split_without_fraud() -> None:
+    features, labels = synthetic(n=500, days=10)
+    with pytest.raises(ValueError, match="both fraud and legitimate"):
+        train(features, labels.iloc[:0], T0 + 20 * DAY)
