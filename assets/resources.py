@@ -1,5 +1,6 @@
 """Dagster resources: where the lake is, which stream, which MLflow store. Read lazily."""
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,10 @@ class HomeResource(dg.ConfigurableResource):
 class KinesisResource(dg.ConfigurableResource):
     """A Kinesis stream. The endpoint is configuration, so the same code runs on AWS."""
 
-    stream_name: str = Field(default="transactions", description="Kinesis stream to read")
+    stream: str | None = Field(
+        default=None,
+        description="Kinesis stream to read; unset: $STREAMGUARD_STREAM or transactions",
+    )
     endpoint_url: str | None = Field(
         default=None,
         description="Kinesis endpoint; unset uses AWS_ENDPOINT_URL_KINESIS or AWS itself",
@@ -37,6 +41,10 @@ class KinesisResource(dg.ConfigurableResource):
     max_records_per_shard: int = Field(
         default=25_000, description="Most records per shard that one sensor-triggered run takes"
     )
+
+    @property
+    def stream_name(self) -> str:
+        return self.stream or os.environ.get("STREAMGUARD_STREAM", "transactions")
 
     def client(self) -> Any:
         from streamguard.kinesis import kinesis_client

@@ -162,11 +162,12 @@ def _timeline(
 
 
 def _window_sums(
-    tl: _Timeline, values: np.ndarray, windows: dict[str, int]
+    tl: _Timeline, values: np.ndarray, windows: dict[str, int], weights: np.ndarray | None = None
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Count and sum of `values` over earlier rows of the same key in each window, per batch row.
 
-    Earlier means before the row in processing order and with event time > t - window.
+    Earlier means before the row in processing order and with event time > t - window. With
+    `weights` (0/1 per row), only rows of weight 1 are counted.
     """
     n_batch = len(tl.codes) - tl.n_hist
     out = {w: (np.zeros(n_batch, np.int64), np.zeros(n_batch)) for w in windows}
@@ -176,6 +177,7 @@ def _window_sums(
     times = tl.times[tl.order]
     vals = values[tl.order]
     csum = np.concatenate([[0.0], np.cumsum(vals)])
+    wsum = None if weights is None else np.concatenate([[0.0], np.cumsum(weights[tl.order])])
     wmax = max(windows.values()) * _US
     tmin = int(times.min())
     span = int(times.max()) - tmin + wmax + 1
@@ -196,7 +198,10 @@ def _window_sums(
         for w, seconds in windows.items():
             query = packed[local] - seconds * _US
             start = np.searchsorted(packed, query, side="right")
-            count = local - start
+            if wsum is None:
+                count = local - start
+            else:
+                count = np.rint(wsum[gpos[0] + local] - wsum[gpos[0] + start]).astype(np.int64)
             out[w][0][rows] = count
             out[w][1][rows] = csum[gpos[0] + local] - csum[gpos[0] + start]
     return out
@@ -234,7 +239,11 @@ def compute_features(
     _, hist_a = _flatten(cstate, "history_amounts")
     tl = _timeline(state_code[parents], _micros(hist_t), batch_code, times)
     hist_amounts = np.asarray(hist_a.to_numpy(zero_copy_only=False), dtype=np.float64)
-    sums = _window_sums(tl, np.concatenate([hist_amounts, amount]), CUSTOMER_WINDOWS)
+    # Spend and velocity windows count debits only: salary and transfers in are not spending.
+    # The state's history holds debits only, so every history row counts.
+    spend = np.concatenate([np.ones(len(hist_amounts)), is_debit.astype(np.float64)])
+    amounts = np.concatenate([hist_amounts, amount])
+    sums = _window_sums(tl, amounts * spend, CUSTOMER_WINDOWS, weights=spend)
     for w, (count, total) in sums.items():
         feats[f"count_{w}"] = count.astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -335,7 +344,8 @@ def compute_features(
             state_code,
             uniques,
             tl,
-            np.concatenate([hist_amounts, amount]),
+            amounts,
+            spend.astype(bool),
             state_balance,
             state_last,
             batch_code,
@@ -389,10 +399,17 @@ def _timestamps(micros: np.ndarray) -> pa.Array:
     return pa.array(micros.astype(np.int64), pa.int64()).cast(TIMESTAMP)
 
 
-def _history(tl: _Timeline, last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (processing order) of the rows still inside the longest window after the batch."""
+def _history(
+    tl: _Timeline, last: np.ndarray, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (processing order) of the rows still inside the longest window after the batch.
+
+    `rows` (bool per timeline row) restricts the history to the rows worth keeping.
+    """
     codes, times = tl.codes[tl.order], tl.times[tl.order]
     keep = times > last[codes] - HISTORY_SECONDS * _US
+    if rows is not None:
+        keep &= rows[tl.order]
     return tl.order[keep], codes[keep]
 
 
@@ -402,6 +419,7 @@ def _new_customer_state(
     uniques: np.ndarray,
     tl: _Timeline,
     amounts: np.ndarray,
+    is_spend: np.ndarray,
     state_balance: np.ndarray,
     state_last: np.ndarray,
     batch_code: np.ndarray,
@@ -432,7 +450,7 @@ def _new_customer_state(
     lorder = np.argsort(loc_codes, kind="stable")
     locations = _lists(loc_codes[lorder], pa.array(loc_vals[lorder], pa.string()), k)
 
-    keep, hcodes = _history(tl, last)
+    keep, hcodes = _history(tl, last, is_spend)
     history_times = _lists(hcodes, _timestamps(tl.times[keep]), k)
     history_amounts = _lists(hcodes, pa.array(amounts[keep], pa.float64()), k)
     return pa.Table.from_arrays(

@@ -7,6 +7,7 @@ own command line, the way an operator would, so this module never imports the Da
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -89,6 +90,23 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
         proc.wait()
     except ProcessLookupError:
         pass
+
+
+def train_champion(home: Home, env: dict[str, str], train_days: int) -> None:
+    """Materialize the labels and the model through Dagster, so the runs show in its UI."""
+    config = {
+        "ops": {"fraud_model": {"config": {"train_days": train_days}}},
+        "execution": {"config": {"in_process": {}}},
+    }
+    log = home.dagster / "materialize.log"
+    with log.open("ab") as out:
+        done = subprocess.run(
+            [_bin("dagster"), "asset", "materialize", "-m", "assets.definitions",
+             "--select", "fraud_labels,fraud_model", "--config-json", json.dumps(config)],
+            env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"training the first champion failed: see {log}")
 
 
 @dataclass
@@ -191,14 +209,7 @@ def run_demo(
         _step(f"produced {summary.produced:,} records to stream {STREAM!r}")
 
         _step(f"training on the first {train_days} days and registering the champion")
-        config = (
-            '{"ops": {"fraud_model": {"config": {"train_days": %d}}}}' % train_days  # noqa: UP031
-        )
-        subprocess.run(
-            [_bin("dagster"), "asset", "materialize", "-m", "assets.definitions",
-             "--select", "fraud_labels,fraud_model", "--config-json", config],
-            env=env, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        train_champion(home, env, train_days)
 
         _step("starting the Dagster daemon; the sensor launches scoring runs")
         os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
@@ -311,12 +322,7 @@ def run_dev(
         sim = simulate(days=days, customers=customers, seed=seed)
         write_simulation(sim, home.data)
         _step(f"generated {sim.transactions.num_rows:,} transactions; training the first champion")
-        config = '{"ops": {"fraud_model": {"config": {"train_days": %d}}}}' % train_days  # noqa: UP031
-        subprocess.run(
-            [_bin("dagster"), "asset", "materialize", "-m", "assets.definitions",
-             "--select", "fraud_labels,fraud_model", "--config-json", config],
-            env=env, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        train_champion(home, env, train_days)
         log = home.dagster / "dagster-dev.log"
         args = [_bin("dagster"), "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
                 "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip

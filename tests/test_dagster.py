@@ -56,7 +56,7 @@ def _sensor(cursor: str | None, kinesis_resource: KinesisResource) -> Any:
 def test_sensor_skips_then_requests_a_run_keyed_by_the_batch_bounds(
     kinesis_server: str, kinesis: Any, stream_name: str
 ) -> None:
-    resource = KinesisResource(stream_name=stream_name, endpoint_url=kinesis_server)
+    resource = KinesisResource(stream=stream_name, endpoint_url=kinesis_server)
     result, context = _sensor(None, resource)
     assert isinstance(result, dg.SkipReason)
     assert "No new records" in (result.skip_message or "")
@@ -89,7 +89,7 @@ def test_sensor_triggered_run_scores_the_stream_and_passes_the_checks(
 ) -> None:
     first_days = small_sim.transactions.slice(0, 600)
     produce_transactions(kinesis, stream_name, first_days, progress=False)
-    kinesis_resource = KinesisResource(stream_name=stream_name, endpoint_url=kinesis_server)
+    kinesis_resource = KinesisResource(stream=stream_name, endpoint_url=kinesis_server)
     request, _ = _sensor(None, kinesis_resource)
     assert isinstance(request, dg.RunRequest)
     test_defs = dg.Definitions.merge(

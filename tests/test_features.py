@@ -67,11 +67,12 @@ def test_balance_windows_locations_by_hand() -> None:
     assert [f[t]["balance_before"] for t in "abcd"] == [0.0, 1000.0, 900.0, 600.0]
     assert f["c"]["amount_balance_ratio"] == pytest.approx(300 / 900)
     assert f["e"]["amount_balance_ratio"] == pytest.approx(20.0)  # balance 0 -> amount / 1
-    # 1 h window: c sees a (30 min ago) and b; d (2 h) sees nothing within the hour.
-    assert f["c"]["count_1h"] == 2 and f["c"]["mean_amount_1h"] == pytest.approx(550.0)
+    # Spend windows count earlier debits: c sees b (the credit a does not count); d (2 h
+    # later) sees nothing within the hour, b and c within the day.
+    assert f["c"]["count_1h"] == 1 and f["c"]["mean_amount_1h"] == pytest.approx(100.0)
     assert f["d"]["count_1h"] == 0 and f["d"]["mean_amount_1h"] is None
-    assert f["d"]["count_1d"] == 3 and f["d"]["mean_amount_1d"] == pytest.approx(1400 / 3)
-    assert f["d"]["amount_to_mean_30d"] == pytest.approx(50 / (1400 / 3))
+    assert f["d"]["count_1d"] == 2 and f["d"]["mean_amount_1d"] == pytest.approx(200.0)
+    assert f["d"]["amount_to_mean_30d"] == pytest.approx(50 / 200)
     # Locations: no location -> NaN; first L1 unseen; L1 again seen; count of distinct before.
     assert f["a"]["location_seen_before"] is None
     assert (f["b"]["location_seen_before"], f["c"]["location_seen_before"]) == (0.0, 0.0)
@@ -86,6 +87,7 @@ def test_balance_windows_locations_by_hand() -> None:
     assert customers["c1"]["balance"] == pytest.approx(550.0)
     assert customers["c1"]["locations"] == ["L1", "L2"]
     assert customers["c1"]["n_transactions"] == 4
+    assert customers["c1"]["history_amounts"] == [100.0, 300.0, 50.0]  # debits only
 
 
 def test_within_batch_order_follows_event_time_not_arrival() -> None:
@@ -97,7 +99,7 @@ def test_within_batch_order_follows_event_time_not_arrival() -> None:
         tx("a", 0, amount=1.0, kind="credit"),
     ]
     f = by_id(compute_features(table(rows), FeatureState.empty()).features)
-    assert [f[t]["count_1h"] for t in "abcd"] == [0, 1, 2, 3]
+    assert [f[t]["count_1h"] for t in "abcd"] == [0, 0, 1, 2]  # the credit a is not spend
     assert [f[t]["balance_before"] for t in "abcd"] == [0.0, 1.0, -1.0, -4.0]
     # Equal event times: arrival order breaks the tie.
     tie = by_id(compute_features(table([tx("x", 5), tx("y", 5)]), FeatureState.empty()).features)

@@ -1,0 +1,230 @@
+"""streamguard benchmark: runner throughput in memory and through local Kinesis, and the
+event-to-alert latency of a sensor-triggered run under the real Dagster daemon.
+
+Run with `make bench`. Prints a table and writes bench/results/latest.json. Not a test: numbers
+depend on the machine, so they are reported side by side from one run, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform as _platform  # the standard-library module (the repo's platform/ is config only)
+import resource
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from models.features import FeatureState, compute_features, replay  # noqa: E402
+from models.registry import LoadedModel, log_and_register, promote_if_better  # noqa: E402
+from models.schema import to_payload  # noqa: E402
+from models.simulate import simulate  # noqa: E402
+from models.training import time_split, train, training_frame  # noqa: E402
+from streamguard.config import Home  # noqa: E402
+from streamguard.kinesis import (  # noqa: E402
+    ensure_stream,
+    kinesis_client,
+    produce_transactions,
+    put_records,
+    transaction_records,
+)
+from streamguard.lake import Lake  # noqa: E402
+from streamguard.local_kinesis import LocalKinesis  # noqa: E402
+from streamguard.pipeline import load_labels, scoring_runner  # noqa: E402
+from streamguard.sources import KinesisSource, MemorySource  # noqa: E402
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_model(sim_tx: pa.Table, labels: pa.Table, days: int = 10) -> tuple[LoadedModel, object]:
+    start = pc.min(sim_tx["event_time"]).as_py()
+    history = sim_tx.filter(pc.less(sim_tx["event_time"], start + timedelta(days=days)))
+    features = replay(history, labels).features.to_pandas()
+    cutoff = pd.Timestamp(start + timedelta(days=days))
+    result = train(features, labels.to_pandas(), cutoff, pd.Timedelta(days=2))
+    return LoadedModel(model=result.model, name="fraud_model", version="bench"), result
+
+
+def bench_memory(sim_tx: pa.Table, model: LoadedModel, batch: int, work: Path) -> dict:
+    records = list(transaction_records(sim_tx))
+    source = MemorySource.split([r[0] for r in records], [r[1] for r in records], n_shards=2)
+    out: dict = {"records": len(records), "batch_records": batch}
+
+    started = time.perf_counter()
+    state = FeatureState.empty()
+    for offset in range(0, sim_tx.num_rows, batch):
+        result = compute_features(sim_tx.slice(offset, batch), state)
+        state = state.updated(result.state)
+    out["features_only_tx_per_s"] = sim_tx.num_rows / (time.perf_counter() - started)
+
+    runner = scoring_runner(Lake(work / "lake-memory"), source, None, batch, model=model)
+    started = time.perf_counter()
+    report = runner.run()
+    seconds = time.perf_counter() - started
+    out.update(
+        runner_seconds=seconds,
+        runner_tx_per_s=report.n_records / seconds,
+        batches=len(report.batches),
+        per_batch_seconds=seconds / max(1, len(report.batches)),
+    )
+    return out
+
+
+def bench_kinesis(sim_tx: pa.Table, model: LoadedModel, batch: int, work: Path, n: int) -> dict:
+    subset = sim_tx.slice(0, n)
+    with LocalKinesis(work / "kinesis", persist=False) as server:
+        client = kinesis_client(server.start())
+        ensure_stream(client, "bench", shards=2)
+        started = time.perf_counter()
+        produce_transactions(client, "bench", subset, progress=False)
+        produce_s = time.perf_counter() - started
+        runner = scoring_runner(
+            Lake(work / "lake-kinesis"), KinesisSource(client, "bench"), None, batch, model=model
+        )
+        started = time.perf_counter()
+        report = runner.run()
+        seconds = time.perf_counter() - started
+    return {
+        "records": n,
+        "produce_tx_per_s": n / produce_s,
+        "kinesis_tx_per_s": report.n_records / seconds,
+        "kinesis_seconds": seconds,
+    }
+
+
+def bench_sensor_latency(sim, train_result, work: Path, timeout: float = 180) -> dict:  # type: ignore[no-untyped-def]
+    """Put one transaction on an idle stream watched by the real daemon; time until it is scored."""
+    from streamguard.demo import REPO_ROOT, _bin, dagster_env, process_group
+
+    home = Home(work / "home").ensure()
+    version = log_and_register(train_result, home.mlflow_tracking_uri, home.mlflow_artifacts)
+    frame = training_frame(
+        replay(sim.transactions.slice(0, 20_000), sim.labels).features.to_pandas(),
+        sim.labels.to_pandas(),
+        pd.Timestamp(datetime(2100, 1, 1, tzinfo=UTC)),
+        pd.Timedelta(0),
+    )
+    promote_if_better(home.mlflow_tracking_uri, "fraud_model", version, time_split(frame)[1])
+    lake = Lake(home.lake)
+    load_labels(lake, sim.labels)
+    with LocalKinesis(work / "kinesis-latency", persist=False) as server:
+        endpoint = server.start()
+        client = kinesis_client(endpoint)
+        ensure_stream(client, "latency", shards=2)
+        env = dagster_env(home, endpoint) | {"STREAMGUARD_STREAM": "latency"}
+        log = home.dagster / "daemon.log"
+        args = [_bin("dagster-daemon"), "run", "-w", str(REPO_ROOT / "workspace.yaml")]
+        with process_group(args, env, log):
+            time.sleep(20)  # let the daemon start and tick once on the empty stream
+            event = {
+                "transaction_id": "bench-latency-1",
+                "event_time": datetime.now(UTC),
+                "customer_id": "C-bench",
+                "terminal_id": "T-bench",
+                "amount": 950.0,
+                "kind": "debit",
+                "channel": "atm",
+                "location": "L9999",
+            }
+            put_records(client, "latency", [(to_payload(event), "C-bench")])
+            started = time.perf_counter()
+            while time.perf_counter() - started < timeout:
+                if lake.count("scores"):
+                    break
+                time.sleep(0.2)
+            latency = time.perf_counter() - started
+    scores = lake.read("scores")
+    return {
+        "sensor_event_to_alert_s": latency if scores.num_rows else None,
+        "scored": scores.num_rows,
+        "alerted": bool(scores["alert"][0].as_py()) if scores.num_rows else None,
+        "sensor_interval_s": 10,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--customers", type=int, default=10_000)
+    parser.add_argument("--days", type=int, default=42, help="42 days x 10k customers ~ 1M rows")
+    parser.add_argument("--batch", type=int, default=50_000)
+    parser.add_argument("--kinesis-records", type=int, default=200_000)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+
+    results: dict = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cores": os.cpu_count(),
+        "python": _platform.python_version(),
+    }
+    started = time.perf_counter()
+    sim = simulate(days=args.days, customers=args.customers, seed=7)
+    results["generate_seconds"] = time.perf_counter() - started
+    results["transactions"] = sim.transactions.num_rows
+    print(f"generated {sim.transactions.num_rows:,} transactions", flush=True)
+    model, train_result = train_model(sim.transactions, sim.labels)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        memory = bench_memory(sim.transactions, model, args.batch, work)
+        print(f"in-memory runner: {memory['runner_tx_per_s']:,.0f} tx/s", flush=True)
+        kin = bench_kinesis(sim.transactions, model, args.batch, work, args.kinesis_records)
+        print(f"kinesis runner: {kin['kinesis_tx_per_s']:,.0f} tx/s", flush=True)
+        latency = bench_sensor_latency(sim, train_result, work)
+    results.update(
+        runner_tx_per_s=memory["runner_tx_per_s"],
+        kinesis_tx_per_s=kin["kinesis_tx_per_s"],
+        sensor_event_to_alert_s=latency["sensor_event_to_alert_s"],
+        memory=memory,
+        kinesis=kin,
+        sensor=latency,
+        peak_rss_mib=peak_rss_mib(),
+    )
+    rows = [
+        ("features only (in memory)", f"{memory['features_only_tx_per_s']:,.0f} tx/s", "1.00"),
+        (
+            "runner, in-memory source",
+            f"{memory['runner_tx_per_s']:,.0f} tx/s",
+            f"{memory['runner_tx_per_s'] / memory['features_only_tx_per_s']:.2f}",
+        ),
+        (
+            "runner, local Kinesis",
+            f"{kin['kinesis_tx_per_s']:,.0f} tx/s",
+            f"{kin['kinesis_tx_per_s'] / memory['features_only_tx_per_s']:.2f}",
+        ),
+        ("produce to local Kinesis", f"{kin['produce_tx_per_s']:,.0f} tx/s", "-"),
+        ("per micro-batch", f"{memory['per_batch_seconds']:.2f} s / {args.batch:,} records", "-"),
+        (
+            "sensor event -> scored (daemon)",
+            f"{latency['sensor_event_to_alert_s'] or float('nan'):.1f} s",
+            "-",
+        ),
+        ("peak RSS", f"{results['peak_rss_mib']:,.0f} MiB", "-"),
+    ]
+    print(
+        f"\nstreamguard bench ({results['cores']} cores, {results['transactions']:,} transactions)"
+    )
+    print(f"{'measure':34} {'value':>28} {'vs features':>12}")
+    for name, value, ratio in rows:
+        print(f"{name:34} {value:>28} {ratio:>12}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
