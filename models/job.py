@@ -198,7 +198,9 @@ class FraudScoringJob:
         alert, reasons = decide(probability, hits, self.policy)
         n = features.num_rows
         fired = hits[list(RULES)].to_numpy() if n else np.zeros((0, len(RULES)), bool)
-        rules = [",".join(r for r, on in zip(RULES, row, strict=True) if on) for row in fired]
+        rules = np.full(n, "", dtype=object)
+        for row in np.flatnonzero(fired.any(axis=1)):  # few rows fire a rule: join only those
+            rules[row] = ",".join(r for r, on in zip(RULES, fired[row], strict=True) if on)
         batch = pa.array(np.full(n, batch_id), pa.int64())
         version = pa.array([loaded.version] * n, pa.string())
         feats = (

@@ -19,12 +19,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from streamguard.config import Home
 from streamguard.lake import Lake
+
+if TYPE_CHECKING:
+    from models.simulate import Simulation
 
 STREAM = "transactions"
 SCORING_JOB_NAME = "score_transactions_job"
@@ -170,6 +174,31 @@ def _step(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
+@contextmanager
+def local_platform(
+    home: Home, days: int, customers: int, seed: int
+) -> Iterator[tuple[dict[str, str], Any, Simulation]]:
+    """Clean state, local Kinesis with a fresh stream, generated data; the server stops on exit."""
+    from models.simulate import simulate, write_simulation
+    from streamguard.kinesis import delete_stream, ensure_stream, kinesis_client
+    from streamguard.local_kinesis import LocalKinesis
+
+    _reset(home)
+    server = LocalKinesis(home.kinesis)
+    endpoint = server.start()
+    _step(f"local Kinesis at {endpoint}")
+    try:
+        client = kinesis_client(endpoint)
+        delete_stream(client, STREAM)
+        ensure_stream(client, STREAM, shards=2)
+        sim = simulate(days=days, customers=customers, seed=seed)
+        write_simulation(sim, home.data)
+        _step(f"generated {sim.transactions.num_rows:,} transactions over {days} days")
+        yield dagster_env(home, endpoint), client, sim
+    finally:
+        server.stop()
+
+
 def run_demo(
     home: Home,
     days: int = 60,
@@ -180,31 +209,12 @@ def run_demo(
 ) -> DemoSummary:
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-    from models.simulate import simulate, write_simulation
-    from streamguard.kinesis import (
-        delete_stream,
-        ensure_stream,
-        kinesis_client,
-        produce_transactions,
-    )
-    from streamguard.local_kinesis import LocalKinesis
+    from streamguard.kinesis import produce_transactions
 
     started = time.perf_counter()
     summary = DemoSummary()
-    _reset(home)
-    server = LocalKinesis(home.kinesis)
-    endpoint = server.start()
-    _step(f"local Kinesis at {endpoint}")
-    try:
-        env = dagster_env(home, endpoint)
-        client = kinesis_client(endpoint)
-        delete_stream(client, STREAM)
-        ensure_stream(client, STREAM, shards=2)
-
-        sim = simulate(days=days, customers=customers, seed=seed)
-        write_simulation(sim, home.data)
+    with local_platform(home, days, customers, seed) as (env, client, sim):
         summary.transactions = sim.transactions.num_rows
-        _step(f"generated {sim.transactions.num_rows:,} transactions over {days} days")
         summary.produced = produce_transactions(client, STREAM, sim.transactions)
         _step(f"produced {summary.produced:,} records to stream {STREAM!r}")
 
@@ -259,8 +269,6 @@ def run_demo(
                 if count:
                     summary.runs[status.value] = count
         _summarise(summary, lake, sim.transactions, train_days)
-    finally:
-        server.stop()
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -301,50 +309,34 @@ def run_dev(
 
     Starts from a clean state like the demo; Ctrl-C stops every process it started.
     """
-    from models.simulate import simulate, write_simulation
-    from streamguard.kinesis import (
-        delete_stream,
-        ensure_stream,
-        kinesis_client,
-        produce_transactions,
-    )
-    from streamguard.local_kinesis import LocalKinesis
+    from streamguard.kinesis import produce_transactions
 
-    _reset(home)
-    server = LocalKinesis(home.kinesis)
-    endpoint = server.start()
-    _step(f"local Kinesis at {endpoint}")
     try:
-        env = dagster_env(home, endpoint)
-        client = kinesis_client(endpoint)
-        delete_stream(client, STREAM)
-        ensure_stream(client, STREAM, shards=2)
-        sim = simulate(days=days, customers=customers, seed=seed)
-        write_simulation(sim, home.data)
-        _step(f"generated {sim.transactions.num_rows:,} transactions; training the first champion")
-        train_champion(home, env, train_days)
-        log = home.dagster / "dagster-dev.log"
-        args = [_bin("dagster"), "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
-                "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
-        with process_group(args, env, log) as dev:
-            _step(f"Dagster UI on http://127.0.0.1:{port} (log: {log}); Ctrl-C stops everything")
-            sent = 0
-            table = sim.transactions
-            for offset in range(0, table.num_rows, rate):
-                tick = time.monotonic()
-                sent += produce_transactions(
-                    client, STREAM, table.slice(offset, rate), progress=False
+        with local_platform(home, days, customers, seed) as (env, client, sim):
+            _step("training the first champion")
+            train_champion(home, env, train_days)
+            log = home.dagster / "dagster-dev.log"
+            args = [_bin("dagster"), "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
+                    "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+            with process_group(args, env, log) as dev:
+                _step(
+                    f"Dagster UI on http://127.0.0.1:{port} (log: {log}); Ctrl-C stops everything"
                 )
-                print(f"\r[dev] produced {sent:,}/{table.num_rows:,}", end="", flush=True)
-                if dev.poll() is not None:
-                    raise RuntimeError(f"dagster dev exited: see {log}")
-                time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
-            print()
-            _step("all transactions produced; Ctrl-C to stop")
-            while dev.poll() is None:
-                time.sleep(1)
+                sent = 0
+                table = sim.transactions
+                for offset in range(0, table.num_rows, rate):
+                    tick = time.monotonic()
+                    sent += produce_transactions(
+                        client, STREAM, table.slice(offset, rate), progress=False
+                    )
+                    print(f"\r[dev] produced {sent:,}/{table.num_rows:,}", end="", flush=True)
+                    if dev.poll() is not None:
+                        raise RuntimeError(f"dagster dev exited: see {log}")
+                    time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+                print()
+                _step("all transactions produced; Ctrl-C to stop")
+                while dev.poll() is None:
+                    time.sleep(1)
     except KeyboardInterrupt:
         print()
-        _step("stopping")
-    finally:
-        server.stop()
+        _step("stopped")

@@ -22,6 +22,7 @@ class Lake:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._open: dict[str, DeltaTable] = {}
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -30,8 +31,16 @@ class Lake:
         return str(self.path(name))
 
     def table(self, name: str, version: int | None = None) -> DeltaTable | None:
+        """The table at `version`, or its latest version (kept open, refreshed incrementally)."""
         try:
-            return DeltaTable(self.uri(name), version=version)
+            if version is not None:
+                return DeltaTable(self.uri(name), version=version)
+            table = self._open.get(name)
+            if table is None:
+                table = self._open[name] = DeltaTable(self.uri(name))
+            else:
+                table.update_incremental()
+            return table
         except TableNotFoundError:
             return None
 
@@ -141,11 +150,6 @@ class Lake:
             .execute()
         )
         return True
-
-    def overwrite(self, name: str, data: pa.Table) -> None:
-        """Replace a whole table (reference data such as labels loaded from a file)."""
-        self.path(name).mkdir(parents=True, exist_ok=True)
-        write_deltalake(self.uri(name), data, mode="overwrite", schema_mode="overwrite")
 
 
 def _dataset(table: DeltaTable) -> ds.Dataset:

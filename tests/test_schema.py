@@ -1,0 +1,93 @@
+"""The transaction contract: the bulk parser and the record-by-record parser agree exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from models.schema import TRANSACTION_SCHEMA, parse_each, parse_records, to_payload
+
+GOOD = {
+    "transaction_id": "t1",
+    "event_time": "2026-01-02T03:04:05.123456Z",
+    "customer_id": "C1",
+    "terminal_id": "T1",
+    "amount": 12.5,
+    "kind": "debit",
+    "channel": "pos",
+    "location": "L1",
+}
+
+
+def variant(**changes: object) -> bytes:
+    record = {**GOOD, **changes}
+    return json.dumps({k: v for k, v in record.items() if v is not ...}).encode()
+
+
+CASES: list[tuple[bytes, str | None]] = [
+    (variant(), None),
+    (variant(transaction_id="t2", channel=None, location=...), None),
+    (variant(transaction_id="t3", event_time="2026-01-02T05:04:05+02:00"), None),
+    (variant(transaction_id="t4", amount=7), None),
+    (variant(transaction_id="t5", extra_field={"nested": [1]}), None),
+    (b"{not json", "not valid JSON"),
+    (b"", "not valid JSON"),
+    (b"[1, 2]", "record is a JSON list"),
+    (b'"just a string"', "record is a JSON str"),
+    (variant(amount=...), "missing required field(s): amount"),
+    (variant(customer_id=None), "missing required field(s): customer_id"),
+    (variant(amount="12"), "amount must be a number"),
+    (variant(amount=True), "amount must be a number"),
+    (variant(amount=-1), "amount must be a finite number > 0"),
+    (variant(amount=0), "amount must be a finite number > 0"),
+    (
+        b'{"transaction_id":"n","event_time":"2026-01-02T03:04:05Z","customer_id":"C","terminal_id"'
+        b':"T","amount":NaN,"kind":"debit"}',
+        "amount must be a finite number > 0",
+    ),
+    (variant(amount=10**400), "amount must be a finite number > 0"),
+    (variant(kind="refund"), "kind must be one of debit|credit"),
+    (variant(channel="fax"), "channel must be one of"),
+    (variant(channel=""), "channel must be one of"),
+    (variant(location=""), "location must be a non-empty string"),
+    (variant(location=5), "location must be a non-empty string"),
+    (variant(customer_id=""), "customer_id must be a non-empty string"),
+    (variant(terminal_id=17), "terminal_id must be a non-empty string"),
+    (variant(event_time="yesterday"), "event_time is not an ISO-8601 timestamp"),
+    (variant(event_time="2026-01-02T03:04:05"), "event_time has no time zone"),
+    (variant(event_time=1767225600), "event_time must be an ISO-8601 string"),
+    (json.dumps(GOOD, indent=2).encode(), None),  # multi-line JSON is still one record
+    (b"\xff\xfe garbage", "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(("payload", "reason"), CASES)
+def test_each_case_alone(payload: bytes, reason: str | None) -> None:
+    result = parse_records([payload])
+    if reason is None:
+        assert result.valid.num_rows == 1 and not result.rejected
+    else:
+        assert result.valid.num_rows == 0
+        assert len(result.rejected) == 1 and reason in result.rejected[0].reason
+
+
+def test_bulk_and_record_by_record_agree_on_a_mixed_batch() -> None:
+    payloads = []
+    for i in range(300):  # good records with every bad case spread among them
+        payloads.append(variant(transaction_id=f"g{i}", amount=1 + i))
+        if i % 10 == 0:
+            payloads.append(CASES[(i // 10) % len(CASES)][0])
+    bulk, each = parse_records(payloads), parse_each(payloads)
+    assert bulk.valid.equals(each.valid)
+    assert [(r.index, r.reason) for r in bulk.rejected] == [
+        (r.index, r.reason) for r in each.rejected
+    ]
+    assert bulk.valid.num_rows + len(bulk.rejected) == len(payloads)
+    assert bulk.valid.schema.remove(bulk.valid.num_columns - 1) == TRANSACTION_SCHEMA
+
+
+def test_payload_round_trip() -> None:
+    parsed = parse_records([variant()]).valid
+    again = parse_records([to_payload(parsed.to_pylist()[0])]).valid
+    assert parsed.num_rows == 1 and again.equals(parsed)
