@@ -14,6 +14,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from models.features import FEATURE_SCHEMA, replay
+from models.job import FEATURES, LABELS, OUTPUTS, FraudScoringJob
 from models.registry import (
     CHAMPION,
     MODEL_NAME,
@@ -21,11 +24,8 @@ from models.registry import (
     log_and_register,
     promote_if_better,
 )
-from models.training import time_split, train, training_frame
-
-from models.features import FEATURE_SCHEMA, replay
-from models.job import FEATURES, LABELS, OUTPUTS, FraudScoringJob
 from models.schema import LABEL_SCHEMA, TRANSACTION_SCHEMA
+from models.training import time_split, train, training_frame
 from streamguard.checkpoint import CHECKPOINT_SCHEMA, CHECKPOINT_TABLE
 from streamguard.config import Home
 from streamguard.lake import Lake
@@ -94,7 +94,11 @@ class TrainingOutcome:
 
     def summary(self) -> str:
         verdict = "promoted to champion" if self.promoted else "kept as a candidate"
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in self.metrics.items() if isinstance(v, float))
+        metrics = ", ".join(
+            f"{k} {self.metrics[k]:.4f}"
+            for k in ("roc_auc", "average_precision")
+            if k in self.metrics
+        )
         return (
             f"fraud_model version {self.version} ({verdict}); trained on {self.n_train:,} rows "
             f"from the {self.source} up to {self.cutoff:%Y-%m-%d}; "
