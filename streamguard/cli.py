@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -147,9 +149,94 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     from streamguard.demo import run_dev
 
     run_dev(
-        Home.from_env(), rate=args.rate, days=args.days, customers=args.customers, port=args.port
+        Home.from_env(),
+        rate=args.rate,
+        days=args.days,
+        customers=args.customers,
+        train_days=args.train_days,
+        port=args.port,
     )
     return 0
+
+
+def _date(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a date YYYY-MM-DD, got {value!r}") from None
+
+
+def _cmd_backtest(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from models.backtest import backtest, read_dataset
+
+    started = time.perf_counter()
+    transactions = read_dataset(args.transactions)
+    labels = read_dataset(args.labels) if args.labels else None
+    result = backtest(
+        transactions,
+        labels,
+        args.train_start,
+        train_days=args.train_days,
+        delay_days=args.delay_days,
+        test_days=args.test_days,
+        k=args.k,
+        budget=args.budget,
+    )
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(result.to_json() + "\n")
+    if args.predictions:
+        preds = Path(args.predictions)
+        preds.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(result.predictions_table(), preds)
+    metrics = result.to_dict()
+
+    def line(name: str, m: dict[str, Any]) -> str:
+        values = [m["average_precision"], m["card_precision_at_k"], m["recall_at_budget"]]
+        shown = ["n/a" if v is None else f"{v:.3f}" for v in values]
+        return (
+            f"  {name:<9} AP {shown[0]}  CP@{result.k} {shown[1]}  "
+            f"recall@{result.budget}/day {shown[2]}"
+        )
+
+    print(
+        f"backtest: {result.n_train:,} training rows ({result.n_train_fraud} fraud), "
+        f"{result.n_test:,} test rows ({result.n_test_fraud} fraud) in "
+        f"{time.perf_counter() - started:.1f}s\n"
+        f"{line('model', metrics['model'])}\n{line('baseline', metrics['baseline'])}\n"
+        f"metrics written to {output}"
+    )
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    from models.backtest import read_dataset
+    from models.schema import TRANSACTION_SCHEMA
+
+    table = read_dataset(args.dataset)
+    missing = [name for name in TRANSACTION_SCHEMA.names if name not in table.column_names]
+    if missing:
+        raise ValueError(f"{args.dataset}: no column(s) {', '.join(missing)}")
+    # Event-time order over the whole file: `produce` paces slice by slice and only orders
+    # within a slice, so the file it reads must already be in order.
+    table = table.select(TRANSACTION_SCHEMA.names).sort_by([("event_time", "ascending")])
+    with tempfile.TemporaryDirectory(prefix="streamguard-replay-") as tmp:
+        ordered = Path(tmp) / "transactions.parquet"
+        pq.write_table(table, ordered)
+        produce = argparse.Namespace(
+            path=str(ordered),
+            stream=args.stream,
+            shards=args.shards,
+            rate=args.rate,
+            endpoint=args.endpoint,
+        )
+        return _cmd_produce(produce)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,13 +319,75 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--days", type=_positive, default=60, help="simulated days (default 60)")
     dev.add_argument("--customers", type=_positive, default=1000, help="customers (default 1000)")
     dev.add_argument("--port", type=_positive, default=3000, help="Dagster UI port (default 3000)")
+    dev.add_argument(
+        "--train-days", type=_positive, default=21, help="days of history to train on (default 21)"
+    )
     dev.set_defaults(func=_cmd_dev)
+
+    back = sub.add_parser(
+        "backtest",
+        help="train a week, skip the label delay, test the next week; model vs a baseline",
+    )
+    back.add_argument(
+        "--transactions", required=True, help="transactions Parquet or CSV (may hold is_fraud)"
+    )
+    back.add_argument(
+        "--labels", default=None, help="labels Parquet or CSV (default: is_fraud in transactions)"
+    )
+    back.add_argument(
+        "--train-start", type=_date, required=True, help="first training day, YYYY-MM-DD (UTC)"
+    )
+    back.add_argument("--train-days", type=_positive, default=7, help="days (default 7)")
+    back.add_argument(
+        "--delay-days",
+        type=int,
+        default=7,
+        help="days between training and test; also the report delay of labels without one "
+        "(default 7)",
+    )
+    back.add_argument("--test-days", type=_positive, default=7, help="days (default 7)")
+    back.add_argument("--k", type=_positive, default=100, help="cards checked a day (default 100)")
+    back.add_argument(
+        "--budget", type=_positive, default=None, help="transaction alerts a day (default: k)"
+    )
+    back.add_argument("--output", required=True, help="metrics JSON file")
+    back.add_argument("--predictions", default=None, help="test scores as Parquet (optional)")
+    back.set_defaults(func=_cmd_backtest)
+
+    rep = sub.add_parser(
+        "replay", help="push a dataset into a Kinesis stream in event-time order, optionally paced"
+    )
+    rep.add_argument("dataset", help="transactions Parquet or CSV")
+    rep.add_argument("--stream", required=True, help="stream name (created if missing)")
+    rep.add_argument("--shards", type=_positive, default=2, help="shards if created (default 2)")
+    rep.add_argument(
+        "--rate", type=int, default=0, help="records per second (default: as fast as possible)"
+    )
+    rep.add_argument(
+        "--endpoint", default=None, help="Kinesis endpoint (default: AWS_ENDPOINT_URL_KINESIS)"
+    )
+    rep.set_defaults(func=_cmd_replay)
     return parser
+
+
+def _interrupt_on_signals() -> None:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt, so every `finally` stops what it started.
+
+    A process started in the background of a non-interactive shell inherits SIGINT as ignored;
+    restoring the handler makes the commands that start servers stoppable however they run.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _interrupt_on_signals()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -7,6 +7,7 @@ own command line, the way an operator would, so this module never imports the Da
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -84,16 +85,32 @@ def process_group(
 
 
 def stop_group(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
+    """SIGTERM the whole group, wait for every member (not just the leader), then SIGKILL."""
+    deadline = time.monotonic() + grace
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader so it does not linger as a zombie
+        if not _group_alive(proc.pid):
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+    proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group is still alive (zombies, already dead, do not count)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def train_champion(home: Home, env: dict[str, str], train_days: int) -> None:

@@ -38,3 +38,60 @@ def test_demo_drains_the_stream_through_sensor_runs_twice_in_a_row(tmp_path: Pat
         assert "PROBLEM" not in out
     assert summary_value(outputs[0], "scored") == summary_value(outputs[1], "scored")
     assert not list((tmp_path / "home" / "kinesis").glob("server.json"))  # server stopped
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _ignore_interrupts() -> None:
+    # What a background job of a non-interactive shell gets: SIGINT ignored.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.slow
+def test_dev_serves_the_ui_and_ctrl_c_stops_every_process_it_started(tmp_path: Path) -> None:
+    import signal
+    import time
+    import urllib.request
+
+    port = _free_port()
+    home = tmp_path / "home"
+    env = dict(os.environ, STREAMGUARD_HOME=str(home))
+    args = [CLI, "dev", "--days", "16", "--customers", "100", "--train-days", "10", "--rate", "100",
+            "--port", str(port)]  # fmt: skip
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True, preexec_fn=_ignore_interrupts,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2) as r:
+                    assert b"dagster_webserver_version" in r.read()
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+                time.sleep(2)
+        else:
+            raise AssertionError("the Dagster UI never answered")
+        os.kill(proc.pid, signal.SIGINT)  # Ctrl-C
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert b"stopped" in out
+    left = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True).stdout
+    left += subprocess.run(["pgrep", "-f", f"-p {port}"], capture_output=True, text=True).stdout
+    pids = left.split()
+    described = subprocess.run(["ps", "-o", "pid,stat,cmd", "-p", ",".join(pids) or "0"],
+                               capture_output=True, text=True).stdout  # fmt: skip
+    alive = [line for line in described.splitlines()[1:] if " Z" not in line]
+    assert not alive, f"processes left running: {described}"
