@@ -2,8 +2,8 @@
 
 import dagster as dg
 
-from assets import checks, model, resources, scoring, sensors
+from assets import checks, model, resources, scoring, sensors, weather
 
-AREAS = (model.defs, scoring.defs, checks.defs, sensors.defs)
+AREAS = (model.defs, scoring.defs, checks.defs, sensors.defs, weather.defs)
 
 defs = dg.Definitions.merge(resources.defs, *AREAS)

@@ -1,0 +1,1 @@
+"""Spark Structured Streaming jobs; Delta I/O goes through delta-rs (no Spark-side jars)."""
