@@ -2,13 +2,16 @@
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from pydantic import Field
 
 from streamguard.config import Home
 from streamguard.lake import Lake
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 
 class HomeResource(dg.ConfigurableResource):
@@ -65,6 +68,25 @@ class MlflowResource(dg.ConfigurableResource):
         return self.tracking_uri or home.mlflow_tracking_uri
 
 
+class SparkResource(dg.ConfigurableResource):
+    """A SparkSession, built on first use (so loading definitions never starts a JVM)."""
+
+    master: str | None = Field(
+        default=None, description="Spark master; unset: $STREAMGUARD_SPARK_MASTER or local[*]"
+    )
+    app_name: str = Field(default="streamguard", description="Spark application name")
+
+    def session(self) -> "SparkSession":
+        from streamguard.spark.session import spark_session
+
+        return spark_session(self.app_name, self.master)
+
+
 defs = dg.Definitions(
-    resources={"home": HomeResource(), "kinesis": KinesisResource(), "mlflow": MlflowResource()}
+    resources={
+        "home": HomeResource(),
+        "kinesis": KinesisResource(),
+        "mlflow": MlflowResource(),
+        "spark": SparkResource(),
+    }
 )

@@ -12,12 +12,11 @@ import pyarrow as pa
 from deltalake import write_deltalake
 from pydantic import Field
 
-from assets import resources
-from assets.resources import HomeResource
+from assets.resources import HomeResource, SparkResource
 from models.weather import WINDOW_SCHEMA
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    pass
 GROUP = "weather"
 # Table names are repeated here (not imported) so loading the code location needs no pyspark.
 WINDOWS_1M, WINDOWS_5M = "weather_windows_1m", "weather_windows_5m"
@@ -30,20 +29,6 @@ TABLES = {
     BATCHES: "One audit row per micro-batch: rows in, dead letters, late rows dropped.",
 }
 SENSOR_INTERVAL_SECONDS = 30
-
-
-class SparkResource(dg.ConfigurableResource):
-    """A SparkSession, built on first use (so loading definitions never starts a JVM)."""
-
-    master: str | None = Field(
-        default=None, description="Spark master; unset: $STREAMGUARD_SPARK_MASTER or local[*]"
-    )
-    app_name: str = Field(default="streamguard", description="Spark application name")
-
-    def session(self) -> "SparkSession":
-        from streamguard.spark.session import spark_session
-
-        return spark_session(self.app_name, self.master)
 
 
 class WeatherConfig(dg.Config):
@@ -202,6 +187,4 @@ defs = dg.Definitions(
     assets=[weather_window_averages, weather_region_hourly],
     jobs=[weather_job],
     sensors=[weather_files_sensor],
-    # The very `home` instance of assets.resources, so merging the areas finds no conflict.
-    resources={"spark": SparkResource(), "home": (resources.defs.resources or {})["home"]},
 )

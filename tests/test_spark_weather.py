@@ -17,14 +17,10 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
-
-pytest.importorskip("pyspark")
-
 from pyspark.sql import SparkSession
 
-from assets.resources import HomeResource
+from assets.resources import HomeResource, SparkResource
 from assets.weather import (
-    SparkResource,
     WeatherConfig,
     weather_region_hourly,
     weather_window_averages,
