@@ -1,16 +1,28 @@
-"""Data quality checks on the scoring job's tables."""
+"""Data quality checks on the scoring job's tables, and the fraud model's promotion gate."""
 
 import dagster as dg
 import pyarrow.compute as pc
 
-from assets.resources import HomeResource
+from assets.model import evaluation_metadata
+from assets.resources import HomeResource, MlflowResource
 from models.job import SCORES, TRANSACTIONS
+from models.registry import (
+    CHALLENGER,
+    CHAMPION,
+    DEFAULT_METRIC,
+    alias_version,
+    evaluate_challenger,
+    load_holdout,
+    recorded_evaluation,
+)
 from streamguard.runner import DEAD_LETTER_TABLE
 
 SCORES_UNIQUE_TRANSACTION = "scores_unique_transaction_id"
 SCORES_IN_UNIT_INTERVAL = "scores_within_unit_interval"
 DEAD_LETTER_RATE = "dead_letter_rate_below_threshold"
 DEAD_LETTER_RATE_THRESHOLD = 0.01
+CHALLENGER_BEATS_CHAMPION = "challenger_beats_champion"
+FRAUD_MODEL = "fraud_model"
 
 
 @dg.asset_check(asset=SCORES, name=SCORES_UNIQUE_TRANSACTION, blocking=True)
@@ -60,6 +72,36 @@ def dead_letter_rate(home: HomeResource) -> dg.AssetCheckResult:
     )
 
 
+@dg.asset_check(asset=FRAUD_MODEL, name=CHALLENGER_BEATS_CHAMPION, blocking=True)
+def challenger_beats_champion(home: HomeResource, mlflow: MlflowResource) -> dg.AssetCheckResult:
+    """The promotion gate: the challenger must be strictly better than the champion.
+
+    Both are compared on the challenger's stored time-based holdout by the metric it was
+    trained for. The evaluation recorded at training is reused when it was against the current
+    champion; otherwise (the champion moved since) it is evaluated again and recorded. Blocking,
+    so a failure stops `fraud_model_champion` from moving the alias.
+    """
+    uri, name = mlflow.uri(home.home()), mlflow.model_name
+    challenger = alias_version(uri, name, CHALLENGER)
+    champion = alias_version(uri, name, CHAMPION)
+    if challenger is None:
+        return dg.AssetCheckResult(
+            passed=True,
+            metadata={"champion_version": champion or "-", "reason": "no challenger to promote"},
+        )
+    evaluation = recorded_evaluation(uri, name, challenger)
+    if evaluation is None or evaluation.champion_version != champion:
+        metric = evaluation.metric if evaluation is not None else DEFAULT_METRIC
+        holdout = load_holdout(uri, name, challenger)
+        evaluation = evaluate_challenger(uri, name, challenger, holdout, metric)
+    return dg.AssetCheckResult(passed=evaluation.better, metadata=evaluation_metadata(evaluation))
+
+
 defs = dg.Definitions(
-    asset_checks=[scores_unique_transaction_id, scores_within_unit_interval, dead_letter_rate]
+    asset_checks=[
+        scores_unique_transaction_id,
+        scores_within_unit_interval,
+        dead_letter_rate,
+        challenger_beats_champion,
+    ]
 )

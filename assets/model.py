@@ -1,20 +1,53 @@
-"""Fraud labels and the fraud model: training, registration, promotion, and the retrain schedule."""
+"""Fraud labels and the fraud model: training a challenger, the gated promotion to champion,
+rollback, and the retrain schedule.
 
+The gate is Dagster's: `fraud_model` registers the challenger, the blocking check
+`challenger_beats_champion` (assets/checks.py) compares it with the champion, and
+`fraud_model_champion`, downstream of `fraud_model`, moves the alias; a failed blocking check
+stops it from running.
+"""
+
+import json
+import math
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
-from assets.resources import HomeResource
+from assets.resources import HomeResource, MlflowResource
 from models.job import FEATURES
+from models.registry import (
+    CHALLENGER,
+    CHAMPION,
+    DEFAULT_METRIC,
+    Evaluation,
+    alias_version,
+    move_champion,
+    recorded_evaluation,
+    rollback,
+)
 from streamguard.pipeline import (
     MIN_FEATURE_LOG_ROWS,
     load_labels,
     read_labels,
-    train_and_promote,
+    train_challenger,
 )
 
 GROUP = "fraud_model"
+
+
+def evaluation_metadata(evaluation: Evaluation | None) -> dict[str, Any]:
+    """Both metrics and the verdict, as Dagster metadata (no NaN: "-" when undefined)."""
+    if evaluation is None:
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in evaluation.metadata().items():
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            out[key] = "-"
+        else:
+            out[key] = value
+    return out
 
 
 class LabelsConfig(dg.Config):
@@ -60,43 +93,127 @@ class TrainingConfig(dg.Config):
         default=True,
         description="Prefer the Delta feature log (features as scored) when large enough",
     )
+    metric: str = Field(
+        default=DEFAULT_METRIC,
+        description="Holdout metric the challenger must strictly improve on to become champion",
+    )
+    model_params_json: str = Field(
+        default="",
+        description='Estimator parameter overrides as JSON, e.g. {"learning_rate": 0.05}',
+    )
 
 
 @dg.asset(
     group_name=GROUP,
     deps=[fraud_labels],
-    description="The registered scikit-learn fraud model; `champion` moves only when it is better.",
+    description="The newest registered fraud model: the `challenger` (the first one: `champion`).",
 )
-def fraud_model(config: TrainingConfig, home: HomeResource) -> dg.MaterializeResult:
-    """Train on point-in-time features, register in MLflow, promote on a time-based holdout."""
+def fraud_model(
+    config: TrainingConfig, home: HomeResource, mlflow: MlflowResource
+) -> dg.MaterializeResult:
+    """Train on point-in-time features, register in MLflow as the challenger, store its holdout."""
     place = home.home()
     history = (
         Path(config.history_path) if config.history_path else place.data / "transactions.parquet"
     )
     use_log = config.use_feature_log and home.lake().count(FEATURES) >= MIN_FEATURE_LOG_ROWS
-    outcome = train_and_promote(
+    params: dict[str, Any] | None = (
+        json.loads(config.model_params_json) if config.model_params_json else None
+    )
+    outcome = train_challenger(
         place,
         history=None if use_log else history,
         train_days=config.train_days or None,
         label_delay_days=config.label_delay_days,
+        metric=config.metric,
+        tracking_uri=mlflow.uri(place),
+        model_name=mlflow.model_name,
+        params=params,
     )
     metadata: dict[str, dg.RawMetadataValue] = {
         "model_version": outcome.version,
-        "promoted": outcome.promoted,
+        "alias": outcome.alias,
         "champion_before": outcome.champion_before or "-",
         "n_train": outcome.n_train,
         "n_holdout": outcome.n_holdout,
         "cutoff": outcome.cutoff.isoformat(),
         "source": outcome.source,
     }
-    metadata.update({k: float(v) for k, v in outcome.metrics.items()})
+    metadata.update({k: float(v) for k, v in outcome.metrics.items() if not math.isnan(v)})
+    evaluated = evaluation_metadata(outcome.evaluation)
+    metadata.update({f"evaluation/{k}": v for k, v in evaluated.items()})
     return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[fraud_model],
+    description="The `champion` alias: moved to the challenger once the blocking check "
+    "`challenger_beats_champion` on `fraud_model` has passed.",
+)
+def fraud_model_champion(home: HomeResource, mlflow: MlflowResource) -> dg.MaterializeResult:
+    """Promote the challenger that passed the gate; nothing to do when there is none.
+
+    Runs only when the blocking check passed (Dagster skips it otherwise). It re-reads the
+    evaluation the check recorded and refuses to promote if it was not an approval against the
+    current champion (the champion moved in between, e.g. a rollback).
+    """
+    uri, name = mlflow.uri(home.home()), mlflow.model_name
+    challenger = alias_version(uri, name, CHALLENGER)
+    champion = alias_version(uri, name, CHAMPION)
+    if challenger is None:
+        return dg.MaterializeResult(
+            metadata={
+                "champion_version": champion or "-",
+                "changed": False,
+                "reason": "no challenger",
+            }
+        )
+    evaluation = recorded_evaluation(uri, name, challenger)
+    if evaluation is None or not evaluation.better or evaluation.champion_version != champion:
+        raise dg.Failure(
+            description=f"challenger {challenger} has no approval against champion {champion}",
+            metadata=evaluation_metadata(evaluation),
+        )
+    change = move_champion(uri, name, challenger, "promotion", evaluation.reason, evaluation)
+    return dg.MaterializeResult(
+        metadata={
+            "champion_version": change.version,
+            "previous_champion": change.previous or "-",
+            "changed": change.changed,
+            "changed_at": change.at,
+            **evaluation_metadata(evaluation),
+        }
+    )
+
+
+class RollbackConfig(dg.Config):
+    to_version: str = Field(
+        default="", description="Version to make champion again; empty: the previous champion"
+    )
+
+
+@dg.op(description="Move `champion` back to the previous champion (or to `to_version`).")
+def rollback_fraud_model(
+    context: dg.OpExecutionContext,
+    config: RollbackConfig,
+    home: HomeResource,
+    mlflow: MlflowResource,
+) -> None:
+    """Undo a bad promotion without retraining; the scoring runs pick it up at the next batch."""
+    change = rollback(mlflow.uri(home.home()), mlflow.model_name, config.to_version)
+    context.log.info(f"champion {change.previous} -> {change.version} ({change.reason})")
+
+
+@dg.job(description="Roll `champion` back (config `to_version`; default: the previous one).")
+def rollback_fraud_model_job() -> None:
+    rollback_fraud_model()
 
 
 retrain_job = dg.define_asset_job(
     "retrain_fraud_model_job",
-    selection=dg.AssetSelection.assets(fraud_labels, fraud_model),
-    description="Reload labels and retrain the fraud model.",
+    selection=dg.AssetSelection.assets(fraud_labels, fraud_model, fraud_model_champion),
+    description="Reload labels, train a challenger, promote it if it passes the gate.",
 )
 
 retrain_fraud_model = dg.ScheduleDefinition(
@@ -108,5 +225,7 @@ retrain_fraud_model = dg.ScheduleDefinition(
 )
 
 defs = dg.Definitions(
-    assets=[fraud_labels, fraud_model], jobs=[retrain_job], schedules=[retrain_fraud_model]
+    assets=[fraud_labels, fraud_model, fraud_model_champion],
+    jobs=[retrain_job, rollback_fraud_model_job],
+    schedules=[retrain_fraud_model],
 )

@@ -6,7 +6,15 @@ import dagster as dg
 from pydantic import Field
 
 from assets.resources import HomeResource, KinesisResource, MlflowResource
-from models.job import ALERTS, CUSTOMER_STATE, FEATURES, SCORES, TERMINAL_STATE, TRANSACTIONS
+from models.job import (
+    ALERTS,
+    CUSTOMER_STATE,
+    FEATURES,
+    SCORES,
+    SHADOW_SCORES,
+    TERMINAL_STATE,
+    TRANSACTIONS,
+)
 from streamguard.pipeline import scoring_runner
 from streamguard.runner import DEAD_LETTER_TABLE
 from streamguard.sources import KinesisSource
@@ -17,6 +25,7 @@ TABLES = {
     FEATURES: "The exact feature vector each score used, with the model version.",
     SCORES: "Model score, rules fired and alert decision per transaction.",
     ALERTS: "Transactions flagged as suspicious, with the reason.",
+    SHADOW_SCORES: "The challenger model's score of the same transactions (never alerted on).",
     CUSTOMER_STATE: "Per-customer state: balance, places seen, recent history.",
     TERMINAL_STATE: "Per-terminal state: recent transaction times.",
     DEAD_LETTER_TABLE: "Records that broke the contract: raw payload and the reason.",

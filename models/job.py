@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from models.features import (
     CUSTOMER_STATE_SCHEMA,
+    FEATURE_COLUMNS,
     FEATURE_SCHEMA,
     FEATURE_VERSION,
     KNOWN_FRAUD_SCHEMA,
@@ -26,7 +27,15 @@ from models.features import (
     compute_features,
 )
 from models.protocols import LakeReader, Processed, RecordLike, TableOutput
-from models.registry import MODEL_NAME, LoadedModel, load_model, resolve_version, score
+from models.registry import (
+    CHALLENGER,
+    MODEL_NAME,
+    LoadedModel,
+    alias_version,
+    load_model,
+    resolve_version,
+    score,
+)
 from models.rules import RULES, AlertPolicy, decide, rule_hits
 from models.schema import LABEL_SCHEMA, TIMESTAMP, TRANSACTION_SCHEMA, parse_records
 
@@ -34,6 +43,7 @@ TRANSACTIONS = "transactions"
 FEATURES = "features"
 SCORES = "scores"
 ALERTS = "alerts"
+SHADOW_SCORES = "shadow_scores"
 CUSTOMER_STATE = "customer_state"
 TERMINAL_STATE = "terminal_state"
 LABELS = "labels"
@@ -83,6 +93,19 @@ ALERTS_TABLE_SCHEMA = pa.schema(
         pa.field("created_at", TIMESTAMP),
     ]
 )
+# The challenger's score of the same feature rows: compared with the champion's, never alerted on.
+SHADOW_SCORES_TABLE_SCHEMA = pa.schema(
+    [
+        pa.field("transaction_id", pa.string(), nullable=False),
+        pa.field("event_time", TIMESTAMP),
+        pa.field("customer_id", pa.string()),
+        pa.field("score", pa.float64()),
+        pa.field("model_name", pa.string()),
+        pa.field("model_version", pa.string()),
+        pa.field("batch_id", pa.int64(), nullable=False),
+        pa.field("scored_at", TIMESTAMP),
+    ]
+)
 _UPDATED = [pa.field("batch_id", pa.int64()), pa.field("updated_at", TIMESTAMP)]
 CUSTOMER_STATE_TABLE_SCHEMA = pa.schema([*CUSTOMER_STATE_SCHEMA, *_UPDATED])
 TERMINAL_STATE_TABLE_SCHEMA = pa.schema([*TERMINAL_STATE_SCHEMA, *_UPDATED])
@@ -94,6 +117,7 @@ OUTPUTS: tuple[TableOutput, ...] = (
     TableOutput(FEATURES, FEATURES_TABLE_SCHEMA),
     TableOutput(SCORES, SCORES_TABLE_SCHEMA),
     TableOutput(ALERTS, ALERTS_TABLE_SCHEMA),
+    TableOutput(SHADOW_SCORES, SHADOW_SCORES_TABLE_SCHEMA),
     TableOutput(CUSTOMER_STATE, CUSTOMER_STATE_TABLE_SCHEMA, ("customer_id",)),
     TableOutput(TERMINAL_STATE, TERMINAL_STATE_TABLE_SCHEMA, ("terminal_id",)),
 )
@@ -101,7 +125,12 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {o.name: o.schema for o in OUTPUTS} | {LAB
 
 
 class FraudScoringJob:
-    """Scores micro-batches with one model version per batch (recorded in the batch plan)."""
+    """Scores micro-batches with one model version per batch (recorded in the batch plan).
+
+    When a challenger exists (the `challenger` alias, or a given `challenger` model), it scores
+    the same feature rows into `shadow_scores`; its version is recorded in the plan too, so a
+    replayed batch shadow-scores with the same version. Alerts come from the champion only.
+    """
 
     outputs = OUTPUTS
 
@@ -112,17 +141,37 @@ class FraudScoringJob:
         alias: str = "champion",
         policy: AlertPolicy | None = None,
         model: LoadedModel | None = None,
+        challenger: LoadedModel | None = None,
+        shadow: bool = True,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.model_name = model_name
         self.alias = alias
         self.policy = policy or AlertPolicy()
+        self.shadow = shadow
         self._models: dict[str, LoadedModel] = {}
         if model is not None:  # an already-loaded model (benchmarks, replays)
             self._models[model.version] = model
             self._fixed = model.version
         else:
             self._fixed = ""
+        self._fixed_challenger = ""
+        if challenger is not None:
+            if challenger.version in self._models:
+                raise ValueError(f"the challenger has the champion's version {challenger.version}")
+            self._models[challenger.version] = challenger
+            self._fixed_challenger = challenger.version
+
+    def _challenger_version(self, champion: str) -> str | None:
+        """The version to shadow-score with, or None (none set, shadowing off, or the champion)."""
+        if not self.shadow:
+            return None
+        if self._fixed_challenger:
+            return self._fixed_challenger
+        if self._fixed or self.tracking_uri is None:
+            return None  # a fixed champion is not mixed with the registry's challenger
+        version = alias_version(self.tracking_uri, self.model_name, CHALLENGER)
+        return None if version == champion else version
 
     def plan_context(self, lake: LakeReader) -> dict[str, Any]:
         if self._fixed:
@@ -133,6 +182,7 @@ class FraudScoringJob:
         return {
             "model_name": self.model_name,
             "model_version": version,
+            "challenger_version": self._challenger_version(version),
             "labels_version": lake.version(LABELS),
         }
 
@@ -169,6 +219,7 @@ class FraudScoringJob:
         frauds = _known_frauds(lake, valid, batch_id, context.get("labels_version"))
         result = compute_features(valid, state, frauds)
         tables = self.score(result.features, context, batch_id, now)
+        tables[SHADOW_SCORES] = self.shadow_score(result.features, context, batch_id, now)
         tables[TRANSACTIONS] = transactions
         for name, table in (
             (CUSTOMER_STATE, result.state.customers),
@@ -184,8 +235,37 @@ class FraudScoringJob:
             "alerts": tables[ALERTS].num_rows,
             "known_frauds": frauds.num_rows,
             "model_version": str(context["model_version"]),
+            "challenger_version": str(context.get("challenger_version") or ""),
+            "shadow_scored": tables[SHADOW_SCORES].num_rows,
         }
         return Processed(tables, rejected, stats)
+
+    def shadow_score(
+        self, features: pa.Table, context: dict[str, Any], batch_id: int, now: datetime
+    ) -> pa.Table:
+        """The planned challenger's scores of the same rows; empty when the plan names none.
+
+        Plans from before shadow scoring have no `challenger_version`: replayed as planned, empty.
+        """
+        version = context.get("challenger_version")
+        if not version or features.num_rows == 0:
+            return SHADOW_SCORES_TABLE_SCHEMA.empty_table()
+        loaded = self._model(str(version))
+        probability = score(loaded.model, features.select(FEATURE_COLUMNS).to_pandas())
+        n = features.num_rows
+        return pa.table(
+            {
+                "transaction_id": features["transaction_id"],
+                "event_time": features["event_time"],
+                "customer_id": features["customer_id"],
+                "score": pa.array(probability, pa.float64()),
+                "model_name": pa.array([loaded.name] * n, pa.string()),
+                "model_version": pa.array([loaded.version] * n, pa.string()),
+                "batch_id": pa.array(np.full(n, batch_id), pa.int64()),
+                "scored_at": pa.array([now] * n, TIMESTAMP),
+            },
+            schema=SHADOW_SCORES_TABLE_SCHEMA,
+        )
 
     def score(
         self, features: pa.Table, context: dict[str, Any], batch_id: int, now: datetime

@@ -33,6 +33,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from models.simulate import simulate, write_simulation
 
     started = time.perf_counter()
+    if args.dataset == "weather":
+        from models.weather import simulate_weather, write_weather_files
+
+        payloads = simulate_weather(stations=args.stations, hours=args.hours, seed=args.seed)
+        files = write_weather_files(payloads, Path(args.out), files=args.files)
+        print(f"wrote {len(payloads):,} weather readings to {len(files)} file(s) in {args.out}")
+        return 0
     sim = simulate(
         days=args.days, customers=args.customers, seed=args.seed, terminals=args.terminals
     )
@@ -127,6 +134,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
         label_delay_days=args.label_delay_days,
     )
     print(outcome.summary())
+    return 0
+
+
+def _print_change(change: Any) -> None:
+    if not change.changed:
+        print(f"fraud_model version {change.version} already is the champion; nothing changed")
+    else:
+        print(
+            f"fraud_model champion: version {change.previous or '-'} -> {change.version} "
+            f"({change.kind}: {change.reason})"
+        )
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from models.registry import rollback
+
+    home = Home.from_env().ensure()
+    _print_change(rollback(home.mlflow_tracking_uri, args.model, args.to or ""))
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from models.registry import move_champion
+
+    home = Home.from_env().ensure()
+    reason = args.reason or "manual promotion"
+    uri = home.mlflow_tracking_uri
+    _print_change(move_champion(uri, args.model, args.version, "manual", reason))
     return 0
 
 
@@ -245,8 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser(
-        "generate", help="write a seeded synthetic dataset (transactions + labels)"
+        "generate",
+        help="write a seeded synthetic dataset: transactions + labels (default) or weather",
     )
+    gen.add_argument(
+        "dataset", nargs="?", choices=["transactions", "weather"], default="transactions",
+        help="what to generate (default transactions)",
+    )  # fmt: skip
+    gen.add_argument("--stations", type=_positive, default=20, help="weather stations (default 20)")
+    gen.add_argument("--hours", type=_positive, default=6, help="weather hours (default 6)")
+    gen.add_argument("--files", type=_positive, default=4, help="weather files (default 4)")
     gen.add_argument("--days", type=_positive, default=60, help="simulated days (default 60)")
     gen.add_argument("--customers", type=_positive, default=1000, help="customers (default 1000)")
     gen.add_argument(
@@ -299,6 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--label-delay-days", type=int, default=7, help="days labels need to arrive (default 7)"
     )
     train.set_defaults(func=_cmd_train)
+
+    roll = sub.add_parser(
+        "rollback", help="move the champion alias back to the previous champion (or --to)"
+    )
+    roll.add_argument("--to", default=None, help="version to restore (default: the previous one)")
+    roll.add_argument("--model", default="fraud_model", help="registered model name")
+    roll.set_defaults(func=_cmd_rollback)
+
+    prom = sub.add_parser("promote", help="make a registered version the champion by hand")
+    prom.add_argument("--version", required=True, help="version number to promote")
+    prom.add_argument("--reason", default=None, help="why (recorded with the change)")
+    prom.add_argument("--model", default="fraud_model", help="registered model name")
+    prom.set_defaults(func=_cmd_promote)
 
     demo = sub.add_parser("demo", help="the whole platform end to end on local components")
     demo.add_argument("--days", type=_positive, default=60, help="simulated days (default 60)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -18,11 +19,17 @@ import pyarrow.parquet as pq
 from models.features import FEATURE_SCHEMA, replay
 from models.job import FEATURES, LABELS, OUTPUTS, FraudScoringJob
 from models.registry import (
+    CHALLENGER,
     CHAMPION,
+    DEFAULT_METRIC,
     MODEL_NAME,
+    Evaluation,
     LoadedModel,
+    evaluate_challenger,
     log_and_register,
-    promote_if_better,
+    log_holdout,
+    move_champion,
+    register_challenger,
 )
 from models.schema import LABEL_SCHEMA, TRANSACTION_SCHEMA
 from models.training import time_split, train, training_frame
@@ -54,10 +61,18 @@ def scoring_runner(
     alias: str = CHAMPION,
     model: LoadedModel | None = None,
     job: str = SCORING_JOB,
+    challenger: LoadedModel | None = None,
+    shadow: bool = True,
 ) -> MicroBatchRunner:
-    """A runner that scores `source` with the model behind `alias` (or a given loaded model)."""
+    """A runner that scores `source` with the model behind `alias` (or a given loaded model).
+
+    With `shadow`, the `challenger` (the given model, else the registry's alias) is also scored
+    into `shadow_scores`.
+    """
     ensure_tables(lake)
-    processor = FraudScoringJob(tracking_uri, model_name, alias, model=model)
+    processor = FraudScoringJob(
+        tracking_uri, model_name, alias, model=model, challenger=challenger, shadow=shadow
+    )
     return MicroBatchRunner(source, processor, lake, job, max_batch_records=max_batch_records)
 
 
@@ -83,7 +98,7 @@ def load_labels(lake: Lake, labels: pa.Table) -> int:
 @dataclass
 class TrainingOutcome:
     version: str
-    promoted: bool
+    promoted: bool  # the version is champion now
     metrics: dict[str, float]
     champion_metric: float | None
     champion_before: str | None
@@ -91,9 +106,11 @@ class TrainingOutcome:
     n_holdout: int
     cutoff: datetime
     source: str  # "history replay" or "feature log"
+    alias: str = CHAMPION  # what the version got when registered: champion (first) or challenger
+    evaluation: Evaluation | None = None
 
     def summary(self) -> str:
-        verdict = "promoted to champion" if self.promoted else "kept as a candidate"
+        verdict = "promoted to champion" if self.promoted else f"kept as the {self.alias}"
         metrics = ", ".join(
             f"{k} {self.metrics[k]:.4f}"
             for k in ("roc_auc", "average_precision")
@@ -143,14 +160,25 @@ def training_features(
     return replay(transactions, known).features.to_pandas(), end, "history replay"
 
 
-def train_and_promote(
+def train_challenger(
     home: Home,
     history: Path | None = None,
     labels: Path | None = None,
     train_days: int | None = None,
     label_delay_days: int = 7,
+    metric: str = DEFAULT_METRIC,
+    tracking_uri: str | None = None,
+    model_name: str = MODEL_NAME,
+    params: dict[str, Any] | None = None,
 ) -> TrainingOutcome:
-    """Train on point-in-time features, register the model, move `champion` if it is better."""
+    """Train on point-in-time features and register the version as `challenger`.
+
+    The first version of the model becomes `champion` directly (nothing to compare with). The
+    holdout is stored with the version and the evaluation against the champion is recorded, but
+    `champion` does not move: that is the gate's job (`promote_challenger`, or the Dagster check
+    and the `fraud_model_champion` asset).
+    """
+    uri = tracking_uri or home.mlflow_tracking_uri
     lake = Lake(home.lake)
     if labels is not None:
         load_labels(lake, read_labels(labels))
@@ -161,18 +189,50 @@ def train_and_promote(
     )
     if frame["label"].sum() == 0:
         raise ValueError(f"no fraud label reported by {cutoff:%Y-%m-%d} in the training window")
-    result = train(features, label_table, pd.Timestamp(cutoff), pd.Timedelta(days=label_delay_days))
-    version = log_and_register(result, home.mlflow_tracking_uri, home.mlflow_artifacts)
+    result = train(
+        features,
+        label_table,
+        pd.Timestamp(cutoff),
+        pd.Timedelta(days=label_delay_days),
+        params=params,
+    )
+    version = log_and_register(result, uri, home.mlflow_artifacts, name=model_name)
     _, holdout = time_split(frame)
-    decision = promote_if_better(home.mlflow_tracking_uri, MODEL_NAME, version, holdout)
+    log_holdout(uri, model_name, version, holdout)
+    # Evaluated before it gets an alias, so the first version is compared with "no champion".
+    evaluation = evaluate_challenger(uri, model_name, version, holdout, metric)
+    alias = register_challenger(uri, model_name, version, evaluation)
     return TrainingOutcome(
         version=version,
-        promoted=decision.promoted,
+        promoted=alias == CHAMPION,
         metrics={k: float(v) for k, v in result.metrics.items()},
-        champion_metric=decision.champion_metric,
-        champion_before=decision.champion_version_before,
+        champion_metric=evaluation.champion_value,
+        champion_before=evaluation.champion_version,
         n_train=result.n_train,
         n_holdout=result.n_holdout,
         cutoff=cutoff,
         source=source,
+        alias=alias,
+        evaluation=evaluation,
     )
+
+
+def train_and_promote(
+    home: Home,
+    history: Path | None = None,
+    labels: Path | None = None,
+    train_days: int | None = None,
+    label_delay_days: int = 7,
+    metric: str = DEFAULT_METRIC,
+) -> TrainingOutcome:
+    """Train a challenger and, in the same process, promote it if it beat the champion.
+
+    The one-step path (`streamguard train`, tests): the same evaluation the Dagster gate uses.
+    """
+    outcome = train_challenger(home, history, labels, train_days, label_delay_days, metric)
+    evaluation = outcome.evaluation
+    if outcome.alias == CHALLENGER and evaluation is not None and evaluation.better:
+        uri = home.mlflow_tracking_uri
+        move_champion(uri, MODEL_NAME, outcome.version, "promotion", evaluation.reason, evaluation)
+        outcome.promoted, outcome.alias = True, CHAMPION
+    return outcome

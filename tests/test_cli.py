@@ -11,7 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 CLI = str(Path(sys.executable).parent / "streamguard")
-SUBCOMMANDS = ["generate", "produce", "kinesis", "score", "train", "demo", "dev"]
+SUBCOMMANDS = [
+    "generate", "produce", "kinesis", "score", "train", "rollback", "promote", "demo", "dev",
+    "backtest", "replay",
+]  # fmt: skip
 
 
 def run(*args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -81,3 +84,13 @@ def test_kinesis_start_status_stop(tmp_path: Path) -> None:
         stopped = run("kinesis", "stop", home=tmp_path)
     assert stopped.returncode == 0
     assert run("kinesis", "status", home=tmp_path).returncode == 1
+
+
+def test_generate_weather_writes_jsonl_files(tmp_path: Path) -> None:
+    done = run("generate", "weather", "--stations", "3", "--hours", "1", "--files", "2",
+               "--out", str(tmp_path))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    files = sorted(tmp_path.glob("*.jsonl"))
+    assert len(files) == 2
+    lines = sum(len(f.read_bytes().splitlines()) for f in files)
+    assert lines == 3 * 60  # one reading a minute per station

@@ -5,19 +5,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from sklearn.dummy import DummyClassifier
 
+from models.features import FEATURE_COLUMNS
 from models.job import (
     ALERTS,
     CUSTOMER_STATE,
     FEATURES,
     SCORES,
+    SHADOW_SCORES,
     TERMINAL_STATE,
     TRANSACTIONS,
 )
-from models.registry import LoadedModel
+from models.registry import MODEL_NAME, LoadedModel
 from models.schema import to_payload
 from streamguard.checkpoint import BatchPlan
 from streamguard.lake import Lake
@@ -141,6 +146,7 @@ CRASH_POINTS = [
     FEATURES,
     SCORES,
     ALERTS,
+    SHADOW_SCORES,
     CUSTOMER_STATE,
     TERMINAL_STATE,
     "commit",
@@ -148,27 +154,46 @@ CRASH_POINTS = [
 
 
 @pytest.fixture(scope="module")
-def clean_run(tmp_path_factory, small_sim, tiny_model):  # type: ignore[no-untyped-def]
+def always_fraud() -> LoadedModel:
+    """A challenger scoring every transaction 1.0: if it ever drove alerts, all would alert."""
+    x = pd.DataFrame(np.zeros((2, len(FEATURE_COLUMNS))), columns=FEATURE_COLUMNS)
+    model = DummyClassifier(strategy="constant", constant=1).fit(x, [0, 1])
+    return LoadedModel(model=model, name=MODEL_NAME, version="always")
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, small_sim, tiny_model, always_fraud):  # type: ignore[no-untyped-def]
     lake = Lake(tmp_path_factory.mktemp("clean") / "lake")
     source, _ = stream_of(small_sim.transactions)
-    scoring_runner(lake, source, None, max_batch_records=400, model=tiny_model).run()
+    scoring_runner(
+        lake, source, None, max_batch_records=400, model=tiny_model, challenger=always_fraud
+    ).run()
     return lake
 
 
 @pytest.mark.parametrize("crash_after", CRASH_POINTS)
 def test_crash_at_any_point_then_rerun_gives_no_duplicate_and_no_gap(
-    tmp_path: Path, small_sim, tiny_model: LoadedModel, clean_run: Lake, crash_after: str
+    tmp_path: Path,
+    small_sim,
+    tiny_model: LoadedModel,
+    always_fraud: LoadedModel,
+    clean_run: Lake,
+    crash_after: str,
 ) -> None:
     source, _ = stream_of(small_sim.transactions)
     lake = Lake(tmp_path / "lake")
-    template = scoring_runner(lake, source, None, max_batch_records=400, model=tiny_model)
+    template = scoring_runner(
+        lake, source, None, max_batch_records=400, model=tiny_model, challenger=always_fraud
+    )
     crashing = CrashingRunner(
         source, template.processor, lake, template.job, 400, table=crash_after, batch=2
     )
     with pytest.raises(CrashError):
         crashing.run()
     assert crashing.checkpoints.committed_through() == (2 if crash_after == "commit" else 1)
-    fresh = scoring_runner(lake, source, None, max_batch_records=400, model=tiny_model)
+    fresh = scoring_runner(
+        lake, source, None, max_batch_records=400, model=tiny_model, challenger=always_fraud
+    )
     report = fresh.run()
     assert report.batches[0].replayed is (crash_after != "commit")
     keys = {
@@ -176,6 +201,7 @@ def test_crash_at_any_point_then_rerun_gives_no_duplicate_and_no_gap(
         FEATURES: "transaction_id",
         SCORES: "transaction_id",
         ALERTS: "transaction_id",
+        SHADOW_SCORES: "transaction_id",
         CUSTOMER_STATE: "customer_id",
         TERMINAL_STATE: "terminal_id",
         DEAD_LETTER_TABLE: "sequence_number",
@@ -201,3 +227,35 @@ def test_until_bounds_stop_the_run_and_the_next_run_continues(
     rest = runner.run()
     assert first.n_records + rest.n_records == n_records
     assert lake.count(SCORES) == n_records
+
+
+def test_shadow_scores_every_transaction_and_never_alerts(
+    tmp_path: Path,
+    small_sim,
+    tiny_model: LoadedModel,
+    always_fraud: LoadedModel,
+    clean_run: Lake,
+) -> None:
+    n_tx = small_sim.transactions.num_rows
+    # With a challenger (clean_run): one shadow score per scored transaction, by the challenger.
+    shadow = clean_run.read(SHADOW_SCORES)
+    assert shadow.num_rows == n_tx
+    assert sorted(shadow["transaction_id"].to_pylist()) == sorted(
+        clean_run.read(SCORES)["transaction_id"].to_pylist()
+    )
+    assert set(shadow["model_version"].to_pylist()) == {always_fraud.version}
+    assert pc.min(shadow["score"]).as_py() == 1.0
+    assert set(shadow.column_names) == {
+        "transaction_id", "event_time", "customer_id", "score", "model_name", "model_version",
+        "batch_id", "scored_at",
+    }  # fmt: skip
+    # Without one: no shadow rows, and scores and alerts exactly as with the challenger.
+    source, _ = stream_of(small_sim.transactions)
+    lake = Lake(tmp_path / "lake")
+    scoring_runner(lake, source, None, max_batch_records=400, model=tiny_model).run()
+    assert lake.count(SHADOW_SCORES) == 0
+    for name in (SCORES, ALERTS):
+        assert table_snapshot(lake, name, "transaction_id") == table_snapshot(
+            clean_run, name, "transaction_id"
+        ), name
+    assert 0 < clean_run.count(ALERTS) < n_tx  # the always-fraud challenger alerted on nothing
