@@ -259,3 +259,63 @@ def test_shadow_scores_every_transaction_and_never_alerts(
             clean_run, name, "transaction_id"
         ), name
     assert 0 < clean_run.count(ALERTS) < n_tx  # the always-fraud challenger alerted on nothing
+
+
+KILLED_RUNNER = """
+import os, pickle, signal, sys
+from streamguard.lake import Lake
+from streamguard.pipeline import scoring_runner
+from streamguard.runner import MicroBatchRunner
+from streamguard.sources import MemorySource
+
+job = pickle.loads(open(sys.argv[1], "rb").read())
+source = MemorySource(job["shards"])
+template = scoring_runner(Lake(job["lake"]), source, None, max_batch_records=400,
+                          model=job["model"], challenger=job["challenger"])
+
+class Killed(MicroBatchRunner):
+    def after_write(self, plan, table):
+        if plan.batch_id == 2 and table == job["table"]:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real kill
+
+Killed(source, template.processor, template.lake, template.job, 400).run()
+"""
+
+
+@pytest.mark.parametrize("killed_after", [SCORES, TERMINAL_STATE])
+def test_a_killed_process_then_rerun_gives_no_duplicate_and_no_gap(
+    tmp_path: Path,
+    small_sim,
+    tiny_model: LoadedModel,
+    always_fraud: LoadedModel,
+    clean_run: Lake,
+    killed_after: str,
+) -> None:
+    import pickle
+    import signal
+    import subprocess
+    import sys
+
+    source, _ = stream_of(small_sim.transactions)
+    shards = {s: [r.data for r in source.read(s, None, None, 10**9)] for s in source.shards()}
+    lake_dir = tmp_path / "lake"
+    job = {"shards": shards, "lake": str(lake_dir), "model": tiny_model,
+           "challenger": always_fraud, "table": killed_after}  # fmt: skip
+    (tmp_path / "job.pkl").write_bytes(pickle.dumps(job))
+    (tmp_path / "killed.py").write_text(KILLED_RUNNER)
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "killed.py"), str(tmp_path / "job.pkl")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    lake = Lake(lake_dir)
+    assert lake.count(SCORES) > 0  # the killed process had committed data past its checkpoint
+    report = scoring_runner(
+        lake, MemorySource(shards), None, max_batch_records=400, model=tiny_model,
+        challenger=always_fraud,
+    ).run()  # fmt: skip
+    assert report.batches[0].replayed
+    for name, key in [(TRANSACTIONS, "transaction_id"), (SCORES, "transaction_id"),
+                      (FEATURES, "transaction_id"), (CUSTOMER_STATE, "customer_id"),
+                      (TERMINAL_STATE, "terminal_id")]:  # fmt: skip
+        assert table_snapshot(lake, name, key) == table_snapshot(clean_run, name, key), name
