@@ -274,6 +274,18 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         return _cmd_produce(produce)
 
 
+def _stream_target(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that writes into a stream."""
+    parser.add_argument("--stream", required=True, help="stream name (created if missing)")
+    parser.add_argument("--shards", type=_positive, default=2, help="shards if created (default 2)")
+    parser.add_argument(
+        "--rate", type=int, default=0, help="records per second (default: as fast as possible)"
+    )
+    parser.add_argument(
+        "--endpoint", default=None, help="Kinesis endpoint (default: AWS_ENDPOINT_URL_KINESIS)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="streamguard", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -301,14 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prod = sub.add_parser("produce", help="put a transactions Parquet file into a Kinesis stream")
     prod.add_argument("path", help="transactions.parquet")
-    prod.add_argument("--stream", required=True, help="stream name (created if missing)")
-    prod.add_argument("--shards", type=_positive, default=2, help="shards if created (default 2)")
-    prod.add_argument(
-        "--rate", type=int, default=0, help="records per second (default: as fast as possible)"
-    )
-    prod.add_argument(
-        "--endpoint", default=None, help="Kinesis endpoint (default: AWS_ENDPOINT_URL_KINESIS)"
-    )
+    _stream_target(prod)
     prod.set_defaults(func=_cmd_produce)
 
     kin = sub.add_parser("kinesis", help="start or stop the local Kinesis-compatible server")
@@ -414,14 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         "replay", help="push a dataset into a Kinesis stream in event-time order, optionally paced"
     )
     rep.add_argument("dataset", help="transactions Parquet or CSV")
-    rep.add_argument("--stream", required=True, help="stream name (created if missing)")
-    rep.add_argument("--shards", type=_positive, default=2, help="shards if created (default 2)")
-    rep.add_argument(
-        "--rate", type=int, default=0, help="records per second (default: as fast as possible)"
-    )
-    rep.add_argument(
-        "--endpoint", default=None, help="Kinesis endpoint (default: AWS_ENDPOINT_URL_KINESIS)"
-    )
+    _stream_target(rep)
     rep.set_defaults(func=_cmd_replay)
     return parser
 
