@@ -2,8 +2,16 @@
 
 import dagster as dg
 
-from assets import checks, model, monitoring, resources, scoring, sensors, weather
+from assets import checks, maintenance, model, monitoring, resources, scoring, sensors, weather
 
-AREAS = (model.defs, scoring.defs, checks.defs, sensors.defs, weather.defs, monitoring.defs)
+AREAS = (
+    model.defs,
+    scoring.defs,
+    checks.defs,
+    sensors.defs,
+    weather.defs,
+    monitoring.defs,
+    maintenance.defs,
+)
 
 defs = dg.Definitions.merge(resources.defs, *AREAS)

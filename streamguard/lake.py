@@ -151,6 +151,30 @@ class Lake:
         )
         return True
 
+    def compact(self, name: str, vacuum_hours: int | None = None) -> dict[str, int]:
+        """Rewrite the many small files micro-batches leave into few large ones.
+
+        Compaction is a new commit that keeps the rows and the application transactions, so
+        exactly-once bookkeeping survives it. With `vacuum_hours`, files removed longer ago than
+        that are deleted (time travel before then is given up).
+        """
+        table = self.table(name)
+        if table is None:
+            return {"files_removed": 0, "files_added": 0, "vacuumed": 0}
+        metrics = table.optimize.compact()
+        vacuumed = 0
+        if vacuum_hours is not None:
+            vacuumed = len(
+                table.vacuum(
+                    retention_hours=vacuum_hours, dry_run=False, enforce_retention_duration=False
+                )
+            )
+        return {
+            "files_removed": int(metrics.get("numFilesRemoved", 0)),
+            "files_added": int(metrics.get("numFilesAdded", 0)),
+            "vacuumed": vacuumed,
+        }
+
 
 def _dataset(table: DeltaTable) -> ds.Dataset:
     dataset: ds.Dataset = table.to_pyarrow_dataset()
