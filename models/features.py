@@ -161,6 +161,24 @@ def _timeline(
     return _Timeline(order, all_codes, all_times, len(hist_codes))
 
 
+def _prefix_sums(codes: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per row, the sum of the earlier rows of the same key (rows grouped by key), plus a total.
+
+    Accumulated key by key, restarting at each key: a customer's numbers are then bit-identical
+    whatever other customers share the batch (so a Spark executor grouping by key agrees).
+    Returns len(values) + 1 entries; the last is unused padding for a window ending at the end.
+    """
+    n = len(values)
+    out = np.zeros(n + 1)
+    if n == 0:
+        return out
+    inclusive = pd.Series(values).groupby(codes, sort=False).cumsum().to_numpy()
+    first = np.ones(n, dtype=bool)
+    first[1:] = codes[1:] != codes[:-1]
+    out[1:n][~first[1:]] = inclusive[:-1][~first[1:]]
+    return out
+
+
 def _window_sums(
     tl: _Timeline, values: np.ndarray, windows: dict[str, int], weights: np.ndarray | None = None
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -176,8 +194,8 @@ def _window_sums(
     codes = tl.codes[tl.order]
     times = tl.times[tl.order]
     vals = values[tl.order]
-    csum = np.concatenate([[0.0], np.cumsum(vals)])
-    wsum = None if weights is None else np.concatenate([[0.0], np.cumsum(weights[tl.order])])
+    csum = _prefix_sums(codes, vals)
+    wsum = None if weights is None else _prefix_sums(codes, weights[tl.order])
     wmax = max(windows.values()) * _US
     tmin = int(times.min())
     span = int(times.max()) - tmin + wmax + 1
@@ -202,6 +220,8 @@ def _window_sums(
                 count = local - start
             else:
                 count = np.rint(wsum[gpos[0] + local] - wsum[gpos[0] + start]).astype(np.int64)
+            # start == local (empty window) gives exactly 0; otherwise both prefixes are sums of
+            # this key's own rows, so the result never depends on which other keys share the batch.
             out[w][0][rows] = count
             out[w][1][rows] = csum[gpos[0] + local] - csum[gpos[0] + start]
     return out
@@ -270,8 +290,7 @@ def compute_features(
     first = np.ones(n, dtype=bool)
     first[1:] = bc[1:] != bc[:-1]
     group_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
-    run = np.cumsum(signed[border])
-    before = run - signed[border] - np.where(group_start > 0, run[group_start - 1], 0.0)
+    before = _prefix_sums(bc, signed[border])[:-1]
     balance_before = np.empty(n)
     balance_before[border] = state_balance[bc] + before
     feats["balance_before"] = balance_before

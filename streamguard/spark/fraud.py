@@ -1,0 +1,535 @@
+"""The fraud scoring job on Spark Structured Streaming, with the same feature function.
+
+One query (`trigger(availableNow=True)`, one checkpoint folder) over raw stream records (the
+Kinesis source, or JSON-lines files for tests and backfills). Each micro-batch is one
+`foreachBatch` call that does what `FraudScoringJob.process` does for the in-process runner, with
+the same code at every step:
+
+1. Parse and validate with `models.schema.parse_records`, drop duplicate transaction ids with the
+   job's own `_drop_duplicates`; rejected records go to `dead_letters` (the runner's schema).
+2. Features with `models.features.compute_features`, distributed: the valid transactions are
+   cogrouped with the stored state, `groupBy("customer_id")` for the customer part and
+   `groupBy("terminal_id")` for the terminal part, and each group runs `compute_features` with
+   the *other* state empty. That gives exactly that part: every customer feature (balance,
+   locations, spend/velocity windows, time since previous) reads only the customer's own rows
+   and state, every terminal feature (transaction counts, known-fraud rates) only the terminal's
+   rows, its state and the known frauds at that terminal, and the event attributes (amount,
+   channel, hour) only the row. `compute_features` accumulates sums key by key, so every
+   value, and so every score, is bit-identical to the in-process runner's (the parity test
+   holds them equal exactly).
+   The groups use `applyInArrow`, the Arrow form of `applyInPandas` (same grouped-map operator):
+   the state's list<timestamp> columns then reach `compute_features` exactly as the in-process
+   runner gives them, with no pandas round trip.
+3. The two parts are joined on `transaction_id`; the batch is scored on the driver by
+   `FraudScoringJob.score` (model, rules, alert decision) and `shadow_score`, on pandas.
+4. Every table is written through `Lake.append/upsert` with the Delta app transaction
+   `(f"spark:{query_id}", batch_id)`, state last; a batch Spark replays after a crash skips the
+   tables that hold it, so each table gets it exactly once.
+
+State lives in the same Delta `customer_state` / `terminal_state` tables as in-process, read at
+the start of the batch and upserted at its end, rather than in Spark's state store
+(`transformWithStateInPandas`) because: the features need two key spaces in one batch (a
+stateful operator has one grouping key, so it would take two chained operators and a re-join);
+reading the state the in-process runner writes gives exact parity and lets either engine take
+over from the other; and the state is recoverable from Delta by construction (time travel,
+inspection, backfills), not locked in a checkpoint. A state-store version would add per-key TTL
+(expiring idle customers for free) and no Delta round trip per batch (state co-located with the
+executors, no driver read and MERGE), at the cost of the above.
+
+The context a batch runs with (model versions, the `labels` table version, so a replay sees the
+labels the first attempt saw) is recorded in the `spark_batches` table before any output: the
+Spark counterpart of the runner's batch plan.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from models.features import (
+    CUSTOMER_STATE_SCHEMA,
+    FEATURE_COLUMNS,
+    FEATURE_SCHEMA,
+    KEY_COLUMNS,
+    KNOWN_FRAUD_SCHEMA,
+    TERMINAL_STATE_SCHEMA,
+    FeatureResult,
+    FeatureState,
+    compute_features,
+)
+from models.job import (
+    ALERTS,
+    CUSTOMER_STATE,
+    OUTPUTS,
+    SHADOW_SCORES,
+    TERMINAL_STATE,
+    TRANSACTIONS,
+    FraudScoringJob,
+    _drop_duplicates,
+    _known_frauds,
+    _load_state,
+)
+from models.registry import CHAMPION, MODEL_NAME, LoadedModel
+from models.schema import TIMESTAMP, TRANSACTION_SCHEMA, parse_records
+from streamguard.lake import Lake
+from streamguard.pipeline import SCORING_JOB, ensure_tables
+from streamguard.runner import DEAD_LETTER_SCHEMA, DEAD_LETTER_TABLE
+from streamguard.spark.kinesis_source import register_kinesis_source
+
+SPARK_BATCHES = "spark_batches"
+SPARK_BATCH_SCHEMA = pa.schema(
+    [
+        pa.field("app_id", pa.string(), nullable=False),
+        pa.field("batch_id", pa.int64(), nullable=False),
+        pa.field("job", pa.string()),
+        pa.field("n_records", pa.int64()),
+        pa.field("model_name", pa.string()),
+        pa.field("model_version", pa.string()),
+        pa.field("challenger_version", pa.string()),
+        pa.field("labels_version", pa.int64()),
+        pa.field("planned_at", TIMESTAMP),
+    ]
+)
+# The records a micro-batch hands to foreachBatch (the Kinesis source's columns).
+RECORD_COLUMNS = ("shard_id", "sequence_number", "data", "arrival_time")
+
+TERMINAL_FEATURES = [c for c in FEATURE_COLUMNS if c.startswith("terminal_")]
+CUSTOMER_FEATURES = [c for c in FEATURE_COLUMNS if c not in TERMINAL_FEATURES]
+
+_TX_DDL = (
+    "_seq bigint, transaction_id string, event_time timestamp, customer_id string, "
+    "terminal_id string, amount double, kind string, channel string, location string"
+)
+_CSTATE_DDL = (
+    "customer_id string, balance double, last_event_time timestamp, n_transactions bigint, "
+    "locations array<string>, history_times array<timestamp>, history_amounts array<double>"
+)
+_TSTATE_DDL = (
+    "terminal_id string, last_event_time timestamp, n_transactions bigint, "
+    "history_times array<timestamp>"
+)
+
+
+def _part_schema(features: list[str], state: pa.Schema) -> pa.Schema:
+    """Rows of one part: feature rows (kind 'f') and new-state rows (kind 's') in one table."""
+    return pa.schema(
+        [
+            pa.field("kind", pa.string()),
+            pa.field("_seq", pa.int64()),
+            pa.field("transaction_id", pa.string()),
+            *[pa.field(c, pa.float64()) for c in features],
+            *[f.with_nullable(True) for f in state],
+        ]
+    )
+
+
+_CUSTOMER_PART = _part_schema(CUSTOMER_FEATURES, CUSTOMER_STATE_SCHEMA)
+_TERMINAL_PART = _part_schema(TERMINAL_FEATURES, TERMINAL_STATE_SCHEMA)
+
+
+def _ddl(schema: pa.Schema) -> str:
+    spark_types = {
+        pa.string(): "string",
+        pa.int64(): "bigint",
+        pa.float64(): "double",
+        TIMESTAMP: "timestamp",
+        pa.list_(pa.string()): "array<string>",
+        pa.list_(TIMESTAMP): "array<timestamp>",
+        pa.list_(pa.float64()): "array<double>",
+    }
+    return ", ".join(f"{f.name} {spark_types[f.type]}" for f in schema)
+
+
+def _part(
+    key_features: list[str],
+    out_schema: pa.Schema,
+    customers: bool,
+    frauds: pa.Table | None,
+    transactions: pa.Table,
+    state: pa.Table,
+) -> pa.Table:
+    """One group: `compute_features` on its rows with the other key space's state empty."""
+    if transactions.num_rows == 0:
+        return out_schema.empty_table()
+    transactions = transactions.sort_by("_seq")  # arrival order breaks event-time ties
+    tx = transactions.select(TRANSACTION_SCHEMA.names).cast(TRANSACTION_SCHEMA)
+    if customers:
+        given = FeatureState(
+            state.select(CUSTOMER_STATE_SCHEMA.names).cast(CUSTOMER_STATE_SCHEMA),
+            TERMINAL_STATE_SCHEMA.empty_table(),
+        )
+    else:
+        given = FeatureState(
+            CUSTOMER_STATE_SCHEMA.empty_table(),
+            state.select(TERMINAL_STATE_SCHEMA.names).cast(TERMINAL_STATE_SCHEMA),
+        )
+    result = compute_features(tx, given, frauds)
+    n = tx.num_rows
+    feats = result.features.select(["transaction_id", *key_features])
+    feats = feats.append_column("_seq", transactions["_seq"]).append_column(
+        "kind", pa.array(["f"] * n, pa.string())
+    )
+    new_state = result.state.customers if customers else result.state.terminals
+    new_state = new_state.append_column("kind", pa.array(["s"] * new_state.num_rows, pa.string()))
+    both = pa.concat_tables([feats, new_state], promote_options="default")
+    return both.select(out_schema.names).cast(out_schema)
+
+
+def _frame(spark: SparkSession, table: pa.Table, ddl: str) -> DataFrame:
+    """A local Arrow table as a DataFrame (pyspark cannot convert a table with no chunks)."""
+    if table.num_rows == 0:
+        return spark.createDataFrame([], schema=ddl)
+    return spark.createDataFrame(table.combine_chunks(), schema=ddl)
+
+
+def _group(frame: DataFrame, key: str, buckets: int | None) -> Column:
+    if buckets is None:
+        return frame[key]
+    return F.pmod(F.xxhash64(frame[key]), F.lit(buckets)).alias("_bucket")
+
+
+def spark_features(
+    spark: SparkSession,
+    transactions: pa.Table,
+    state: FeatureState,
+    known_frauds: pa.Table | None = None,
+    buckets: int | None = None,
+) -> FeatureResult:
+    """`compute_features`, distributed by customer and by terminal; same result, same order.
+
+    `buckets`: group by a hash bucket of the key instead of the key itself. Each group is still
+    whole keys, so the result is the same (the per-key independence above), but there are
+    `buckets` calls of `compute_features` per part instead of one per key: its fixed cost per
+    call (a few ms) dominates when groups are one customer's few transactions.
+    One Spark job: both cogroups are unioned and collected at once, then the two feature parts
+    are joined on `transaction_id` on the driver (which scores and writes the batch anyway).
+    """
+    if transactions.num_rows == 0:
+        return compute_features(transactions, state, known_frauds)
+    tx = transactions.select(TRANSACTION_SCHEMA.names).cast(TRANSACTION_SCHEMA)
+    tx = tx.add_column(0, "_seq", pa.array(np.arange(tx.num_rows), pa.int64()))
+    tx_df = _frame(spark, tx, _TX_DDL)
+    c_df = _frame(spark, state.customers.cast(CUSTOMER_STATE_SCHEMA), _CSTATE_DDL)
+    t_df = _frame(spark, state.terminals.cast(TERMINAL_STATE_SCHEMA), _TSTATE_DDL)
+    frauds = None if known_frauds is None else known_frauds.cast(KNOWN_FRAUD_SCHEMA)
+    customer_part = (
+        tx_df.groupBy(_group(tx_df, "customer_id", buckets))
+        .cogroup(c_df.groupBy(_group(c_df, "customer_id", buckets)))
+        .applyInArrow(
+            partial(_part, CUSTOMER_FEATURES, _CUSTOMER_PART, True, None), _ddl(_CUSTOMER_PART)
+        )
+        .withColumn("kind", F.concat(F.lit("c"), "kind"))
+    )
+    terminal_part = (
+        tx_df.groupBy(_group(tx_df, "terminal_id", buckets))
+        .cogroup(t_df.groupBy(_group(t_df, "terminal_id", buckets)))
+        .applyInArrow(
+            partial(_part, TERMINAL_FEATURES, _TERMINAL_PART, False, frauds),
+            _ddl(_TERMINAL_PART),
+        )
+        .withColumn("kind", F.concat(F.lit("t"), "kind"))
+    )
+    rows = customer_part.unionByName(terminal_part, allowMissingColumns=True).toArrow()
+    kind = rows["kind"]
+
+    def of(k: str) -> pa.Table:
+        return rows.filter(pc.equal(kind, k))
+
+    base = tx.select(["_seq", *KEY_COLUMNS])
+    joined = (
+        base.join(of("cf").select(["transaction_id", *CUSTOMER_FEATURES]), "transaction_id")
+        .join(of("tf").select(["transaction_id", *TERMINAL_FEATURES]), "transaction_id")
+        .sort_by("_seq")
+    )
+    if joined.num_rows != tx.num_rows:
+        raise RuntimeError(f"feature parts joined to {joined.num_rows} of {tx.num_rows} rows")
+    features = joined.select(FEATURE_SCHEMA.names).cast(FEATURE_SCHEMA)
+    new_state = FeatureState(
+        of("cs").select(CUSTOMER_STATE_SCHEMA.names).cast(CUSTOMER_STATE_SCHEMA),
+        of("ts").select(TERMINAL_STATE_SCHEMA.names).cast(TERMINAL_STATE_SCHEMA),
+    )
+    return FeatureResult(features, new_state)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def jsonl_source(spark: SparkSession, input_dir: Path, max_files_per_trigger: int = 1) -> DataFrame:
+    """JSON-lines files as stream records: one file's lines in file order, blank lines skipped.
+
+    `wholetext` reads a file as one row so `posexplode` numbers its lines exactly: the line number
+    is the sequence number (the file path is the "shard"), which fixes the arrival order.
+    """
+    lines = (
+        spark.readStream.format("text")
+        .option("wholetext", True)
+        .option("maxFilesPerTrigger", max_files_per_trigger)
+        .option("pathGlobFilter", "*.jsonl")
+        .load(str(input_dir))
+    )
+    exploded = lines.select(
+        F.col("_metadata.file_path").alias("shard_id"),
+        F.col("_metadata.file_modification_time").alias("arrival_time"),
+        F.posexplode(F.split("value", "\n")).alias("pos", "line"),
+    )
+    return exploded.where(F.trim("line") != "").select(
+        "shard_id",
+        F.lpad((F.col("pos") + 1).cast("string"), 20, "0").alias("sequence_number"),
+        F.col("line").cast("binary").alias("data"),
+        F.col("arrival_time").cast("timestamp").alias("arrival_time"),
+    )
+
+
+def kinesis_records(
+    spark: SparkSession,
+    stream: str,
+    endpoint_url: str | None = None,
+    max_records_per_shard: int = 10_000,
+) -> DataFrame:
+    """The Kinesis stream as stream records (the project's Python Kinesis source)."""
+    register_kinesis_source(spark)
+    reader = (
+        spark.readStream.format("kinesis")
+        .option("streamName", stream)
+        .option("maxRecordsPerShard", str(max_records_per_shard))
+    )
+    if endpoint_url:
+        reader = reader.option("endpointUrl", endpoint_url)
+    return reader.load().select(*RECORD_COLUMNS)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class _Record:
+    shard_id: str
+    sequence_number: str
+    data: bytes
+    arrival_time: datetime | None
+
+
+@dataclass
+class BatchTiming:
+    """Where one micro-batch's time went (seconds)."""
+
+    batch_id: int
+    records: int
+    valid: int = 0
+    rejected: int = 0
+    alerts: int = 0
+    skipped: bool = False
+    collect_s: float = 0.0  # Spark: read the source, records to the driver
+    prepare_s: float = 0.0  # parse, dedupe, plan, state and labels reads
+    features_s: float = 0.0  # Spark: the two cogroups
+    score_s: float = 0.0
+    write_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class SparkFraudReport:
+    app_id: str
+    batches: list[BatchTiming] = field(default_factory=list)
+    rows_written: dict[str, int] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+    @property
+    def n_records(self) -> int:
+        return sum(b.records for b in self.batches)
+
+
+def _sort_key(record: _Record) -> tuple[str, int]:
+    try:
+        return record.shard_id, int(record.sequence_number)
+    except ValueError:
+        return record.shard_id, 0
+
+
+def _plan(
+    lake: Lake, job: FraudScoringJob, app_id: str, job_name: str, batch_id: int, n: int
+) -> dict[str, Any]:
+    """The batch's context: recorded in `spark_batches` on the first attempt, read on replays."""
+    filt = (pc.field("app_id") == app_id) & (pc.field("batch_id") == batch_id)
+    done = lake.read(SPARK_BATCHES, filter=filt, schema=SPARK_BATCH_SCHEMA)
+    if done.num_rows:
+        row = done.to_pylist()[0]
+        return {
+            "model_name": row["model_name"],
+            "model_version": row["model_version"],
+            "challenger_version": row["challenger_version"],
+            "labels_version": row["labels_version"],
+        }
+    context = job.plan_context(lake)
+    row = {"app_id": app_id, "batch_id": batch_id, "job": job_name, "n_records": n}
+    row |= {k: context[k] for k in ("model_name", "model_version", "challenger_version")}
+    row |= {"labels_version": context["labels_version"], "planned_at": datetime.now(UTC)}
+    lake.append(SPARK_BATCHES, pa.Table.from_pylist([row], SPARK_BATCH_SCHEMA), app_id, batch_id)
+    return context
+
+
+def _stamp(table: pa.Table, batch_id: int, now: datetime) -> pa.Table:
+    n = table.num_rows
+    return table.append_column(
+        "batch_id", pa.array(np.full(n, batch_id), pa.int64())
+    ).append_column("updated_at", pa.array([now] * n, TIMESTAMP))
+
+
+@dataclass
+class _BatchContext:
+    spark: SparkSession
+    lake: Lake
+    job: FraudScoringJob
+    job_name: str
+    report: SparkFraudReport
+    buckets: int | None
+
+
+def _process_batch(batch: DataFrame, batch_id: int, app_id: str, ctx: _BatchContext) -> None:
+    """One micro-batch, as `FraudScoringJob.process` + the runner's writes would do it."""
+    started = time.perf_counter()
+    lake, job = ctx.lake, ctx.job
+    raw = batch.select(*RECORD_COLUMNS).toArrow().to_pylist()
+    records = sorted((_Record(**r) for r in raw), key=_sort_key)
+    timing = BatchTiming(batch_id, len(records))
+    ctx.report.batches.append(timing)
+    t = time.perf_counter()
+    timing.collect_s = t - started
+    last = lake.transaction_version(TERMINAL_STATE, app_id)  # written last: batch fully done
+    if not records or (last is not None and last >= batch_id):
+        timing.skipped = True
+        timing.total_s = time.perf_counter() - started
+        return
+    context = _plan(lake, job, app_id, ctx.job_name, batch_id, len(records))
+    now = datetime.now(UTC)
+    parsed = parse_records([r.data for r in records])
+    rejected = [(r.index, r.reason) for r in parsed.rejected]
+    valid, dupes = _drop_duplicates(parsed.valid, lake, batch_id)
+    rejected.extend(dupes)
+    index = valid["record_index"].to_numpy()
+    valid = valid.drop_columns(["record_index"])
+    n = valid.num_rows
+    transactions = (
+        valid.append_column("batch_id", pa.array(np.full(n, batch_id), pa.int64()))
+        .append_column("shard_id", pa.array([records[i].shard_id for i in index], pa.string()))
+        .append_column(
+            "sequence_number", pa.array([records[i].sequence_number for i in index], pa.string())
+        )
+        .append_column("ingested_at", pa.array([now] * n, TIMESTAMP))
+    )
+    state = _load_state(lake, valid)
+    frauds = _known_frauds(lake, valid, batch_id, context.get("labels_version"))
+    t2 = time.perf_counter()
+    timing.prepare_s = t2 - t
+    result = spark_features(ctx.spark, valid, state, frauds, ctx.buckets)
+    t3 = time.perf_counter()
+    timing.features_s = t3 - t2
+    tables = job.score(result.features, context, batch_id, now)
+    tables[SHADOW_SCORES] = job.shadow_score(result.features, context, batch_id, now)
+    tables[TRANSACTIONS] = transactions
+    tables[CUSTOMER_STATE] = _stamp(result.state.customers, batch_id, now)
+    tables[TERMINAL_STATE] = _stamp(result.state.terminals, batch_id, now)
+    t4 = time.perf_counter()
+    timing.score_s = t4 - t3
+    dead = pa.Table.from_pylist(
+        [
+            {
+                "job": ctx.job_name,
+                "batch_id": batch_id,
+                "shard_id": records[i].shard_id,
+                "sequence_number": records[i].sequence_number,
+                "payload": records[i].data,
+                "reason": reason,
+                "arrival_time": records[i].arrival_time,
+                "recorded_at": now,
+            }
+            for i, reason in sorted(rejected)
+        ],
+        schema=DEAD_LETTER_SCHEMA,
+    )
+    written = ctx.report.rows_written
+    if lake.append(DEAD_LETTER_TABLE, dead, app_id, batch_id):
+        written[DEAD_LETTER_TABLE] = written.get(DEAD_LETTER_TABLE, 0) + dead.num_rows
+    for spec in OUTPUTS:  # state last: a replay reads the state from before the batch
+        data = tables[spec.name].cast(spec.schema)
+        if spec.key is None:
+            done = lake.append(spec.name, data, app_id, batch_id)
+        else:
+            done = lake.upsert(spec.name, data, spec.key, app_id, batch_id)
+        if done:
+            written[spec.name] = written.get(spec.name, 0) + data.num_rows
+    timing.write_s = time.perf_counter() - t4
+    timing.valid, timing.rejected = n, len(rejected)
+    timing.alerts = tables[ALERTS].num_rows
+    timing.total_s = time.perf_counter() - started
+
+
+def run_fraud_on_spark(
+    spark: SparkSession,
+    source: DataFrame | Callable[[SparkSession], DataFrame],
+    lake: Lake,
+    checkpoint: Path,
+    tracking_uri: str | None = None,
+    model: LoadedModel | None = None,
+    model_name: str = MODEL_NAME,
+    alias: str = CHAMPION,
+    challenger: LoadedModel | None = None,
+    shadow: bool = True,
+    job: str = SCORING_JOB,
+    buckets: int | None = None,
+) -> SparkFraudReport:
+    """Score every record not yet seen (`availableNow`), then stop; return what happened.
+
+    `source` is a streaming frame of RECORD_COLUMNS (`kinesis_records`, `jsonl_source`) or a
+    function building one. The checkpoint remembers the offsets, so a rerun picks up only new
+    records, and a batch Spark replays writes nothing twice (app id `spark:<query id>`).
+    `buckets`: see `spark_features` (None: one group per customer and per terminal).
+    """
+    started = time.monotonic()
+    checkpoint = Path(checkpoint)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    ensure_tables(lake)
+    lake.ensure(SPARK_BATCHES, SPARK_BATCH_SCHEMA)
+    frame = source(spark) if callable(source) else source
+    scoring = FraudScoringJob(
+        tracking_uri, model_name, alias, model=model, challenger=challenger, shadow=shadow
+    )
+    report = SparkFraudReport(app_id="")
+    ctx = _BatchContext(spark, lake, scoring, job, report, buckets)
+    app: dict[str, str] = {}
+    known = threading.Event()
+
+    def each_batch(batch: DataFrame, batch_id: int) -> None:
+        if not known.wait(timeout=120):
+            raise RuntimeError("the query id never became known")
+        _process_batch(batch, batch_id, app["id"], ctx)
+
+    query = (
+        frame.writeStream.queryName(f"fraud_scoring_{checkpoint.name}")
+        .foreachBatch(each_batch)
+        .option("checkpointLocation", str(checkpoint))
+        .trigger(availableNow=True)
+        .start()
+    )
+    # Stable across restarts from the same checkpoint; new when the checkpoint is deleted.
+    app["id"] = report.app_id = f"spark:{query.id}"
+    known.set()
+    try:
+        query.awaitTermination()
+    finally:
+        if query.isActive:
+            query.stop()
+    report.duration_s = time.monotonic() - started
+    return report

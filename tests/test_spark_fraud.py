@@ -1,0 +1,277 @@
+"""The fraud job on Spark against the in-process runner: same input, same batches, same tables.
+
+The in-process runner scores a stream (valid transactions, bad records, a replayed duplicate);
+each of its batches is written as one JSON-lines file in its arrival order, and the Spark query
+reads one file per trigger, so both engines see the same records in the same micro-batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from pyspark.sql import SparkSession
+
+from models.features import FeatureState, compute_features, known_frauds
+from models.job import (
+    ALERTS,
+    CUSTOMER_STATE,
+    FEATURES,
+    SCORES,
+    TERMINAL_STATE,
+    TRANSACTIONS,
+)
+from models.registry import LoadedModel, score
+from models.schema import to_payload
+from models.simulate import Simulation
+from streamguard.lake import Lake
+from streamguard.pipeline import load_labels, scoring_runner
+from streamguard.runner import DEAD_LETTER_TABLE
+from streamguard.sources import MemorySource
+from streamguard.spark.fraud import (
+    SPARK_BATCHES,
+    SparkFraudReport,
+    jsonl_source,
+    run_fraud_on_spark,
+    spark_features,
+)
+from streamguard.spark.session import spark_session
+
+pytestmark = pytest.mark.spark
+
+N_TX = 1_500
+BATCH_RECORDS = 300
+BAD = [
+    b"{not json",
+    json.dumps({"transaction_id": "x1", "amount": 3}).encode(),
+    json.dumps(
+        {
+            "transaction_id": "x2",
+            "event_time": "2026-01-02T00:00:00Z",
+            "customer_id": "C1",
+            "terminal_id": "T1",
+            "amount": -5,
+            "kind": "debit",
+        }
+    ).encode(),
+]
+
+
+@pytest.fixture(scope="module")
+def spark() -> Iterator[SparkSession]:
+    session = spark_session("streamguard-tests", master="local[2]")
+    yield session
+    session.stop()
+
+
+@dataclass
+class Runs:
+    local: Lake
+    spark: Lake
+    local_seconds: float
+    report: SparkFraudReport
+    n_records: int
+    input_dir: Path
+    checkpoint: Path
+
+
+def _payloads(sim: Simulation) -> tuple[list[bytes], list[str]]:
+    rows = sim.transactions.slice(0, N_TX).to_pylist()
+    payloads = [to_payload(r) for r in rows]
+    keys = [r["customer_id"] for r in rows]
+    for i, bad in enumerate(BAD):
+        at = (i + 1) * len(payloads) // (len(BAD) + 1)
+        payloads.insert(at, bad)
+        keys.insert(at, "bad")
+    payloads.append(payloads[10])  # a replayed producer record: an earlier transaction id
+    keys.append(keys[10])
+    return payloads, keys
+
+
+def _batch_files(lake: Lake, source: MemorySource, out: Path) -> None:
+    """One file per in-process batch, its records in the order the runner read them."""
+    data = {
+        (r.shard_id, r.sequence_number): r.data
+        for shard in source.shards()
+        for r in source.read(shard, None, None, 1 << 30)
+    }
+    placed = pa.concat_tables(
+        [
+            lake.read(TRANSACTIONS, columns=["batch_id", "shard_id", "sequence_number"]),
+            lake.read(DEAD_LETTER_TABLE, columns=["batch_id", "shard_id", "sequence_number"]),
+        ]
+    ).to_pylist()
+    batches: dict[int, list[tuple[str, int]]] = {}
+    for r in placed:
+        batches.setdefault(r["batch_id"], []).append((r["shard_id"], int(r["sequence_number"])))
+    out.mkdir(parents=True)
+    base = time.time() - 1_000
+    for batch_id, keys in sorted(batches.items()):
+        path = out / f"batch-{batch_id:05d}.jsonl"
+        lines = [data[(shard, str(seq).zfill(20))] for shard, seq in sorted(keys)]
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        os.utime(path, (base + batch_id, base + batch_id))  # the file source orders by mtime
+
+
+@pytest.fixture(scope="module")
+def runs(
+    tmp_path_factory: pytest.TempPathFactory,
+    spark: SparkSession,
+    small_sim: Simulation,
+    tiny_model: LoadedModel,
+) -> Runs:
+    root = tmp_path_factory.mktemp("spark_fraud")
+    payloads, keys = _payloads(small_sim)
+    source = MemorySource.split(payloads, keys, n_shards=2)
+    local = Lake(root / "local")
+    load_labels(local, small_sim.labels)
+    started = time.perf_counter()
+    scoring_runner(local, source, None, max_batch_records=BATCH_RECORDS, model=tiny_model).run()
+    local_seconds = time.perf_counter() - started
+    input_dir, checkpoint = root / "input", root / "checkpoint"
+    _batch_files(local, source, input_dir)
+    lake = Lake(root / "spark")
+    load_labels(lake, small_sim.labels)
+    report = run_fraud_on_spark(
+        spark, lambda s: jsonl_source(s, input_dir, 1), lake, checkpoint, model=tiny_model
+    )
+    return Runs(local, lake, local_seconds, report, len(payloads), input_dir, checkpoint)
+
+
+def _sorted(lake: Lake, name: str, key: str, drop: set[str] | None = None) -> pa.Table:
+    table = lake.read(name)
+    keep = [c for c in table.column_names if c not in (drop or set())]
+    return table.select(keep).sort_by([(key, "ascending")])
+
+
+def _assert_same(a: pa.Table, b: pa.Table, tolerance: float = 0.0) -> None:
+    assert a.column_names == b.column_names and a.num_rows == b.num_rows
+    for name in a.column_names:
+        x, y = a[name].combine_chunks(), b[name].combine_chunks()
+        if pa.types.is_floating(x.type):
+            xs = x.to_numpy(zero_copy_only=False)
+            ys = y.to_numpy(zero_copy_only=False)
+            close = np.isclose(xs, ys, rtol=tolerance, atol=tolerance, equal_nan=True)
+            assert close.all(), f"{name}: {np.nanmax(np.abs(xs - ys))}"
+        else:
+            assert x.cast(y.type).equals(y), name
+
+
+def test_spark_job_matches_the_in_process_runner(runs: Runs, tiny_model: LoadedModel) -> None:
+    local, lake, report = runs.local, runs.spark, runs.report
+    n_batches = len(list(runs.input_dir.glob("*.jsonl")))
+    assert n_batches > 3
+    assert [b.batch_id for b in report.batches] == list(range(n_batches))
+    assert report.n_records == runs.n_records
+    assert report.app_id.startswith("spark:")
+    stamps = {"ingested_at", "scored_at", "created_at", "updated_at", "recorded_at"}
+    # The feature vectors, the scores, the alerts: identical per transaction and batch.
+    _assert_same(
+        _sorted(local, FEATURES, "transaction_id"), _sorted(lake, FEATURES, "transaction_id")
+    )
+    # Scores: the same model on bit-identical vectors gives bit-identical scores (the feature
+    # function accumulates per key, so grouping by key on executors changes no rounding).
+    local_scores = _sorted(local, SCORES, "transaction_id", stamps | {"score"})
+    spark_scores = _sorted(lake, SCORES, "transaction_id", stamps | {"score"})
+    _assert_same(local_scores, spark_scores)  # ids, rules, alerts, versions, batch ids
+    a = _sorted(local, SCORES, "transaction_id")["score"].to_numpy()
+    b = _sorted(lake, SCORES, "transaction_id")["score"].to_numpy()
+    assert np.array_equal(a, b), f"{int((a != b).sum())} of {len(a)} scores differ"
+    spark_features = _sorted(lake, FEATURES, "transaction_id").to_pandas()
+    rescored = score(tiny_model.model, spark_features)  # the Spark scores are the model's
+    assert np.array_equal(rescored, b)
+    keep = [
+        "transaction_id",
+        "customer_id",
+        "terminal_id",
+        "event_time",
+        "amount",
+        "score",
+        "reason",
+    ]
+    assert (
+        local.read(ALERTS, columns=keep)
+        .sort_by("transaction_id")
+        .equals(lake.read(ALERTS, columns=keep).sort_by("transaction_id"))
+    )
+    # Labels reported before the events were used, identically.
+    rates = lake.read(FEATURES, columns=["terminal_fraud_rate_30d"])["terminal_fraud_rate_30d"]
+    assert pc.max(rates).as_py() > 0
+    assert lake.read(SCORES).num_rows == N_TX
+    # State after the last batch: identical.
+    _assert_same(
+        _sorted(local, CUSTOMER_STATE, "customer_id", stamps),
+        _sorted(lake, CUSTOMER_STATE, "customer_id", stamps),
+    )
+    _assert_same(
+        _sorted(local, TERMINAL_STATE, "terminal_id", stamps),
+        _sorted(lake, TERMINAL_STATE, "terminal_id", stamps),
+    )
+    # Dead letters: the same payloads, in the same batches, for the same reasons.
+    cols = ["batch_id", "payload", "reason"]
+    dead_local = local.read(DEAD_LETTER_TABLE, columns=cols).sort_by([("payload", "ascending")])
+    dead_spark = lake.read(DEAD_LETTER_TABLE, columns=cols).sort_by([("payload", "ascending")])
+    assert dead_spark.num_rows == len(BAD) + 1
+    assert dead_local.equals(dead_spark)
+    assert any("duplicate transaction_id" in r for r in dead_spark["reason"].to_pylist())
+    # Each batch's context is recorded before its outputs (labels version included).
+    audit = lake.read(SPARK_BATCHES)
+    assert sorted(audit["batch_id"].to_pylist()) == list(range(n_batches))
+    assert set(audit["labels_version"].to_pylist()) == {lake.version("labels")}
+
+    n = report.n_records
+    spark_s = sum(b.total_s for b in report.batches)
+    print(
+        f"\nin-process: {n / runs.local_seconds:,.0f} rec/s ({runs.local_seconds:.2f}s); "
+        f"spark: {n / report.duration_s:,.0f} rec/s end to end ({report.duration_s:.2f}s), "
+        f"{n / spark_s:,.0f} rec/s inside foreachBatch"
+        + "; ".join(
+            f"#{b.batch_id} collect {b.collect_s:.2f} prepare {b.prepare_s:.2f} "
+            f"features {b.features_s:.2f} score {b.score_s:.2f} write {b.write_s:.2f}"
+            for b in report.batches
+        )
+    )
+
+
+def test_rerun_without_new_files_writes_nothing(
+    runs: Runs, spark: SparkSession, tiny_model: LoadedModel
+) -> None:
+    names = [FEATURES, SCORES, CUSTOMER_STATE, TERMINAL_STATE, DEAD_LETTER_TABLE, SPARK_BATCHES]
+    before = {name: runs.spark.version(name) for name in names}
+    again = run_fraud_on_spark(
+        spark,
+        lambda s: jsonl_source(s, runs.input_dir, 1),
+        runs.spark,
+        runs.checkpoint,
+        model=tiny_model,
+    )
+    assert again.app_id == runs.report.app_id  # the same query, resumed from its checkpoint
+    assert again.batches == [] and again.rows_written == {}
+    assert {name: runs.spark.version(name) for name in names} == before
+
+
+@pytest.mark.parametrize("buckets", [None, 4])
+def test_spark_features_equal_compute_features(
+    spark: SparkSession, small_sim: Simulation, buckets: int | None
+) -> None:
+    """Per key or per hash bucket of keys: the same features and, exactly, the same state."""
+    tx = small_sim.transactions.slice(0, N_TX)
+    state = compute_features(tx.slice(0, 700), FeatureState.empty()).state
+    frauds = known_frauds(small_sim.transactions, small_sim.labels)
+    want = compute_features(tx.slice(700), state, frauds)
+    got = spark_features(spark, tx.slice(700), state, frauds, buckets=buckets)
+    _assert_same(want.features, got.features)  # same rows, same order
+    assert got.state.customers.sort_by("customer_id").equals(
+        want.state.customers.sort_by("customer_id")
+    )
+    assert got.state.terminals.sort_by("terminal_id").equals(
+        want.state.terminals.sort_by("terminal_id")
+    )
