@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 from models.features import FeatureState, compute_features, replay  # noqa: E402
 from models.registry import LoadedModel, log_and_register, promote_if_better  # noqa: E402
 from models.schema import to_payload  # noqa: E402
-from models.simulate import simulate  # noqa: E402
-from models.training import time_split, train, training_frame  # noqa: E402
+from models.simulate import Simulation, simulate  # noqa: E402
+from models.training import TrainResult, time_split, train, training_frame  # noqa: E402
 from streamguard.config import Home  # noqa: E402
 from streamguard.kinesis import (  # noqa: E402
     ensure_stream,
@@ -48,7 +48,9 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_model(sim_tx: pa.Table, labels: pa.Table, days: int = 10) -> tuple[LoadedModel, object]:
+def train_model(
+    sim_tx: pa.Table, labels: pa.Table, days: int = 10
+) -> tuple[LoadedModel, TrainResult]:
     start = pc.min(sim_tx["event_time"]).as_py()
     history = sim_tx.filter(pc.less(sim_tx["event_time"], start + timedelta(days=days)))
     features = replay(history, labels).features.to_pandas()
@@ -104,7 +106,52 @@ def bench_kinesis(sim_tx: pa.Table, model: LoadedModel, batch: int, work: Path, 
     }
 
 
-def bench_sensor_latency(sim, train_result, work: Path, timeout: float = 180) -> dict:  # type: ignore[no-untyped-def]
+def bench_spark(sim_tx: pa.Table, model: LoadedModel, batch: int, work: Path, n: int) -> dict:
+    """The Spark executor on the first `n` transactions vs the in-process runner on the same.
+
+    Files of `batch` records each, one per micro-batch, so both engines see the same batches.
+    """
+    from streamguard.spark.fraud import jsonl_source, run_fraud_on_spark
+    from streamguard.spark.session import spark_session
+
+    subset = sim_tx.slice(0, n)
+    records = [r[0] for r in transaction_records(subset)]
+    folder = work / "spark-input"
+    folder.mkdir()
+    for i, offset in enumerate(range(0, len(records), batch)):
+        path = folder / f"part-{i:05d}.jsonl"
+        path.write_bytes(b"\n".join(records[offset : offset + batch]) + b"\n")
+        os.utime(path, ns=(i * 1_000_000_000, i * 1_000_000_000))
+    local = MemorySource.split(records, [r[1] for r in transaction_records(subset)], n_shards=1)
+    runner = scoring_runner(Lake(work / "lake-local-small"), local, None, batch, model=model)
+    started = time.perf_counter()
+    runner.run()
+    local_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    spark = spark_session(master="local[*]")
+    session_s = time.perf_counter() - started
+    started = time.perf_counter()
+    report = run_fraud_on_spark(
+        spark, lambda s: jsonl_source(s, folder), Lake(work / "lake-spark"),
+        work / "spark-checkpoint", model=model, buckets=8,
+    )  # fmt: skip
+    spark_s = time.perf_counter() - started
+    spark.stop()
+    batches = len(report.batches)
+    return {
+        "records": n,
+        "in_process_tx_per_s": n / local_s,
+        "spark_tx_per_s": n / spark_s,
+        "spark_session_start_s": session_s,
+        "spark_batches": batches,
+        "spark_per_batch_s": spark_s / max(1, batches),
+    }
+
+
+def bench_sensor_latency(
+    sim: Simulation, train_result: TrainResult, work: Path, timeout: float = 180
+) -> dict:
     """Put one transaction on an idle stream watched by the real daemon; time until it is scored."""
     from streamguard.demo import REPO_ROOT, _bin, dagster_env, process_group
 
@@ -160,6 +207,8 @@ def main() -> int:
     parser.add_argument("--days", type=int, default=42, help="42 days x 10k customers ~ 1M rows")
     parser.add_argument("--batch", type=int, default=50_000)
     parser.add_argument("--kinesis-records", type=int, default=200_000)
+    parser.add_argument("--spark-records", type=int, default=50_000)
+    parser.add_argument("--spark-batch", type=int, default=10_000)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     args = parser.parse_args()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -182,6 +231,8 @@ def main() -> int:
         print(f"in-memory runner: {memory['runner_tx_per_s']:,.0f} tx/s", flush=True)
         kin = bench_kinesis(sim.transactions, model, args.batch, work, args.kinesis_records)
         print(f"kinesis runner: {kin['kinesis_tx_per_s']:,.0f} tx/s", flush=True)
+        spark = bench_spark(sim.transactions, model, args.spark_batch, work, args.spark_records)
+        print(f"spark executor: {spark['spark_tx_per_s']:,.0f} tx/s", flush=True)
         latency = bench_sensor_latency(sim, train_result, work)
     results.update(
         runner_tx_per_s=memory["runner_tx_per_s"],
@@ -189,6 +240,7 @@ def main() -> int:
         sensor_event_to_alert_s=latency["sensor_event_to_alert_s"],
         memory=memory,
         kinesis=kin,
+        spark=spark,
         sensor=latency,
         peak_rss_mib=peak_rss_mib(),
     )
@@ -204,6 +256,18 @@ def main() -> int:
             f"{kin['kinesis_tx_per_s']:,.0f} tx/s",
             f"{kin['kinesis_tx_per_s'] / memory['features_only_tx_per_s']:.2f}",
         ),
+        (
+            f"in-process, first {spark['records']:,} (batches of {args.spark_batch:,})",
+            f"{spark['in_process_tx_per_s']:,.0f} tx/s",
+            "-",
+        ),
+        (
+            "Spark executor, same input",
+            f"{spark['spark_tx_per_s']:,.0f} tx/s",
+            f"{spark['spark_tx_per_s'] / spark['in_process_tx_per_s']:.2f} of in-process",
+        ),
+        ("Spark session start", f"{spark['spark_session_start_s']:.1f} s", "-"),
+        ("Spark per micro-batch", f"{spark['spark_per_batch_s']:.2f} s", "-"),
         ("produce to local Kinesis", f"{kin['produce_tx_per_s']:,.0f} tx/s", "-"),
         ("per micro-batch", f"{memory['per_batch_seconds']:.2f} s / {args.batch:,} records", "-"),
         (
