@@ -13,6 +13,16 @@ from streamguard.lake import Lake
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+IN_PROCESS, SPARK = "in_process", "spark"
+EXECUTORS = (IN_PROCESS, SPARK)
+
+
+def check_executor(value: str) -> str:
+    """The executor name, or a ValueError naming the allowed ones."""
+    if value not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {value!r}")
+    return value
+
 
 class HomeResource(dg.ConfigurableResource):
     """The platform's local state root (STREAMGUARD_HOME when unset)."""
@@ -44,10 +54,20 @@ class KinesisResource(dg.ConfigurableResource):
     max_records_per_shard: int = Field(
         default=25_000, description="Most records per shard that one sensor-triggered run takes"
     )
+    executor: str | None = Field(
+        default=None,
+        description="Executor of the runs the sensor requests (in_process | spark); "
+        "unset: $STREAMGUARD_EXECUTOR or in_process. Keep one executor per stream",
+    )
 
     @property
     def stream_name(self) -> str:
         return self.stream or os.environ.get("STREAMGUARD_STREAM", "transactions")
+
+    @property
+    def executor_name(self) -> str:
+        """The executor for this stream's runs, validated (the environment read only here)."""
+        return check_executor(self.executor or os.environ.get("STREAMGUARD_EXECUTOR") or IN_PROCESS)
 
     def client(self) -> Any:
         from streamguard.kinesis import kinesis_client

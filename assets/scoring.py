@@ -1,11 +1,21 @@
 """The micro-batch scoring job: Kinesis -> features -> model + rules -> Delta tables."""
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from assets.resources import HomeResource, KinesisResource, MlflowResource
+from assets.resources import (
+    IN_PROCESS,
+    SPARK,
+    HomeResource,
+    KinesisResource,
+    MlflowResource,
+    SparkResource,
+    check_executor,
+)
 from models.job import (
     ALERTS,
     CUSTOMER_STATE,
@@ -18,6 +28,9 @@ from models.job import (
 from streamguard.pipeline import scoring_runner
 from streamguard.runner import DEAD_LETTER_TABLE
 from streamguard.sources import KinesisSource
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
 
 GROUP = "fraud_stream"
 TABLES = {
@@ -39,7 +52,108 @@ class ScoringConfig(dg.Config):
         "shards not named are read to their end, an empty value skips the shard",
     )
     max_batch_records: int = Field(
-        default=50_000, description="Most records in one micro-batch (one Delta commit per table)"
+        default=50_000,
+        description="Most records in one micro-batch (one Delta commit per table); "
+        "on Spark, most records per shard in one micro-batch",
+    )
+    executor: str = Field(
+        IN_PROCESS,
+        description="Where the job runs: in_process (the micro-batch runner, reading up to "
+        "`until`) or spark (`run_fraud_on_spark` over the Kinesis source with a checkpoint under "
+        "$STREAMGUARD_HOME/checkpoints/fraud_spark/<stream>; it reads to the end of the stream, "
+        "availableNow, and ignores `until`). One stream must keep one executor: their "
+        "checkpoints differ, so switching re-reads records the other one already scored, and "
+        "those duplicates are dead-lettered as already processed",
+    )
+
+    @field_validator("executor")
+    @classmethod
+    def _known_executor(cls, value: str) -> str:
+        return check_executor(value)
+
+
+@dataclass
+class _Outcome:
+    """What one run did, whichever executor ran it."""
+
+    rows: dict[str, int]
+    batches: int
+    records: int
+    versions: list[str] = field(default_factory=list)
+    detail: str = ""
+
+
+def _run_in_process(
+    home: HomeResource, kinesis: KinesisResource, mlflow: MlflowResource, config: ScoringConfig
+) -> _Outcome:
+    lake = home.lake()
+    source = KinesisSource(kinesis.client(), kinesis.stream_name)
+    runner = scoring_runner(
+        lake,
+        source,
+        mlflow.uri(home.home()),
+        max_batch_records=config.max_batch_records,
+        model_name=mlflow.model_name,
+        alias=mlflow.alias,
+    )
+    report = runner.run(until=config.until or None)
+    versions = sorted({str(b.stats.get("model_version", "")) for b in report.batches} - {""})
+    return _Outcome(
+        rows={name: report.rows(name) for name in TABLES},
+        batches=len(report.batches),
+        records=report.n_records,
+        versions=versions,
+        detail=f"positions {report.positions}",
+    )
+
+
+def _run_on_spark(
+    home: HomeResource,
+    kinesis: KinesisResource,
+    mlflow: MlflowResource,
+    spark: SparkResource,
+    config: ScoringConfig,
+) -> _Outcome:
+    import pyarrow.compute as pc
+
+    from streamguard.spark.fraud import (
+        SPARK_BATCH_SCHEMA,
+        SPARK_BATCHES,
+        kinesis_records,
+        run_fraud_on_spark,
+    )
+
+    place, lake, stream = home.home(), home.lake(), kinesis.stream_name
+    endpoint = kinesis.endpoint_url
+
+    def source(session: "SparkSession") -> "DataFrame":
+        return kinesis_records(session, stream, endpoint, config.max_batch_records)
+
+    report = run_fraud_on_spark(
+        spark.session(),
+        source,
+        lake,
+        place.checkpoints / "fraud_spark" / stream,
+        tracking_uri=mlflow.uri(place),
+        model_name=mlflow.model_name,
+        alias=mlflow.alias,
+    )
+    scored = [b.batch_id for b in report.batches if not b.skipped]
+    versions: list[str] = []
+    if scored:
+        plans = lake.read(
+            SPARK_BATCHES,
+            columns=["model_version"],
+            filter=(pc.field("app_id") == report.app_id) & pc.field("batch_id").isin(scored),
+            schema=SPARK_BATCH_SCHEMA,
+        )
+        versions = sorted({str(v) for v in plans["model_version"].to_pylist() if v} - {""})
+    return _Outcome(
+        rows={name: report.rows_written.get(name, 0) for name in TABLES},
+        batches=len(scored),
+        records=report.n_records,
+        versions=versions,
+        detail=f"{report.app_id} in {report.duration_s:.1f}s",
     )
 
 
@@ -56,34 +170,29 @@ def score_transactions(
     home: HomeResource,
     kinesis: KinesisResource,
     mlflow: MlflowResource,
+    spark: SparkResource,
 ) -> Iterator[dg.MaterializeResult]:
-    """Score the stream from the checkpoint up to the sensor's bounds, exactly once."""
-    place = home.home()
+    """Score the stream from the checkpoint exactly once, in process or on Spark (config)."""
+    if config.executor == SPARK:
+        outcome = _run_on_spark(home, kinesis, mlflow, spark, config)
+    else:
+        outcome = _run_in_process(home, kinesis, mlflow, config)
     lake = home.lake()
-    source = KinesisSource(kinesis.client(), kinesis.stream_name)
-    runner = scoring_runner(
-        lake,
-        source,
-        mlflow.uri(place),
-        max_batch_records=config.max_batch_records,
-        model_name=mlflow.model_name,
-        alias=mlflow.alias,
-    )
-    report = runner.run(until=config.until or None)
-    versions = sorted({str(b.stats.get("model_version", "")) for b in report.batches} - {""})
     context.log.info(
-        f"{len(report.batches)} batch(es), {report.n_records} records, positions {report.positions}"
+        f"{config.executor}: {outcome.batches} batch(es), {outcome.records} records, "
+        f"{outcome.detail}"
     )
     for name in TABLES:
         yield dg.MaterializeResult(
             asset_key=name,
             metadata={
-                "rows_written": dg.MetadataValue.int(report.rows(name)),
+                "rows_written": dg.MetadataValue.int(outcome.rows[name]),
                 "rows_total": dg.MetadataValue.int(lake.count(name)),
-                "batches": dg.MetadataValue.int(len(report.batches)),
-                "records_read": dg.MetadataValue.int(report.n_records),
+                "batches": dg.MetadataValue.int(outcome.batches),
+                "records_read": dg.MetadataValue.int(outcome.records),
                 "delta_version": dg.MetadataValue.int(lake.version(name) or 0),
-                "model_versions": dg.MetadataValue.text(", ".join(versions) or "-"),
+                "model_versions": dg.MetadataValue.text(", ".join(outcome.versions) or "-"),
+                "executor": dg.MetadataValue.text(config.executor),
                 "path": dg.MetadataValue.path(str(lake.path(name))),
             },
         )

@@ -28,7 +28,12 @@ def batch_run_key(stream: str, start: dict[str, str | None], end: dict[str, str 
 def kinesis_transactions_sensor(
     context: dg.SensorEvaluationContext, kinesis: KinesisResource
 ) -> dg.RunRequest | dg.SkipReason:
-    """Cursor: JSON of the last sequence number per shard that a run was requested for."""
+    """Cursor: JSON of the last sequence number per shard that a run was requested for.
+
+    The run's executor comes from the resource (`KinesisResource.executor`, else
+    $STREAMGUARD_EXECUTOR, else in_process). A Spark run reads to the end of the stream, so a
+    later request may find its range already scored and write nothing.
+    """
     cursor: dict[str, str | None] = json.loads(context.cursor) if context.cursor else {}
     client = kinesis.client()
     shards = [s.shard_id for s in list_shards(client, kinesis.stream_name)]
@@ -41,11 +46,14 @@ def kinesis_transactions_sensor(
         )
     context.update_cursor(json.dumps({**cursor, **end}, sort_keys=True))
     until = {shard: seq or "" for shard, seq in end.items()}
+    executor = kinesis.executor_name
+    config = ScoringConfig(until=until, executor=executor)
     return dg.RunRequest(
         run_key=batch_run_key(kinesis.stream_name, start, end),
-        run_config=dg.RunConfig(ops={"score_transactions": ScoringConfig(until=until)}),
+        run_config=dg.RunConfig(ops={"score_transactions": config}),
         tags={
             "streamguard/stream": kinesis.stream_name,
+            "streamguard/executor": executor,
             "streamguard/shards_with_new": str(len(new)),
         },
     )

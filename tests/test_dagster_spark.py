@@ -1,0 +1,130 @@
+"""The Kinesis sensor targets the Spark executor: a sensor-triggered run scores on Spark."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pydantic
+import pytest
+
+from assets.checks import DEAD_LETTER_RATE, SCORES_IN_UNIT_INTERVAL, SCORES_UNIQUE_TRANSACTION
+from assets.definitions import AREAS
+from assets.resources import HomeResource, KinesisResource, MlflowResource, SparkResource
+from assets.scoring import TABLES, ScoringConfig
+from assets.sensors import kinesis_transactions_sensor
+from models.simulate import Simulation
+from streamguard.config import Home
+from streamguard.kinesis import produce_transactions
+from streamguard.lake import Lake
+
+pytestmark = pytest.mark.spark
+
+N_RECORDS = 600
+SPARK_MASTER = "local[2]"
+
+
+@pytest.fixture
+def spark_resource() -> Iterator[SparkResource]:
+    resource = SparkResource(app_name="streamguard-tests", master=SPARK_MASTER)
+    yield resource
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.getActiveSession()
+    if session is not None:
+        session.stop()
+
+
+def test_executor_is_validated_and_defaults_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert ScoringConfig().executor == "in_process"
+    assert ScoringConfig(executor="spark").executor == "spark"
+    with pytest.raises(pydantic.ValidationError, match="executor must be one of"):
+        ScoringConfig(executor="flink")
+    monkeypatch.delenv("STREAMGUARD_EXECUTOR", raising=False)
+    resource = KinesisResource()
+    assert resource.executor_name == "in_process"
+    monkeypatch.setenv("STREAMGUARD_EXECUTOR", "spark")  # read when used, not at import
+    assert resource.executor_name == "spark"
+    assert KinesisResource(executor="in_process").executor_name == "in_process"
+    monkeypatch.setenv("STREAMGUARD_EXECUTOR", "flink")
+    with pytest.raises(ValueError, match="executor must be one of"):
+        _ = resource.executor_name
+
+
+def _metadata(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
+    return {
+        m.asset_key.to_user_string(): m.metadata
+        for m in result.asset_materializations_for_node("score_transactions")
+    }
+
+
+def test_sensor_with_spark_executor_runs_the_job_on_spark_exactly_once(
+    tmp_path: Path,
+    kinesis_server: str,
+    kinesis: Any,
+    stream_name: str,
+    small_sim: Simulation,
+    champion_home: Home,
+    spark_resource: SparkResource,
+) -> None:
+    produce_transactions(kinesis, stream_name, small_sim.transactions.slice(0, N_RECORDS),
+                         progress=False)  # fmt: skip
+    resource = KinesisResource(stream=stream_name, endpoint_url=kinesis_server, executor="spark")
+    context = dg.build_sensor_context(resources={"kinesis": resource})
+    request = kinesis_transactions_sensor(context)
+    assert isinstance(request, dg.RunRequest)
+    assert request.run_config["ops"]["score_transactions"]["config"]["executor"] == "spark"
+    assert request.tags["streamguard/executor"] == "spark"
+    home = tmp_path / "home"
+    test_defs = dg.Definitions.merge(
+        *AREAS,
+        dg.Definitions(
+            resources={
+                "home": HomeResource(root=str(home)),
+                "kinesis": resource,
+                "mlflow": MlflowResource(tracking_uri=champion_home.mlflow_tracking_uri),
+                "spark": spark_resource,
+            }
+        ),
+    )
+    job = test_defs.resolve_job_def("score_transactions_job")
+    with dg.instance_for_test() as instance:
+        first = job.execute_in_process(
+            run_config=request.run_config, instance=instance, tags=request.tags
+        )
+        assert first.success
+        lake = Lake(home / "lake")
+        assert lake.count("transactions") == N_RECORDS and lake.count("scores") == N_RECORDS
+        assert lake.count("features") == N_RECORDS and lake.count("dead_letters") == 0
+        versions = set(lake.read("scores", columns=["model_version"])["model_version"].to_pylist())
+        assert versions == {"1"}
+        assert (home / "checkpoints" / "fraud_spark" / stream_name).is_dir()
+        checks = {e.check_name: e.passed for e in first.get_asset_check_evaluations()}
+        assert checks[SCORES_UNIQUE_TRANSACTION] and checks[SCORES_IN_UNIT_INTERVAL]
+        assert checks[DEAD_LETTER_RATE]
+        meta = _metadata(first)
+        assert meta["scores"]["rows_written"].value == N_RECORDS
+        assert meta["scores"]["records_read"].value == N_RECORDS
+        assert meta["scores"]["batches"].value >= 1
+        assert meta["scores"]["model_versions"].value == "1"
+        assert meta["scores"]["executor"].value == "spark"
+
+        # Nothing new on the stream: the sensor skips, and a run anyway writes nothing.
+        skip = kinesis_transactions_sensor(
+            dg.build_sensor_context(cursor=context.cursor, resources={"kinesis": resource})
+        )
+        assert isinstance(skip, dg.SkipReason)
+        versions_before = {name: lake.version(name) for name in TABLES}
+        second = job.execute_in_process(run_config=request.run_config, instance=instance)
+        assert second.success
+    again = _metadata(second)
+    assert all(again[name]["rows_written"].value == 0 for name in TABLES)
+    assert again["scores"]["records_read"].value == 0
+    assert {name: lake.version(name) for name in TABLES} == versions_before
+    assert lake.count("scores") == N_RECORDS and lake.count("dead_letters") == 0
+    assert json.loads(context.cursor)  # the cursor moved past every shard's records
