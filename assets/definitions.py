@@ -2,7 +2,17 @@
 
 import dagster as dg
 
-from assets import checks, maintenance, model, monitoring, resources, scoring, sensors, weather
+from assets import (
+    backtest,
+    checks,
+    maintenance,
+    model,
+    monitoring,
+    resources,
+    scoring,
+    sensors,
+    weather,
+)
 
 AREAS = (
     model.defs,
@@ -12,6 +22,7 @@ AREAS = (
     weather.defs,
     monitoring.defs,
     maintenance.defs,
+    backtest.defs,
 )
 
 defs = dg.Definitions.merge(resources.defs, *AREAS)

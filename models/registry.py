@@ -743,3 +743,38 @@ def promote_if_better(
         metric=metric,
         reason=evaluation.reason,
     )
+
+
+def log_backtest(
+    result: Any, tracking_uri: str, artifact_root: Path, experiment: str = "fraud-backtest"
+) -> str:
+    """Log a backtest (metrics of model and baseline, periods, plots, predictions) as one run.
+
+    `result` is a `models.backtest.BacktestResult`; kept untyped here so the registry does not
+    import the backtest module. Returns the MLflow run id.
+    """
+    client = mlflow_client(tracking_uri)
+    run = client.create_run(_experiment_id(client, experiment, artifact_root))
+    run_id = str(run.info.run_id)
+    summary = result.to_dict()
+    for prefix, block in (("model", summary["model"]), ("baseline", summary["baseline"])):
+        for key, value in block.items():
+            if (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            ):
+                client.log_metric(run_id, f"{prefix}.{key}", float(value))
+    for key in ("k", "budget", "n_train", "n_test", "n_train_fraud", "n_test_fraud"):
+        if key in summary:
+            client.log_param(run_id, key, summary[key])
+    for key, value in summary.get("periods", {}).items():
+        client.log_param(run_id, f"period.{key}", value)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "metrics.json").write_text(result.to_json())
+        for name, png in result.plots().items():
+            (folder / (name if name.endswith(".png") else f"{name}.png")).write_bytes(png)
+        client.log_artifacts(run_id, str(folder))
+    client.set_terminated(run_id)
+    return run_id
