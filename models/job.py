@@ -8,6 +8,7 @@ checkpointing; this module never imports it (it gets a `lake` object that can re
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +32,7 @@ from models.registry import (
     CHALLENGER,
     MODEL_NAME,
     LoadedModel,
+    alert_threshold,
     alias_version,
     load_model,
     resolve_version,
@@ -130,6 +132,11 @@ class FraudScoringJob:
     When a challenger exists (the `challenger` alias, or a given `challenger` model), it scores
     the same feature rows into `shadow_scores`; its version is recorded in the plan too, so a
     replayed batch shadow-scores with the same version. Alerts come from the champion only.
+
+    The alert threshold is the one stored with the champion version (tag `alert_threshold`, chosen
+    on its validation period for an alert budget), else `policy.threshold`; it is resolved in the
+    plan, so a replayed batch alerts exactly as planned. `rule_threshold` is lowered to it if
+    needed (a rule hit never needs a higher score than no rule).
     """
 
     outputs = OUTPUTS
@@ -156,6 +163,7 @@ class FraudScoringJob:
         else:
             self._fixed = ""
         self._fixed_challenger = ""
+        self._thresholds: dict[str, float | None] = {}
         if challenger is not None:
             if challenger.version in self._models:
                 raise ValueError(f"the challenger has the champion's version {challenger.version}")
@@ -184,7 +192,33 @@ class FraudScoringJob:
             "model_version": version,
             "challenger_version": self._challenger_version(version),
             "labels_version": lake.version(LABELS),
+            "alert_threshold": self._version_threshold(version),
         }
+
+    def _version_threshold(self, version: str) -> float | None:
+        """The threshold stored with `version` (cached: a version's tag is set when registered)."""
+        if version not in self._thresholds:
+            if version in self._models:
+                self._thresholds[version] = self._models[version].alert_threshold
+            elif self.tracking_uri is not None:
+                self._thresholds[version] = alert_threshold(
+                    self.tracking_uri, self.model_name, version
+                )
+            else:
+                self._thresholds[version] = None
+        return self._thresholds[version]
+
+    def policy_for(self, context: dict[str, Any]) -> AlertPolicy:
+        """`self.policy` with the planned version's threshold (plans without one: unchanged)."""
+        threshold = context.get("alert_threshold")
+        if threshold is None:
+            return self.policy
+        threshold = float(threshold)
+        return dataclasses.replace(
+            self.policy,
+            threshold=threshold,
+            rule_threshold=min(self.policy.rule_threshold, threshold),
+        )
 
     def _model(self, version: str) -> LoadedModel:
         if version not in self._models:
@@ -274,8 +308,9 @@ class FraudScoringJob:
         loaded = self._model(str(context["model_version"]))
         frame = features.to_pandas()
         probability = score(loaded.model, frame) if len(frame) else np.zeros(0)
-        hits = rule_hits(frame, self.policy)
-        alert, reasons = decide(probability, hits, self.policy)
+        policy = self.policy_for(context)
+        hits = rule_hits(frame, policy)
+        alert, reasons = decide(probability, hits, policy)
         n = features.num_rows
         fired = hits[list(RULES)].to_numpy() if n else np.zeros((0, len(RULES)), bool)
         rules = np.full(n, "", dtype=object)

@@ -41,9 +41,19 @@ from mlflow.types.schema import ColSpec, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from models.features import FEATURE_COLUMNS, FEATURE_VERSION, KEY_COLUMNS
-from models.training import TrainResult, evaluate, feature_matrix, openmp_limit, score
+from models.training import (
+    Selection,
+    TrainResult,
+    evaluate,
+    feature_matrix,
+    openmp_limit,
+    score,
+)
 
 __all__ = [
+    "ALERT_DAILY_BUDGET_TAG",
+    "ALERT_THRESHOLD_TAG",
+    "CANDIDATE_TRUSTED_TYPES",
     "CHALLENGER",
     "CHAMPION",
     "DEFAULT_METRIC",
@@ -57,12 +67,14 @@ __all__ = [
     "LoadedModel",
     "NoChampionError",
     "PromotionDecision",
+    "alert_threshold",
     "alias_version",
     "evaluate_challenger",
     "load_holdout",
     "load_model",
     "log_and_register",
     "log_holdout",
+    "log_selection",
     "mlflow_client",
     "move_champion",
     "pip_requirements",
@@ -90,6 +102,18 @@ HOLDOUT_ARTIFACT = "holdout/holdout.parquet"
 SKOPS_TRUSTED_TYPES: list[str] = [
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
 ]
+# What the other candidate families of models.training.CANDIDATES add (random forest: the tree
+# structure; logistic regression: the ±inf-to-NaN function of models.backtest.make_baseline;
+# both: numpy dtypes of the imputer). Saved and loaded models may use SKOPS_TRUSTED_TYPES + these.
+CANDIDATE_TRUSTED_TYPES: list[str] = [
+    "numpy.dtype",
+    "sklearn.tree._tree.Tree",
+    "models.backtest._finite",
+]
+_TRUSTED = [*SKOPS_TRUSTED_TYPES, *CANDIDATE_TRUSTED_TYPES]
+# Version tags of the alert policy chosen on the validation period (training.choose_threshold).
+ALERT_THRESHOLD_TAG = "alert_threshold"
+ALERT_DAILY_BUDGET_TAG = "alert_daily_budget"
 # Given explicitly: otherwise MLflow infers requirements by loading the model in a subprocess,
 # which costs ~6-8 s per logged model.
 PIP_PACKAGES: tuple[str, ...] = ("scikit-learn", "skops", "pandas", "numpy")
@@ -104,6 +128,12 @@ class LoadedModel:
     model: Any  # the fitted scikit-learn Pipeline
     name: str
     version: str
+    tags: dict[str, str] = dataclasses.field(default_factory=dict, compare=False)  # version's
+
+    @property
+    def alert_threshold(self) -> float | None:
+        """The alert threshold stored with the version, None when it has none."""
+        return _threshold(self.tags)
 
 
 @dataclass(frozen=True)
@@ -222,7 +252,7 @@ def log_and_register(
             source_run_id=run_id,
             params=model_params,
             tags={"feature_version": FEATURE_VERSION},
-            model_type="sklearn.HistGradientBoostingClassifier",
+            model_type=f"sklearn.{type(result.model[-1]).__name__}",
         )
         model_id = logged.model_id
         client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
@@ -251,7 +281,7 @@ def log_and_register(
                     model_id=model_id,
                 ),
                 serialization_format="skops",
-                skops_trusted_types=SKOPS_TRUSTED_TYPES,
+                skops_trusted_types=_TRUSTED,
                 signature=_signature(result.model, sample),
                 input_example=sample.head(3),
                 pip_requirements=pip_requirements(),
@@ -278,6 +308,8 @@ def log_and_register(
                 "feature_columns": json.dumps(FEATURE_COLUMNS),
                 "run_id": run_id,
                 "model_id": model_id,
+                "model_candidate": result.candidate,
+                **result.tags,
             },
             description=(
                 f"trained on {result.n_train:,} rows up to {_iso(result.train_end)}; holdout "
@@ -353,8 +385,121 @@ def load_model(
                 f"{name} version {version} is not saved with skops "
                 f"({flavor.get('serialization_format')!r}); refusing to unpickle it"
             )
-        model = skops.io.load(local / flavor["pickled_model"], trusted=SKOPS_TRUSTED_TYPES)
-    return LoadedModel(model=model, name=name, version=version)
+        model = skops.io.load(local / flavor["pickled_model"], trusted=_TRUSTED)
+    tags = dict(client.get_model_version(name, version).tags)
+    return LoadedModel(model=model, name=name, version=version, tags=tags)
+
+
+def _threshold(tags: dict[str, str]) -> float | None:
+    raw = tags.get(ALERT_THRESHOLD_TAG, "")
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if 0.0 <= value <= 1.0 else None
+
+
+def alert_threshold(
+    tracking_uri: str, name: str = MODEL_NAME, alias_or_version: str = CHAMPION
+) -> float | None:
+    """The alert threshold stored with a version (tag `alert_threshold`), None when absent."""
+    version = resolve_version(tracking_uri, name, alias_or_version)
+    return _threshold(dict(mlflow_client(tracking_uri).get_model_version(name, version).tags))
+
+
+def log_selection(
+    selection: Selection,
+    tracking_uri: str,
+    artifact_root: Path,
+    experiment: str = EXPERIMENT,
+    name: str = MODEL_NAME,
+) -> str:
+    """Log a model selection: one parent run, one child run per (candidate, class weighting).
+
+    Children carry the candidate's parameters and validation metrics and the tag
+    `mlflow.parentRunId`; the parent the ranking, the winner and the validation window. Returns
+    the parent run id (recorded on the version trained from the winner).
+    """
+    client = mlflow_client(tracking_uri)
+    experiment_id = _experiment_id(client, experiment, Path(artifact_root))
+    winner = selection.winner
+    parent = client.create_run(
+        experiment_id,
+        run_name=f"select-{pd.Timestamp(selection.validation_end or _now()):%Y%m%dT%H%M}",
+        tags={"model_name": name, "feature_version": FEATURE_VERSION, "kind": "model_selection"},
+    )
+    parent_id = str(parent.info.run_id)
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    try:
+        for rank, result in enumerate(selection.ranking, start=1):
+            child = client.create_run(
+                experiment_id,
+                run_name=result.name.replace("/", "-"),
+                tags={
+                    "mlflow.parentRunId": parent_id,
+                    "model_name": name,
+                    "candidate": result.candidate,
+                    "class_weight": str(result.class_weight),
+                    "rank": str(rank),
+                },
+            )
+            child_id = str(child.info.run_id)
+            metrics = {
+                **{
+                    f"validation_{k}": float(v)
+                    for k, v in result.metrics.items()
+                    if math.isfinite(float(v))
+                },
+                "fit_seconds": result.fit_seconds,
+            }
+            client.log_batch(
+                child_id,
+                metrics=[Metric(k, v, now_ms, 0) for k, v in metrics.items()],
+                params=[
+                    Param(k, str(v)[:6000])
+                    for k, v in {
+                        "candidate": result.candidate,
+                        "class_weight": str(result.class_weight),
+                        **result.params,
+                    }.items()
+                ],
+            )
+            client.set_terminated(child_id, "FINISHED")
+        ranking = [
+            {"candidate": r.candidate, "class_weight": r.class_weight, **r.metrics}
+            for r in selection.ranking
+        ]
+        client.log_batch(
+            parent_id,
+            metrics=[
+                Metric(f"winner_validation_{selection.metric}", v, now_ms, 0)
+                for v in [float(winner.metrics.get(selection.metric, math.nan))]
+                if math.isfinite(v)
+            ]
+            + [Metric("selection_seconds", selection.seconds, now_ms, 0)],
+            params=[
+                Param(k, v)
+                for k, v in {
+                    "metric": selection.metric,
+                    "n_candidates": str(len(selection.ranking)),
+                    "n_train": str(selection.n_train),
+                    "n_validation": str(selection.n_validation),
+                    "train_end": _iso(selection.train_end),
+                    "validation_start": _iso(selection.validation_start),
+                    "validation_end": _iso(selection.validation_end),
+                }.items()
+            ],
+            tags=[
+                RunTag("winner", winner.candidate),
+                RunTag("winner_class_weight", str(winner.class_weight)),
+                RunTag("ranking", json.dumps(ranking, default=str)[:5000]),
+            ],
+        )
+    except BaseException:
+        client.set_terminated(parent_id, "FAILED")
+        raise
+    client.set_terminated(parent_id, "FINISHED")
+    return parent_id
 
 
 @dataclass(frozen=True)

@@ -74,12 +74,14 @@ _TRANSFERS_PER_DAY = 1 / 25  # occasional incoming transfers
 _SHRINK_SHARE = 0.4  # share of unaffordable legit debits shrunk to fit (the rest are skipped)
 
 # Fraud incidents per customer-day (at least one incident of each scenario is always drawn).
-_DRAIN_RATE = 0.0006
-_NEW_LOCATION_RATE = 0.001
+_DRAIN_RATE = 0.0017
+_NEW_LOCATION_RATE = 0.0015
 _CNP_RATE = 0.0004
 _TESTING_RATE = 0.0005
 # A drain empties a balance of _DRAIN_MIN.._DRAIN_MAX cents (what a thief can take at an ATM).
 _DRAIN_MIN, _DRAIN_MAX = 2_000, 150_000
+# ... of a balance that is low for its owner: at most this share of their usual (median) balance.
+_DRAIN_LOW = 0.5
 # Compromised terminals per in-person-terminal-day.
 _TERMINAL_RATE = 1 / 6_000
 # Reporting delay: log-normal, median 4 days; a few take ~3 weeks.
@@ -371,8 +373,9 @@ def _frauds(
     """Candidate fraudulent debits of the per-customer scenarios (terminals are labelled later)."""
     customers = len(cs.rate)
 
-    # low_balance_drain: an ATM takes most of the balance, just after it got low. Half the stolen
-    # cards are used near home, so a new place is a hint, not the giveaway.
+    # low_balance_drain: an ATM takes most of the balance while it is low for its owner, on days
+    # spread over the whole period. Half the stolen cards are used near home, so a new place is a
+    # hint, not the giveaway.
     cust, time = _drain_times(rng, legit, t0, days, customers)
     half = np.full(customers, 0.5)
     atm = _pick_home(rng, cust, cs.home_atm, cs.n_home_atm, world.atm, half)
@@ -387,6 +390,10 @@ def _frauds(
     dollars = cs.scale[cust] * rng.uniform(3, 8, len(cust)) * rng.lognormal(0, 0.3, len(cust))
     cents = _to_cents(dollars)
     need = np.bincount(np.repeat(np.arange(len(victims)), repeat), weights=cents)
+    # Days spread evenly over the period (in a random order of the victims); if the balance does
+    # not cover the purchase then, another of 7 random days that it does.
+    tries = rng.integers(0, days, (len(victims), 8))
+    tries[:, 0] = rng.permutation(_spread_days(rng, len(victims), 0, days))
     pos_xy = _cell_xy(world, world.pos)
     far = np.empty(len(victims), dtype=np.int64)
     first = np.empty(len(victims), dtype=np.int64)
@@ -402,7 +409,7 @@ def _frauds(
         if len(candidates) == 0:
             candidates = np.array([int(np.argmax(gap))])
         far[i] = world.pos[candidates[rng.integers(0, len(candidates))]]
-        first[i] = _affordable(legit, c, _daily_times(rng, t0, rng.integers(0, days, 8)), need[i])
+        first[i] = _affordable(legit, c, _daily_times(rng, t0, tries[i]), need[i])
     later = _group_rank(repeat) * rng.integers(10 * _MINUTE, 3 * _HOUR, size=len(cust))
     ev.add(
         cust, np.repeat(first, repeat) + later, cents, _DEBIT, _POS, np.repeat(far, repeat),
@@ -493,37 +500,85 @@ def _settle(unsorted: dict[str, np.ndarray], customers: int) -> _Settled:
     return _Settled(ev, out, after, starts, counts)
 
 
+def _spread_days(rng: np.random.Generator, n: int, first: int, days: int) -> np.ndarray:
+    """n incident days in [first, days), evenly spread: the i-th falls in the i-th of n strata.
+
+    Each day is uniform within its stratum, so every week of the period gets its share of
+    incidents (a Poisson count per week would leave some test weeks of a backtest almost empty).
+    """
+    first = min(first, days - 1)
+    strata = (np.arange(n) + rng.random(n)) / max(n, 1)
+    return first + np.minimum((strata * (days - first)).astype(np.int64), days - first - 1)
+
+
 def _drain_times(
     rng: np.random.Generator, legit: _Settled, t0: int, days: int, customers: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Victims of the drain and when: while their balance is at one of its lowest points.
+    """Victims of the drain and when: on a day drawn first, a customer whose balance is low then.
 
-    Victims are customers whose balance at some point is low enough for a thief to empty at an
-    ATM (at most _DRAIN_MAX); without any, the lowest points of random customers do.
+    Days are spread evenly over the period from day 1 (`_spread_days`); the time of day follows
+    the usual daily pattern. The victim is drawn among the customers whose legit balance at that
+    moment is low: small enough for a thief to empty at an ATM (_DRAIN_MIN.._DRAIN_MAX) and at
+    most _DRAIN_LOW of the customer's usual (median) balance. Each customer is drained at most
+    once. When no low balance spans that moment, a low stretch of the same day is used (at a
+    time inside it); without any low stretch at all, any balance of _DRAIN_MIN or more is.
     """
     ev = legit.events
-    usable = (legit.cents > 0) & (ev["time"] > t0 + _DAY) & (legit.balance >= _DRAIN_MIN)
-    low = usable & (legit.balance <= _DRAIN_MAX)
-    pool = np.unique(ev["cust"][low])
-    if len(pool) == 0:
-        pool, low = np.arange(customers), usable
-    wanted = max(1, int(rng.poisson(_DRAIN_RATE * customers * days)))
-    victims = np.sort(rng.choice(pool, size=min(wanted, len(pool)), replace=False))
-    times = np.empty(len(victims), dtype=np.int64)
-    for i, c in enumerate(victims):
-        rows = slice(legit.starts[c], legit.starts[c] + legit.counts[c])
-        kept = legit.cents[rows] > 0
-        t, bal, ok = ev["time"][rows][kept], legit.balance[rows][kept], low[rows][kept]
-        candidates = np.flatnonzero(ok)
-        if len(candidates) == 0:  # no usable low point: some time in the second half
-            times[i] = t0 + days * _DAY // 2 + int(rng.integers(0, max(1, days * _DAY // 2)))
+    kept = legit.cents > 0
+    cust, time, bal = ev["cust"][kept], ev["time"][kept], legit.balance[kept]
+    end = np.full(len(time), t0 + days * _DAY, dtype=np.int64)  # the balance holds until then
+    same = cust[1:] == cust[:-1]
+    end[:-1] = np.where(same, time[1:], end[:-1])
+    # Usual level: the median balance after the customer's events.
+    order = np.lexsort((bal, cust))
+    counts = np.bincount(cust, minlength=customers)
+    starts = np.cumsum(counts) - counts
+    usual = np.zeros(customers, dtype=np.float64)
+    has = counts > 0
+    usual[has] = bal[order][starts[has] + counts[has] // 2]
+    warm = t0 + min(1, days - 1) * _DAY  # not on the first day (unless that is all there is)
+    usable = (bal >= _DRAIN_MIN) & (end > warm)
+    low = usable & (bal <= _DRAIN_MAX) & (bal <= _DRAIN_LOW * usual[cust])
+    seg = np.flatnonzero(low if low.any() else usable)
+    if len(seg) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    # Each low stretch, once per day it covers, grouped by day.
+    first_day = (np.maximum(time[seg], warm) - t0) // _DAY
+    n_days = (end[seg] - 1 - t0) // _DAY - first_day + 1
+    on_day = np.repeat(first_day, n_days) + _group_rank(n_days)
+    seg = np.repeat(seg, n_days)
+    by_day = np.argsort(on_day, kind="stable")
+    seg, on_day = seg[by_day], on_day[by_day]
+    bounds = np.searchsorted(on_day, np.arange(days + 1))
+    nonempty = np.flatnonzero(np.diff(bounds) > 0)
+
+    wanted = min(customers, max(1, int(rng.poisson(_DRAIN_RATE * customers * days))))
+    drain_days = _spread_days(rng, wanted, 1, days)
+    moments = _daily_times(rng, t0, drain_days)
+    used = np.zeros(customers, dtype=bool)
+    victims: list[int] = []
+    times: list[int] = []
+    for d, moment in zip(drain_days, moments, strict=True):
+        if bounds[d] == bounds[d + 1]:  # nothing low that day: the nearest day with something
+            d = nonempty[np.argmin(np.abs(nonempty - d))]
+            moment = t0 + d * _DAY + int(moment - t0) % _DAY
+        rows = seg[bounds[d] : bounds[d + 1]]
+        rows = rows[~used[cust[rows]]]
+        if len(rows) == 0:
             continue
-        lowest = candidates[np.argsort(bal[candidates], kind="stable")[:5]]
-        j = lowest[rng.integers(0, len(lowest))]
-        following = t[j + 1] if j + 1 < len(t) else t0 + days * _DAY
-        # Any time before the customer's next transaction: the balance is still that low.
-        times[i] = t[j] + 1 + int(rng.random() * max(0, following - t[j] - 1))
-    return victims, times
+        spans = rows[(time[rows] < moment) & (end[rows] > moment + 1)]
+        if len(spans):
+            j = int(spans[rng.integers(0, len(spans))])
+        else:  # a low stretch of the day, at a moment inside it
+            j = int(rows[rng.integers(0, len(rows))])
+            lo = max(int(time[j]) + 1, t0 + int(d) * _DAY)
+            hi = min(int(end[j]) - 1, t0 + (int(d) + 1) * _DAY)
+            moment = lo + int(rng.integers(0, max(1, hi - lo)))
+        used[cust[j]] = True
+        victims.append(int(cust[j]))
+        times.append(int(moment))
+    order = np.argsort(victims, kind="stable")
+    return np.array(victims, dtype=np.int64)[order], np.array(times, dtype=np.int64)[order]
 
 
 def _compromise_terminals(

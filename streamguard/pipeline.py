@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 from models.features import FEATURE_SCHEMA, replay
 from models.job import FEATURES, LABELS, OUTPUTS, FraudScoringJob
 from models.registry import (
+    ALERT_DAILY_BUDGET_TAG,
+    ALERT_THRESHOLD_TAG,
     CHALLENGER,
     CHAMPION,
     DEFAULT_METRIC,
@@ -28,11 +30,21 @@ from models.registry import (
     evaluate_challenger,
     log_and_register,
     log_holdout,
+    log_selection,
     move_champion,
     register_challenger,
 )
 from models.schema import LABEL_SCHEMA, TRANSACTION_SCHEMA
-from models.training import time_split, train, training_frame
+from models.training import (
+    DEFAULT_DAILY_BUDGET,
+    Selection,
+    choose_threshold,
+    score,
+    select_model,
+    time_split,
+    train,
+    training_frame,
+)
 from streamguard.checkpoint import CHECKPOINT_SCHEMA, CHECKPOINT_TABLE
 from streamguard.config import Home
 from streamguard.lake import Lake
@@ -108,6 +120,10 @@ class TrainingOutcome:
     source: str  # "history replay" or "feature log"
     alias: str = CHAMPION  # what the version got when registered: champion (first) or challenger
     evaluation: Evaluation | None = None
+    alert_threshold: float | None = None  # stored with the version; the job alerts at it
+    candidate: str = "hist_gradient_boosting"
+    selection: Selection | None = None  # with select=True: every candidate's validation metrics
+    selection_run_id: str = ""
 
     def summary(self) -> str:
         verdict = "promoted to champion" if self.promoted else f"kept as the {self.alias}"
@@ -170,8 +186,21 @@ def train_challenger(
     tracking_uri: str | None = None,
     model_name: str = MODEL_NAME,
     params: dict[str, Any] | None = None,
+    select: bool = False,
+    daily_budget: int | None = DEFAULT_DAILY_BUDGET,
 ) -> TrainingOutcome:
     """Train on point-in-time features and register the version as `challenger`.
+
+    With `select`, the model family and class weighting are chosen first (`select_model`): every
+    candidate is fitted on the earlier 75% of the training split and ranked by `metric` on the
+    later 25%, logged as a parent MLflow run with a child per candidate; the winner is then
+    trained like the default model (on the whole training split, measured on the holdout, which
+    the selection never saw, so the promotion comparison stays fair). `params` then only apply
+    when the winner is the default family. Off by default (6 fits instead of 1).
+
+    Either way the alert threshold for `daily_budget` alerts/day on the holdout period
+    (`choose_threshold`; None: best F1) is stored with the version (tags `alert_threshold`,
+    `alert_daily_budget`); the scoring job alerts at it.
 
     The first version of the model becomes `champion` directly (nothing to compare with). The
     holdout is stored with the version and the evaluation against the champion is recorded, but
@@ -189,15 +218,41 @@ def train_challenger(
     )
     if frame["label"].sum() == 0:
         raise ValueError(f"no fraud label reported by {cutoff:%Y-%m-%d} in the training window")
+    train_part, holdout = time_split(frame)
+    selection: Selection | None = None
+    selection_run_id = ""
+    candidate = "hist_gradient_boosting"
+    if select:
+        fit_part, validation = time_split(train_part)
+        selection = select_model(fit_part, validation, metric)
+        selection_run_id = log_selection(selection, uri, home.mlflow_artifacts, name=model_name)
+        candidate = selection.winner.candidate
+        winner_params = {"class_weight": selection.winner.class_weight}
+        params = (
+            {**(params or {}), **winner_params}
+            if candidate == "hist_gradient_boosting"
+            else winner_params
+        )
     result = train(
         features,
         label_table,
         pd.Timestamp(cutoff),
         pd.Timedelta(days=label_delay_days),
         params=params,
+        candidate=candidate,
     )
+    labels_seen = holdout["label"].nunique() if len(holdout) else 0
+    if daily_budget is not None or labels_seen == 2:
+        # F1 needs both classes; without them the version keeps the policy's default threshold.
+        threshold = choose_threshold(
+            score(result.model, holdout), holdout["label"], holdout["event_time"], daily_budget
+        )
+        result.tags[ALERT_THRESHOLD_TAG] = repr(threshold)
+        result.tags[ALERT_DAILY_BUDGET_TAG] = "f1" if daily_budget is None else str(daily_budget)
+    if selection is not None:
+        result.tags["selection_run_id"] = selection_run_id
+        result.tags["selection_winner"] = selection.winner.name
     version = log_and_register(result, uri, home.mlflow_artifacts, name=model_name)
-    _, holdout = time_split(frame)
     log_holdout(uri, model_name, version, holdout)
     # Evaluated before it gets an alias, so the first version is compared with "no champion".
     evaluation = evaluate_challenger(uri, model_name, version, holdout, metric)
@@ -214,6 +269,10 @@ def train_challenger(
         source=source,
         alias=alias,
         evaluation=evaluation,
+        alert_threshold=threshold,
+        candidate=candidate,
+        selection=selection,
+        selection_run_id=selection_run_id,
     )
 
 
@@ -224,12 +283,15 @@ def train_and_promote(
     train_days: int | None = None,
     label_delay_days: int = 7,
     metric: str = DEFAULT_METRIC,
+    select: bool = False,
 ) -> TrainingOutcome:
     """Train a challenger and, in the same process, promote it if it beat the champion.
 
     The one-step path (`streamguard train`, tests): the same evaluation the Dagster gate uses.
     """
-    outcome = train_challenger(home, history, labels, train_days, label_delay_days, metric)
+    outcome = train_challenger(
+        home, history, labels, train_days, label_delay_days, metric, select=select
+    )
     evaluation = outcome.evaluation
     if outcome.alias == CHALLENGER and evaluation is not None and evaluation.better:
         uri = home.mlflow_tracking_uri

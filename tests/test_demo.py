@@ -64,7 +64,7 @@ def test_dev_serves_the_ui_and_ctrl_c_stops_every_process_it_started(tmp_path: P
     port = _free_port()
     home = tmp_path / "home"
     env = dict(os.environ, STREAMGUARD_HOME=str(home))
-    args = [CLI, "dev", "--days", "16", "--customers", "100", "--train-days", "10", "--rate", "100",
+    args = [CLI, "dev", "--days", "24", "--customers", "100", "--train-days", "16", "--rate", "100",
             "--port", str(port)]  # fmt: skip
     proc = subprocess.Popen(
         args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -273,3 +273,21 @@ def test_write_simulation_round_trips(sim: Simulation, tmp_path: Path) -> None:
     assert labels.schema.equals(LABEL_SCHEMA)
     assert transactions.equals(sim.transactions)
     assert labels.equals(sim.labels)
+
+
+def test_drains_and_new_locations_happen_every_week() -> None:
+    """The default demo data: each week after the warm-up has enough of the seeded scenarios.
+
+    A backtest tests one week after 30 days of history, so the recall per scenario needs drains
+    and new-location frauds in every week, not bunched at the start.
+    """
+    sim = simulate(days=60, customers=1000, seed=7)
+    labels = sim.labels.to_pandas()
+    assert len(labels) / sim.transactions.num_rows < 0.02
+    times = sim.transactions.to_pandas()[["transaction_id", "event_time"]]
+    frauds = labels.merge(times, on="transaction_id", validate="one_to_one")
+    day = (frauds["event_time"] - pd.Timestamp(START)).dt.days
+    for first in range(14, 60 - 6, 7):
+        week = frauds.loc[(day >= first) & (day < first + 7), "fraud_scenario"]
+        assert (week == "low_balance_drain").sum() >= 5, first
+        assert (week == "new_location").sum() >= 5, first
