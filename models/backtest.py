@@ -31,16 +31,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from threadpoolctl import threadpool_limits
 
 from models.features import replay
 from models.schema import LABEL_SCHEMA, TIMESTAMP, TRANSACTION_SCHEMA
-from models.training import feature_matrix, make_pipeline, openmp_limit, score
+from models.training import (
+    BASELINE_CLASS_WEIGHT,
+    CANDIDATES,
+    DEFAULT_CANDIDATE,
+    feature_matrix,
+    make_baseline,
+    make_candidate,
+    openmp_limit,
+    score,
+)
 
 __all__ = [
     "BASELINE_CLASS_WEIGHT",
@@ -60,10 +66,6 @@ __all__ = [
     "score_distribution_png",
 ]
 
-# The baseline is unweighted, like the default model (see DEFAULT_PARAMS in models.training):
-# both then fit the same log loss on the same rows, so the comparison is about the model family,
-# and balanced weights do not change the ranking metrics reported here much anyway.
-BASELINE_CLASS_WEIGHT: str | None = None
 _DAY = pd.Timedelta(days=1)
 # One row per test transaction: both models' scores and the ground truth.
 PREDICTION_SCHEMA = pa.schema(
@@ -384,31 +386,16 @@ def backtest_data(
 # --------------------------------------------------------------------------- models
 
 
-def _finite(x: Any) -> Any:
-    """±inf to NaN, so the imputer treats an unbounded ratio like a missing one."""
-    values = np.asarray(x, dtype=np.float64)
-    return np.where(np.isfinite(values), values, np.nan)
-
-
-def make_baseline() -> Pipeline:
-    """Logistic regression on standardised features: the floor the default model must clear.
-
-    NaN (the features' "unknown": no history yet, no location) is imputed with the median, and a
-    missing-indicator column per feature keeps "unknown" visible to a linear model, which
-    HistGradientBoosting gets for free. Unweighted (BASELINE_CLASS_WEIGHT), like the default
-    model.
-    """
-    return Pipeline(
-        [
-            ("finite", FunctionTransformer(_finite)),
-            ("impute", SimpleImputer(strategy="median", add_indicator=True)),
-            ("scale", StandardScaler()),
-            (
-                "model",
-                LogisticRegression(class_weight=BASELINE_CLASS_WEIGHT, max_iter=2000, C=1.0),
-            ),
-        ]
-    )
+def _describe(model: Pipeline) -> str:
+    """The pipeline's estimator in words, e.g. "LogitBlend(HistGradientBoostingClassifier, ...)"."""
+    final = model.named_steps["model"]
+    members = [
+        getattr(final, name).named_steps["model"]
+        for name in ("boosting_", "linear_")
+        if hasattr(final, name)
+    ]
+    inner = ", ".join(type(m).__name__ for m in members)
+    return f"{type(final).__name__}({inner})" if inner else type(final).__name__
 
 
 def _fit(model: Pipeline, frame: pd.DataFrame) -> Pipeline:
@@ -529,13 +516,16 @@ def backtest(
     k: int = 100,
     params: dict[str, Any] | None = None,
     budget: int | None = None,
+    candidate: str = DEFAULT_CANDIDATE,
 ) -> BacktestResult:
     """Train on [train_start, +train_days), skip delay_days, test on the next test_days.
 
-    The default model (`make_pipeline(params)`) and the baseline (`make_baseline()`) are fitted
-    on the same rows and scored on the same test rows. `budget` is the daily number of
-    transaction alerts for the recall metrics (default: k).
+    The model (`make_candidate(candidate, params)`, the default model unless told otherwise) and
+    the baseline (`make_baseline()`) are fitted on the same rows and scored on the same test
+    rows. `budget` is the daily number of transaction alerts for the recall metrics (default: k).
     """
+    if candidate not in CANDIDATES:
+        raise ValueError(f"unknown model {candidate!r}; one of {', '.join(CANDIDATES)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     budget = k if budget is None else budget
@@ -550,7 +540,7 @@ def backtest(
         )
     if test.empty:
         raise ValueError("no transactions in the test period")
-    model = _fit(make_pipeline(params), train)
+    model = _fit(make_candidate(candidate, params), train)
     baseline = _fit(make_baseline(), train)
     predictions = pd.DataFrame(
         {
@@ -575,7 +565,8 @@ def backtest(
         n_test=len(test),
         n_test_fraud=int(test["label"].sum()),
         model={
-            "name": type(model.named_steps["model"]).__name__,
+            "name": candidate,
+            "estimator": _describe(model),
             **_metrics(predictions, k, budget, reported),
         },
         baseline={

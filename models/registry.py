@@ -96,19 +96,22 @@ DEFAULT_METRIC = "average_precision"
 PREVIOUS_CHAMPION = "previous_champion"
 HOLDOUT_ARTIFACT = "holdout/holdout.parquet"
 
-# What skops.io.get_untrusted_types reports for a fitted Pipeline([HistGradientBoostingClassifier])
-# (scikit-learn 1.9, skops 0.16; checked by tests/test_registry.py): everything else in it is a
-# type skops trusts by default.
+# What skops.io.get_untrusted_types reports for the fitted default model (models.training
+# .make_default_model: the LogitBlend class, the boosting's tree predictor and its step setting
+# columns without any value to 0 (FillEmptyColumns), the logistic
+# regression's ±inf-to-NaN function and its imputer's numpy dtypes; scikit-learn 1.9, skops 0.16;
+# checked by tests/test_registry.py): everything else in it is a type skops trusts by default.
 SKOPS_TRUSTED_TYPES: list[str] = [
+    "models.training.FillEmptyColumns",
+    "models.training.LogitBlend",
+    "models.training._finite",
+    "numpy.dtype",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
 ]
 # What the other candidate families of models.training.CANDIDATES add (random forest: the tree
-# structure; logistic regression: the ±inf-to-NaN function of models.backtest.make_baseline;
-# both: numpy dtypes of the imputer). Saved and loaded models may use SKOPS_TRUSTED_TYPES + these.
+# structure). Saved and loaded models may use SKOPS_TRUSTED_TYPES + these.
 CANDIDATE_TRUSTED_TYPES: list[str] = [
-    "numpy.dtype",
     "sklearn.tree._tree.Tree",
-    "models.backtest._finite",
 ]
 _TRUSTED = [*SKOPS_TRUSTED_TYPES, *CANDIDATE_TRUSTED_TYPES]
 # Version tags of the alert policy chosen on the validation period (training.choose_threshold).

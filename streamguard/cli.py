@@ -218,6 +218,7 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
         test_days=args.test_days,
         k=args.k,
         budget=args.budget,
+        **({"candidate": args.model} if args.model else {}),
     )
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -410,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--k", type=_positive, default=100, help="cards checked a day (default 100)")
     back.add_argument(
         "--budget", type=_positive, default=None, help="transaction alerts a day (default: k)"
+    )
+    back.add_argument(
+        "--model",
+        default=None,
+        help="model family tested against the baseline: blend (the default model), "
+        "hist_gradient_boosting, logistic_regression or random_forest",
     )
     back.add_argument("--output", required=True, help="metrics JSON file")
     back.add_argument("--predictions", default=None, help="test scores as Parquet (optional)")

@@ -36,6 +36,7 @@ from models.registry import (
 )
 from models.schema import LABEL_SCHEMA, TRANSACTION_SCHEMA
 from models.training import (
+    DEFAULT_CANDIDATE,
     DEFAULT_DAILY_BUDGET,
     Selection,
     choose_threshold,
@@ -121,7 +122,7 @@ class TrainingOutcome:
     alias: str = CHAMPION  # what the version got when registered: champion (first) or challenger
     evaluation: Evaluation | None = None
     alert_threshold: float | None = None  # stored with the version; the job alerts at it
-    candidate: str = "hist_gradient_boosting"
+    candidate: str = DEFAULT_CANDIDATE
     selection: Selection | None = None  # with select=True: every candidate's validation metrics
     selection_run_id: str = ""
 
@@ -196,7 +197,7 @@ def train_challenger(
     later 25%, logged as a parent MLflow run with a child per candidate; the winner is then
     trained like the default model (on the whole training split, measured on the holdout, which
     the selection never saw, so the promotion comparison stays fair). `params` then only apply
-    when the winner is the default family. Off by default (6 fits instead of 1).
+    when the winner is the default family. Off by default (8 fits instead of 1).
 
     Either way the alert threshold for `daily_budget` alerts/day on the holdout period
     (`choose_threshold`; None: best F1) is stored with the version (tags `alert_threshold`,
@@ -221,7 +222,7 @@ def train_challenger(
     train_part, holdout = time_split(frame)
     selection: Selection | None = None
     selection_run_id = ""
-    candidate = "hist_gradient_boosting"
+    candidate = DEFAULT_CANDIDATE
     if select:
         fit_part, validation = time_split(train_part)
         selection = select_model(fit_part, validation, metric)
@@ -230,7 +231,7 @@ def train_challenger(
         winner_params = {"class_weight": selection.winner.class_weight}
         params = (
             {**(params or {}), **winner_params}
-            if candidate == "hist_gradient_boosting"
+            if candidate in (DEFAULT_CANDIDATE, "hist_gradient_boosting")  # take HGB params
             else winner_params
         )
     result = train(

@@ -29,8 +29,10 @@ from models.backtest import (
 from models.features import FEATURE_COLUMNS
 from models.schema import TIMESTAMP, parse_records
 from models.simulate import Simulation, simulate, write_simulation
+from models.training import CANDIDATES, feature_matrix, make_default_model, score
 
 CLI = str(Path(sys.executable).parent / "streamguard")
+CHANNEL_FEATURES = [c for c in FEATURE_COLUMNS if c.startswith("channel_")]
 METRICS = ("roc_auc", "average_precision", "card_precision_at_k", "recall_at_budget")
 JSON_KEYS = {
     *METRICS,
@@ -230,7 +232,9 @@ def test_backtest_reports_both_models(result: BacktestResult, train_start: date)
             assert 0.0 <= block[name] <= 1.0, (name, block[name])
         assert block["scenario_recall"]
         assert all(0.0 <= v <= 1.0 for v in block["scenario_recall"].values())
-    assert out["model"]["name"] == "HistGradientBoostingClassifier"
+    assert out["model"]["name"] == "blend"
+    estimator = "LogitBlend(HistGradientBoostingClassifier, LogisticRegression)"
+    assert out["model"]["estimator"] == estimator
     assert out["baseline"]["name"] == "LogisticRegression"
     assert out["card_precision_at_k"] <= out["card_precision_at_k_ceiling"] + 1e-12
     # A useful ranking, not a coin: far above the fraud rate on average precision.
@@ -244,6 +248,41 @@ def test_backtest_reports_both_models(result: BacktestResult, train_start: date)
     pngs = result.plots()
     assert set(pngs) == {"pr_curve.png", "score_distribution.png"}
     assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in pngs.values())
+
+
+def test_optional_fields_absent_leave_features_null_and_still_train_and_score(
+    sim: Simulation, train_start: date
+) -> None:
+    # A dataset with no channel and no location at all (both optional in the contract).
+    bare = sim.transactions.drop_columns(["channel", "location"])
+    data = backtest_data(bare, sim.labels, train_start)
+    unknown = ["location_seen_before", *CHANNEL_FEATURES]
+    assert data.train[unknown].isna().all().all() and data.test[unknown].isna().all().all()
+    assert (data.test["n_locations_seen"] == 0).all()  # a count: no location ever seen
+    assert data.test[["amount", "balance_before", "count_1d"]].notna().all().all()
+    result = backtest(bare, sim.labels, train_start, k=50)
+    for block in (result.model, result.baseline):
+        assert 0.5 < block["roc_auc"] <= 1.0 and 0.0 < block["average_precision"] <= 1.0
+    assert result.predictions["score"].between(0, 1).all()
+    # A model fitted without those fields scores rows that have them, and the other way round.
+    fitted = make_default_model().fit(feature_matrix(data.train), data.train["label"])
+    full = backtest_data(sim.transactions, sim.labels, train_start).test
+    assert np.isfinite(score(fitted, full)).all()
+    full_model = make_default_model().fit(
+        feature_matrix(backtest_data(sim.transactions, sim.labels, train_start).train),
+        data.train["label"],
+    )
+    assert np.isfinite(score(full_model, data.test)).all()
+
+
+def test_backtest_of_a_named_candidate(sim: Simulation, train_start: date) -> None:
+    # The logistic-regression candidate is the baseline's model: same rows, same scores.
+    lr = backtest(sim.transactions, sim.labels, train_start, k=50, candidate="logistic_regression")
+    assert lr.model["name"] == "logistic_regression"
+    np.testing.assert_allclose(lr.predictions["score"], lr.predictions["baseline_score"])
+    assert lr.model["average_precision"] == pytest.approx(lr.baseline["average_precision"])
+    with pytest.raises(ValueError, match="unknown model"):
+        backtest(sim.transactions, sim.labels, train_start, candidate="xgboost")
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -276,13 +315,22 @@ def test_cli_backtest_reads_csv_with_inline_labels(
     metrics = tmp_path / "metrics.json"
     done = _run(
         "backtest", "--transactions", str(csv_path), "--train-start", train_start.isoformat(),
-        "--output", str(metrics),
+        "--output", str(metrics), "--model", "random_forest",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     out = json.loads(metrics.read_text())
     # One label per transaction (is_fraud true or false), none with a report time.
     assert out["labels_imputed"] == sim.transactions.num_rows and out["n_test"] > 0
     assert out["scenario_recall"] == {}  # no scenarios without a labels table
+    assert out["model"]["name"] == "random_forest"
+    assert out["model"]["estimator"] == "RandomForestClassifier"
+
+
+def test_cli_backtest_help_names_every_model() -> None:
+    done = _run("backtest", "--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert all(name in text for name in CANDIDATES), text
 
 
 def test_cli_backtest_errors_in_one_line(tmp_path: Path) -> None:

@@ -35,11 +35,11 @@ def selection(split: tuple[pd.DataFrame, pd.DataFrame]) -> Selection:
     return select_model(*split)
 
 
-def test_selection_ranks_all_six_on_the_later_split(
+def test_selection_ranks_every_candidate_on_the_later_split(
     selection: Selection, split: tuple[pd.DataFrame, pd.DataFrame]
 ) -> None:
     train_part, validation = split
-    assert len(selection.ranking) == 6
+    assert len(selection.ranking) == len(CANDIDATES) * len(CLASS_WEIGHTS) == 8
     assert {(r.candidate, r.class_weight) for r in selection.ranking} == {
         (c, w) for c in CANDIDATES for w in CLASS_WEIGHTS
     }
@@ -76,12 +76,12 @@ def test_selection_is_logged_as_a_parent_run_with_a_child_per_candidate(
     client = mlflow_client(uri)
     parent = client.get_run(parent_id)
     assert parent.data.tags["winner"] == selection.winner.candidate
-    assert parent.data.params["n_candidates"] == "6"
+    assert parent.data.params["n_candidates"] == str(len(CANDIDATES) * len(CLASS_WEIGHTS))
     assert parent.info.status == "FINISHED"
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'"
     )
-    assert len(children) == 6
+    assert len(children) == len(CANDIDATES) * len(CLASS_WEIGHTS)
     by_name = {(c.data.tags["candidate"], c.data.tags["class_weight"]): c for c in children}
     for result in selection.ranking:
         child = by_name[(result.candidate, str(result.class_weight))]

@@ -171,7 +171,7 @@ def test_run_and_version_carry_the_training_metadata(scenario: Scenario) -> None
     assert pd.Timestamp(params["train_start"]) == good.train_start
     assert pd.Timestamp(params["train_end"]) == good.train_end
     assert int(params["n_train"]) == good.n_train and int(params["n_holdout"]) == good.n_holdout
-    assert params["random_state"] == "0" and params["class_weight"] == "None"
+    assert params["boosting__model__random_state"] == "0" and params["class_weight"] == "None"
     metrics = run.data.metrics
     assert metrics["holdout_average_precision"] == pytest.approx(good.metrics["average_precision"])
     assert metrics["holdout_roc_auc"] == pytest.approx(good.metrics["roc_auc"])

@@ -22,7 +22,7 @@ from models.registry import (
 )
 from models.rules import RULES, AlertPolicy, rule_hits
 from models.simulate import Simulation, write_simulation
-from models.training import choose_threshold, score, train
+from models.training import CANDIDATES, CLASS_WEIGHTS, choose_threshold, score, train
 from streamguard.config import Home
 from streamguard.pipeline import train_challenger
 
@@ -123,7 +123,8 @@ def test_train_challenger_stores_the_threshold_and_the_selection(
         select=True,
         daily_budget=20,
     )
-    assert outcome.selection is not None and len(outcome.selection.ranking) == 6
+    assert outcome.selection is not None
+    assert len(outcome.selection.ranking) == len(CANDIDATES) * len(CLASS_WEIGHTS)
     assert outcome.candidate == outcome.selection.winner.candidate
     client = mlflow_client(home.mlflow_tracking_uri)
     tags = client.get_model_version(MODEL_NAME, outcome.version).tags

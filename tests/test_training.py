@@ -10,9 +10,14 @@ import pytest
 
 from models.features import FEATURE_COLUMNS, KEY_COLUMNS
 from models.training import (
+    DEFAULT_CANDIDATE,
+    LogitBlend,
     TrainResult,
     evaluate,
+    feature_matrix,
+    fit,
     label_frame,
+    make_default_model,
     make_pipeline,
     score,
     time_split,
@@ -178,6 +183,34 @@ def test_make_pipeline_defaults_and_overrides() -> None:
         make_pipeline({"scoring": "average_precision"})
 
 
+def test_logit_blend_averages_the_members_log_odds() -> None:
+    features, labels = synthetic()
+    frame = training_frame(features, labels, T0 + 45 * DAY, pd.Timedelta(days=7))
+    blend = fit(make_default_model({"max_iter": 20, "class_weight": "balanced"}), frame)
+    inner = blend.named_steps["model"]
+    assert isinstance(inner, LogitBlend)
+    # class_weight reaches both members; the other params only the boosting.
+    assert inner.boosting_.named_steps["model"].max_iter == 20
+    for member in (inner.boosting_, inner.linear_):
+        assert member.named_steps["model"].class_weight == "balanced"
+    x = feature_matrix(frame)
+    b = inner.boosting_.predict_proba(x)[:, 1]
+    lr = inner.linear_.predict_proba(x)[:, 1]
+
+    def logit(p: np.ndarray) -> np.ndarray:
+        p = np.clip(p, 1e-9, 1 - 1e-9)
+        return np.log(p / (1 - p))
+
+    expected = 1 / (1 + np.exp(-(logit(b) + logit(lr)) / 2))
+    got = score(blend, frame)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+    assert ((got >= 0) & (got <= 1)).all()
+    # Between the members, row by row (the mean of two log-odds lies between them).
+    assert (got >= np.minimum(b, lr) - 1e-12).all() and (got <= np.maximum(b, lr) + 1e-12).all()
+    np.testing.assert_array_equal(inner.predict(x), (got >= 0.5).astype(int))
+    assert list(inner.classes_) == [0, 1]
+
+
 def test_train_and_evaluate_on_learnable_data() -> None:
     features, labels = synthetic()
     cutoff = T0 + 45 * DAY
@@ -188,7 +221,9 @@ def test_train_and_evaluate_on_learnable_data() -> None:
     assert result.train_start == frame["event_time"].iloc[0]
     assert result.holdout_start is not None and result.train_end < result.holdout_start
     assert result.cutoff == cutoff
-    assert result.params["random_state"] == 0
+    assert result.candidate == DEFAULT_CANDIDATE
+    assert result.params["boosting__model__random_state"] == 0
+    assert result.params["class_weight"] is None
     assert result.sample is not None and list(result.sample.columns) == FEATURE_COLUMNS
     print(f"holdout metrics: {result.metrics}")
     assert result.metrics["roc_auc"] > 0.8
