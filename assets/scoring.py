@@ -60,8 +60,8 @@ class ScoringConfig(dg.Config):
         IN_PROCESS,
         description="Where the job runs: in_process (the micro-batch runner, reading up to "
         "`until`) or spark (`run_fraud_on_spark` over the Kinesis source with a checkpoint under "
-        "$STREAMGUARD_HOME/checkpoints/fraud_spark/<stream>; it reads to the end of the stream, "
-        "availableNow, and ignores `until`). One stream must keep one executor: their "
+        "$STREAMGUARD_HOME/checkpoints/fraud_spark/<stream>, availableNow up to `until`). "
+        "One stream must keep one executor: their "
         "checkpoints differ, so switching re-reads records the other one already scored, and "
         "those duplicates are dead-lettered as already processed",
     )
@@ -127,7 +127,14 @@ def _run_on_spark(
     endpoint = kinesis.endpoint_url
 
     def source(session: "SparkSession") -> "DataFrame":
-        return kinesis_records(session, stream, endpoint, config.max_batch_records)
+        return kinesis_records(
+            session,
+            stream,
+            endpoint,
+            config.max_batch_records,
+            region=kinesis.region_name,
+            until=config.until or None,
+        )
 
     report = run_fraud_on_spark(
         spark.session(),

@@ -23,6 +23,7 @@ from streamguard.lake import Lake
 
 pytestmark = pytest.mark.spark
 
+LATE = 150  # records produced after the sensor planned its first range
 N_RECORDS = 600
 SPARK_MASTER = "local[2]"
 
@@ -80,6 +81,10 @@ def test_sensor_with_spark_executor_runs_the_job_on_spark_exactly_once(
     assert isinstance(request, dg.RunRequest)
     assert request.run_config["ops"]["score_transactions"]["config"]["executor"] == "spark"
     assert request.tags["streamguard/executor"] == "spark"
+    # More records arrive after the sensor planned its range and before the run starts: the
+    # Spark run stops at the range's end (`until`), as an in-process run would.
+    produce_transactions(kinesis, stream_name, small_sim.transactions.slice(N_RECORDS, LATE),
+                         progress=False)  # fmt: skip
     home = tmp_path / "home"
     test_defs = dg.Definitions.merge(
         *AREAS,
@@ -114,17 +119,26 @@ def test_sensor_with_spark_executor_runs_the_job_on_spark_exactly_once(
         assert meta["scores"]["model_versions"].value == "1"
         assert meta["scores"]["executor"].value == "spark"
 
+        # The late records are the sensor's next range, and the next run's.
+        context = dg.build_sensor_context(cursor=context.cursor, resources={"kinesis": resource})
+        request2 = kinesis_transactions_sensor(context)
+        assert isinstance(request2, dg.RunRequest) and request2.run_key != request.run_key
+        second = job.execute_in_process(run_config=request2.run_config, instance=instance)
+        assert second.success
+        assert _metadata(second)["scores"]["rows_written"].value == LATE
+        assert lake.count("scores") == N_RECORDS + LATE
+
         # Nothing new on the stream: the sensor skips, and a run anyway writes nothing.
         skip = kinesis_transactions_sensor(
             dg.build_sensor_context(cursor=context.cursor, resources={"kinesis": resource})
         )
         assert isinstance(skip, dg.SkipReason)
         versions_before = {name: lake.version(name) for name in TABLES}
-        second = job.execute_in_process(run_config=request.run_config, instance=instance)
-        assert second.success
-    again = _metadata(second)
+        third = job.execute_in_process(run_config=request2.run_config, instance=instance)
+        assert third.success
+    again = _metadata(third)
     assert all(again[name]["rows_written"].value == 0 for name in TABLES)
     assert again["scores"]["records_read"].value == 0
     assert {name: lake.version(name) for name in TABLES} == versions_before
-    assert lake.count("scores") == N_RECORDS and lake.count("dead_letters") == 0
+    assert lake.count("scores") == N_RECORDS + LATE and lake.count("dead_letters") == 0
     assert json.loads(context.cursor)  # the cursor moved past every shard's records

@@ -19,7 +19,7 @@ from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.streaming.datasource import ReadMaxRows
 
-from streamguard.kinesis import ensure_stream, list_shards, put_records
+from streamguard.kinesis import ensure_stream, latest_positions, list_shards, put_records
 from streamguard.spark.kinesis_source import (
     KinesisOptions,
     KinesisStreamReader,
@@ -60,6 +60,7 @@ def _run(
     checkpoint: Path,
     max_per_shard: int | None = None,
     crash_at: int | None = None,
+    ending: dict[str, str | None] | None = None,
 ) -> tuple[dict[int, list[Row]], dict[int, list[Row]]]:
     """One availableNow run: ({batch id: rows}, {batch id: rows seen by a batch that crashed})."""
     done: dict[int, list[Row]] = {}
@@ -79,6 +80,8 @@ def _run(
     reader = reader.option("endpointUrl", endpoint)
     if max_per_shard is not None:
         reader = reader.option("maxRecordsPerShard", str(max_per_shard))
+    if ending is not None:
+        reader = reader.option("endingPosition", json.dumps(ending))
     query = (
         reader.load()
         .writeStream.foreachBatch(sink)
@@ -130,6 +133,36 @@ def test_reads_everything_once_then_only_new_records_after_restart(
 
     run3, _ = _run(spark, kinesis_server, stream_name, checkpoint)
     assert _payloads(run3) == []
+
+
+def test_ending_position_bounds_an_available_now_run_to_the_sensor_range(
+    spark: SparkSession, kinesis: Any, kinesis_server: str, stream_name: str, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "checkpoint"
+    first = _produce(kinesis, stream_name, 0, 80)
+    bounds = latest_positions(kinesis, stream_name, {}, 10_000)  # what the sensor would plan
+    later = _produce(kinesis, stream_name, 80, 50)  # arrives before the run starts
+    run1, _ = _run(spark, kinesis_server, stream_name, checkpoint, 16, ending=bounds)
+    assert Counter(_payloads(run1)) == Counter(first)  # exactly the range, in several batches
+    assert len(run1) > 1
+    for rows in run1.values():
+        assert all(int(r[1]) <= int(str(bounds[r[0]])) for r in rows)
+    # The next range is the next run's; a shard left out with "" waits for a later run.
+    shards = sorted(bounds)
+    skip: dict[str, str | None] = {shards[0]: ""}
+    run2, _ = _run(spark, kinesis_server, stream_name, checkpoint, ending=skip)
+    assert {r[0] for rows in run2.values() for r in rows} <= set(shards[1:])
+    run3, _ = _run(spark, kinesis_server, stream_name, checkpoint)
+    assert Counter(_payloads(run2 | run3)) == Counter(later)
+    _assert_ordered_per_shard(run1 | run2 | run3)
+
+
+def test_ending_position_is_validated_when_loaded() -> None:
+    with pytest.raises(ValueError, match="endingPosition must be a JSON object"):
+        KinesisOptions.parse({"streamName": "s", "endingPosition": "[1, 2]"})
+    parsed = KinesisOptions.parse({"streamName": "s", "endingPosition": '{"a": "12", "b": null}'})
+    assert parsed.ending_position == {"a": "12", "b": None}
+    assert KinesisOptions.parse({"streamName": "s"}).ending_position is None
 
 
 def test_crash_mid_stream_replays_the_same_range_then_resumes(

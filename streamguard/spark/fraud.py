@@ -43,9 +43,10 @@ Spark counterpart of the runner's batch plan.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -297,8 +298,14 @@ def kinesis_records(
     stream: str,
     endpoint_url: str | None = None,
     max_records_per_shard: int = 10_000,
+    region: str | None = None,
+    until: Mapping[str, str | None] | None = None,
 ) -> DataFrame:
-    """The Kinesis stream as stream records (the project's Python Kinesis source)."""
+    """The Kinesis stream as stream records (the project's Python Kinesis source).
+
+    `until`: inclusive per-shard ends for an availableNow run (the sensor's batch bounds;
+    shards not named are read to their end, an empty value skips the shard).
+    """
     register_kinesis_source(spark)
     reader = (
         spark.readStream.format("kinesis")
@@ -307,6 +314,10 @@ def kinesis_records(
     )
     if endpoint_url:
         reader = reader.option("endpointUrl", endpoint_url)
+    if region:
+        reader = reader.option("region", region)
+    if until:
+        reader = reader.option("endingPosition", json.dumps(dict(until)))
     return reader.load().select(*RECORD_COLUMNS)
 
 

@@ -13,8 +13,16 @@ checkpoint says.
         .option("streamName", "transactions")
         .option("endpointUrl", "http://127.0.0.1:4567")  # optional
         .option("maxRecordsPerShard", "1000")  # per micro-batch
+        .option("region", "eu-west-1")  # optional: else AWS_REGION / AWS_DEFAULT_REGION
+        .option("startingPosition", "TRIM_HORIZON")  # or LATEST, or {shard: sequence number}
+        .option("endingPosition", '{"shardId-000000000000": "4959..."}')  # optional, see below
         .load()
     )
+
+`endingPosition` bounds a `trigger(availableNow=True)` run to exact per-shard ends (inclusive;
+a shard not named is read to its end, a null or empty value leaves it for a later run): the
+Dagster sensor's batch bounds, so a sensor-launched Spark run scores the same range an in-process
+run would, and the next range is the next run's.
 """
 
 from __future__ import annotations
@@ -79,6 +87,9 @@ class KinesisOptions:
     region: str | None = None
     max_records_per_shard: int = DEFAULT_MAX_RECORDS_PER_SHARD
     starting_position: str = TRIM_HORIZON
+    # availableNow stops here: {shard id: last sequence number to include}; a shard not named is
+    # read to its end, a null or empty value leaves the shard for a later run.
+    ending_position: Offset | None = None
 
     @classmethod
     def parse(cls, options: Mapping[str, str]) -> KinesisOptions:
@@ -98,17 +109,20 @@ class KinesisOptions:
             position = position.upper()
         else:
             _parse_positions(position)  # fail at load(), not at the first batch
+        ending = options.get("endingPosition")
         return cls(
             stream=stream,
             endpoint_url=options.get("endpointUrl") or None,
             region=options.get("region") or None,
             max_records_per_shard=max_records,
             starting_position=position,
+            ending_position=_parse_positions(ending, "endingPosition") if ending else None,
         )
 
 
-def _parse_positions(text: str) -> Offset:
-    """A JSON object {shard id: sequence number or null}, as startingPosition or an offset."""
+def _parse_positions(text: str, option: str = "startingPosition") -> Offset:
+    """A JSON object {shard id: sequence number or null}: startingPosition, endingPosition or
+    an offset."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
@@ -116,11 +130,32 @@ def _parse_positions(text: str) -> Offset:
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in value.items()
     ):
+        allowed = "TRIM_HORIZON, LATEST or " if option == "startingPosition" else ""
         raise ValueError(
-            "startingPosition must be TRIM_HORIZON, LATEST or a JSON object of "
+            f"{option} must be {allowed}a JSON object of "
             f"{{shard id: sequence number or null}}, got {text[:80]!r}"
         )
     return dict(value)
+
+
+def _seq(value: str) -> int:
+    """Kinesis sequence numbers are decimal strings of up to 128 bits: compare them as ints."""
+    return int(value)
+
+
+def _bounded(start: Mapping[str, str | None], end: Offset, ending: Offset) -> Offset:
+    """`end` (the stream's end) cut at `ending` per shard, never before `start`."""
+    target: Offset = {}
+    for sid, last in end.items():
+        if sid not in ending:
+            target[sid] = last
+            continue
+        stop, after = ending[sid], start.get(sid)
+        if not stop or last is None or (after is not None and _seq(stop) <= _seq(after)):
+            target[sid] = after
+        else:
+            target[sid] = stop if _seq(stop) < _seq(last) else last
+    return target
 
 
 @dataclass(frozen=True)
@@ -249,7 +284,11 @@ class KinesisStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
             self._target_pending = False
             step = self._advance(start, None, None)
             self._target, self._target_done = step.end, step.done
-            if cap is None or (step.most_read <= cap and not step.child_with_parent):
+            ending = self.options.ending_position
+            if ending is not None:
+                self._target = _bounded(start, step.end, ending)
+                self._target_done = {s for s in step.done if self._target[s] == step.end[s]}
+            elif cap is None or (step.most_read <= cap and not step.child_with_parent):
                 return dict(step.end)  # the first batch is the whole run: no second read
         return dict(self._advance(start, cap, self._target).end)
 
