@@ -376,10 +376,13 @@ def _drop_duplicates(
         for i in valid["record_index"].to_numpy()[~first]
     ]
     valid = valid.filter(pa.array(first))
+    if valid.num_rows == 0:  # every record rejected: nothing to look up
+        return valid, rejected
     seen = lake.read(
         TRANSACTIONS,
         columns=["transaction_id"],
-        filter=pc.field("transaction_id").isin(valid["transaction_id"])
+        # combine_chunks: a chunkless column would make an untyped (null) value set
+        filter=pc.field("transaction_id").isin(valid["transaction_id"].combine_chunks())
         & (pc.field("batch_id") < batch_id),
         schema=TRANSACTIONS_TABLE_SCHEMA,
     )["transaction_id"]

@@ -28,7 +28,7 @@ from streamguard.checkpoint import BatchPlan
 from streamguard.lake import Lake
 from streamguard.pipeline import scoring_runner
 from streamguard.runner import DEAD_LETTER_TABLE, CrashError, MicroBatchRunner
-from streamguard.sources import MemorySource
+from streamguard.sources import SEQ_DIGITS, MemorySource
 
 BAD_RECORDS = [
     (b"{not json", "not valid JSON"),
@@ -169,6 +169,25 @@ def clean_run(tmp_path_factory, small_sim, tiny_model, always_fraud):  # type: i
         lake, source, None, max_batch_records=400, model=tiny_model, challenger=always_fraud
     ).run()
     return lake
+
+
+def test_a_batch_of_only_bad_records_is_dead_lettered_and_the_stream_goes_on(
+    tmp_path: Path, small_sim, tiny_model: LoadedModel
+) -> None:
+    good = [to_payload(r) for r in small_sim.transactions.slice(0, 5).to_pylist()]
+    bad = [payload for payload, _ in BAD_RECORDS]
+    # Batch 0 all bad (before any transaction exists), batch 1 good, batch 2 all bad again
+    # (now against a non-empty transactions table).
+    source = MemorySource({"shard-000": [*bad, *good, *bad]})
+    lake = Lake(tmp_path / "lake")
+    runner = scoring_runner(lake, source, None, max_batch_records=len(bad), model=tiny_model)
+    first = runner.run(until={"shard-000": str(len(bad)).zfill(SEQ_DIGITS)})
+    assert len(first.batches) == 1 and lake.count(DEAD_LETTER_TABLE) == len(bad)
+    assert lake.count(SCORES) == 0
+    runner.run()
+    assert lake.count(SCORES) == len(good)
+    assert lake.count(DEAD_LETTER_TABLE) == 2 * len(bad)
+    assert lake.count(TRANSACTIONS) == len(good)
 
 
 @pytest.mark.parametrize("crash_after", CRASH_POINTS)
