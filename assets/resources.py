@@ -13,8 +13,8 @@ from streamguard.lake import Lake
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-IN_PROCESS, SPARK = "in_process", "spark"
-EXECUTORS = (IN_PROCESS, SPARK)
+IN_PROCESS, SPARK, SPARK_STATE_STORE = "in_process", "spark", "spark_state_store"
+EXECUTORS = (IN_PROCESS, SPARK, SPARK_STATE_STORE)
 
 
 def check_executor(value: str) -> str:

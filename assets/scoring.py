@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 
 from assets.resources import (
     IN_PROCESS,
-    SPARK,
+    SPARK_STATE_STORE,
     HomeResource,
     KinesisResource,
     MlflowResource,
@@ -59,8 +59,10 @@ class ScoringConfig(dg.Config):
     executor: str = Field(
         IN_PROCESS,
         description="Where the job runs: in_process (the micro-batch runner, reading up to "
-        "`until`) or spark (`run_fraud_on_spark` over the Kinesis source with a checkpoint under "
-        "$STREAMGUARD_HOME/checkpoints/fraud_spark/<stream>, availableNow up to `until`). "
+        "`until`), spark (`run_fraud_on_spark` over the Kinesis source, state in Delta, checkpoint "
+        "under $STREAMGUARD_HOME/checkpoints/fraud_spark/<stream>, availableNow up to `until`) or "
+        "spark_state_store (`run_fraud_on_spark_state_store`: customer state in Spark's state "
+        "store with a TTL, checkpoint under .../fraud_spark_store/<stream>). "
         "One stream must keep one executor: their "
         "checkpoints differ, so switching re-reads records the other one already scored, and "
         "those duplicates are dead-lettered as already processed",
@@ -122,8 +124,18 @@ def _run_on_spark(
         kinesis_records,
         run_fraud_on_spark,
     )
+    from streamguard.spark.fraud_state import (
+        SPARK_STORE_BATCH_SCHEMA,
+        SPARK_STORE_BATCHES,
+        run_fraud_on_spark_state_store,
+    )
 
     place, lake, stream = home.home(), home.lake(), kinesis.stream_name
+    store = config.executor == SPARK_STATE_STORE
+    run = run_fraud_on_spark_state_store if store else run_fraud_on_spark
+    plans_table, plans_schema = (SPARK_BATCHES, SPARK_BATCH_SCHEMA)
+    if store:
+        plans_table, plans_schema = (SPARK_STORE_BATCHES, SPARK_STORE_BATCH_SCHEMA)
     endpoint = kinesis.endpoint_url
 
     def source(session: "SparkSession") -> "DataFrame":
@@ -136,11 +148,11 @@ def _run_on_spark(
             until=config.until or None,
         )
 
-    report = run_fraud_on_spark(
+    report = run(
         spark.session(),
         source,
         lake,
-        place.checkpoints / "fraud_spark" / stream,
+        place.checkpoints / ("fraud_spark_store" if store else "fraud_spark") / stream,
         tracking_uri=mlflow.uri(place),
         model_name=mlflow.model_name,
         alias=mlflow.alias,
@@ -149,10 +161,10 @@ def _run_on_spark(
     versions: list[str] = []
     if scored:
         plans = lake.read(
-            SPARK_BATCHES,
+            plans_table,
             columns=["model_version"],
             filter=(pc.field("app_id") == report.app_id) & pc.field("batch_id").isin(scored),
-            schema=SPARK_BATCH_SCHEMA,
+            schema=plans_schema,
         )
         versions = sorted({str(v) for v in plans["model_version"].to_pylist() if v} - {""})
     return _Outcome(
@@ -180,10 +192,10 @@ def score_transactions(
     spark: SparkResource,
 ) -> Iterator[dg.MaterializeResult]:
     """Score the stream from the checkpoint exactly once, in process or on Spark (config)."""
-    if config.executor == SPARK:
-        outcome = _run_on_spark(home, kinesis, mlflow, spark, config)
-    else:
+    if config.executor == IN_PROCESS:
         outcome = _run_in_process(home, kinesis, mlflow, config)
+    else:
+        outcome = _run_on_spark(home, kinesis, mlflow, spark, config)
     lake = home.lake()
     context.log.info(
         f"{config.executor}: {outcome.batches} batch(es), {outcome.records} records, "

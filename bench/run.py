@@ -12,11 +12,13 @@ import json
 import os
 import platform as _platform  # the standard-library module (the repo's platform/ is config only)
 import resource
+import statistics
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -25,6 +27,7 @@ import pyarrow.compute as pc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.spark_scoring import bench_scoring  # noqa: E402
 from models.features import FeatureState, compute_features, replay  # noqa: E402
 from models.registry import LoadedModel, log_and_register, promote_if_better  # noqa: E402
 from models.schema import to_payload  # noqa: E402
@@ -106,11 +109,16 @@ def bench_kinesis(sim_tx: pa.Table, model: LoadedModel, batch: int, work: Path, 
     }
 
 
-def bench_spark(sim_tx: pa.Table, model: LoadedModel, batch: int, work: Path, n: int) -> dict:
+def bench_spark(
+    sim_tx: pa.Table, trained: tuple[LoadedModel, TrainResult], batch: int, work: Path, n: int
+) -> dict:
     """The Spark executor on the first `n` transactions vs the in-process runner on the same.
 
     Files of `batch` records each, one per micro-batch, so both engines see the same batches.
+    Then the two ways to score on Spark (pandas batch on the driver, `spark_udf`) on the features
+    the Spark run wrote.
     """
+    model, result = trained
     from streamguard.spark.fraud import jsonl_source, run_fraud_on_spark
     from streamguard.spark.session import spark_session
 
@@ -137,6 +145,9 @@ def bench_spark(sim_tx: pa.Table, model: LoadedModel, batch: int, work: Path, n:
         work / "spark-checkpoint", model=model, buckets=8,
     )  # fmt: skip
     spark_s = time.perf_counter() - started
+    store = bench_spark_state_store(spark, folder, work, model, n)
+    features = Lake(work / "lake-spark").read("features").to_pandas()
+    scoring = bench_scoring(spark, result, features, work)
     spark.stop()
     batches = len(report.batches)
     return {
@@ -146,6 +157,35 @@ def bench_spark(sim_tx: pa.Table, model: LoadedModel, batch: int, work: Path, n:
         "spark_session_start_s": session_s,
         "spark_batches": batches,
         "spark_per_batch_s": spark_s / max(1, batches),
+        "spark_median_batch_s": statistics.median(b.total_s for b in report.batches),
+        **store,
+        "scoring": scoring,
+    }
+
+
+def bench_spark_state_store(
+    spark: Any, folder: Path, work: Path, model: LoadedModel, n: int
+) -> dict:
+    """The state-store mode (customer state in transformWithStateInPandas) on the same files.
+
+    Runs after the Delta-state mode in the same session (a warm JVM), so the median batch time is
+    reported too: it leaves the first batch's warm-up out of both.
+    """
+    from streamguard.spark.fraud import jsonl_source
+    from streamguard.spark.fraud_state import run_fraud_on_spark_state_store
+
+    started = time.perf_counter()
+    report = run_fraud_on_spark_state_store(
+        spark, lambda s: jsonl_source(s, folder), Lake(work / "lake-spark-store"),
+        work / "spark-store-checkpoint", model=model, buckets=8,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    batches = len(report.batches)
+    return {
+        "state_store_tx_per_s": n / seconds,
+        "state_store_per_batch_s": seconds / max(1, batches),
+        "state_store_median_batch_s": statistics.median(b.total_s for b in report.batches),
+        "state_store_operator_s": sum(b.features_s for b in report.batches),
     }
 
 
@@ -201,6 +241,65 @@ def bench_sensor_latency(
     }
 
 
+def spark_state_store_rows(spark: dict) -> list[tuple[str, str, str]]:
+    """The state-store mode next to the Delta-state mode and in-process; the two ways to score."""
+    scoring = spark["scoring"]
+    return [
+        (
+            "Spark, customer state in state store",
+            f"{spark['state_store_tx_per_s']:,.0f} tx/s",
+            f"{spark['state_store_tx_per_s'] / spark['spark_tx_per_s']:.2f} of Delta-state",
+        ),
+        (
+            "  (vs in-process)",
+            f"{spark['state_store_tx_per_s'] / spark['in_process_tx_per_s']:.2f}",
+            "-",
+        ),
+        (
+            "Spark median batch: Delta / store",
+            f"{spark['spark_median_batch_s']:.2f} s / {spark['state_store_median_batch_s']:.2f} s",
+            "-",
+        ),
+        (
+            "score: pandas batch on the driver",
+            f"{scoring['driver_rows_per_s']:,.0f} rows/s",
+            "1.00",
+        ),
+        (
+            "score: mlflow.pyfunc.spark_udf",
+            f"{scoring['spark_udf_rows_per_s']:,.0f} rows/s",
+            f"{scoring['spark_udf_rows_per_s'] / scoring['driver_rows_per_s']:.3f}",
+        ),
+    ]
+
+
+def main_spark_only(args: argparse.Namespace) -> int:
+    """Just the Spark part, on the same generated data as the full run."""
+    sim = simulate(days=args.days, customers=args.customers, seed=7)
+    trained = train_model(sim.transactions, sim.labels)
+    with tempfile.TemporaryDirectory() as tmp:
+        spark = bench_spark(
+            sim.transactions, trained, args.spark_batch, Path(tmp), args.spark_records
+        )
+    rows = [
+        ("in-process, same input", f"{spark['in_process_tx_per_s']:,.0f} tx/s", "-"),
+        (
+            "Spark, Delta state",
+            f"{spark['spark_tx_per_s']:,.0f} tx/s",
+            f"{spark['spark_tx_per_s'] / spark['in_process_tx_per_s']:.2f} of in-process",
+        ),
+        *spark_state_store_rows(spark),
+        ("Spark session start", f"{spark['spark_session_start_s']:.1f} s", "-"),
+    ]
+    print(
+        f"\nSpark vs in-process ({os.cpu_count()} cores, first {spark['records']:,} transactions)"
+    )
+    for name, value, ratio in rows:
+        print(f"{name:36} {value:>28} {ratio:>24}")
+    print(json.dumps(spark, indent=2))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--customers", type=int, default=10_000)
@@ -210,8 +309,15 @@ def main() -> int:
     parser.add_argument("--spark-records", type=int, default=50_000)
     parser.add_argument("--spark-batch", type=int, default=10_000)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    parser.add_argument(
+        "--only-spark",
+        action="store_true",
+        help="only the Spark comparison (Delta state, state store, in-process); prints, no file",
+    )
     args = parser.parse_args()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    if args.only_spark:
+        return main_spark_only(args)
 
     results: dict = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -231,7 +337,9 @@ def main() -> int:
         print(f"in-memory runner: {memory['runner_tx_per_s']:,.0f} tx/s", flush=True)
         kin = bench_kinesis(sim.transactions, model, args.batch, work, args.kinesis_records)
         print(f"kinesis runner: {kin['kinesis_tx_per_s']:,.0f} tx/s", flush=True)
-        spark = bench_spark(sim.transactions, model, args.spark_batch, work, args.spark_records)
+        spark = bench_spark(
+            sim.transactions, (model, train_result), args.spark_batch, work, args.spark_records
+        )
         print(f"spark executor: {spark['spark_tx_per_s']:,.0f} tx/s", flush=True)
         latency = bench_sensor_latency(sim, train_result, work)
     results.update(
@@ -268,6 +376,7 @@ def main() -> int:
         ),
         ("Spark session start", f"{spark['spark_session_start_s']:.1f} s", "-"),
         ("Spark per micro-batch", f"{spark['spark_per_batch_s']:.2f} s", "-"),
+        *spark_state_store_rows(spark),
         ("produce to local Kinesis", f"{kin['produce_tx_per_s']:,.0f} tx/s", "-"),
         ("per micro-batch", f"{memory['per_batch_seconds']:.2f} s / {args.batch:,} records", "-"),
         (

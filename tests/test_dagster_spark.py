@@ -44,6 +44,7 @@ def test_executor_is_validated_and_defaults_from_the_environment(
 ) -> None:
     assert ScoringConfig().executor == "in_process"
     assert ScoringConfig(executor="spark").executor == "spark"
+    assert ScoringConfig(executor="spark_state_store").executor == "spark_state_store"
     with pytest.raises(pydantic.ValidationError, match="executor must be one of"):
         ScoringConfig(executor="flink")
     monkeypatch.delenv("STREAMGUARD_EXECUTOR", raising=False)
@@ -64,7 +65,9 @@ def _metadata(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
     }
 
 
+@pytest.mark.parametrize("executor", ["spark", "spark_state_store"])
 def test_sensor_with_spark_executor_runs_the_job_on_spark_exactly_once(
+    executor: str,
     tmp_path: Path,
     kinesis_server: str,
     kinesis: Any,
@@ -75,12 +78,12 @@ def test_sensor_with_spark_executor_runs_the_job_on_spark_exactly_once(
 ) -> None:
     produce_transactions(kinesis, stream_name, small_sim.transactions.slice(0, N_RECORDS),
                          progress=False)  # fmt: skip
-    resource = KinesisResource(stream=stream_name, endpoint_url=kinesis_server, executor="spark")
+    resource = KinesisResource(stream=stream_name, endpoint_url=kinesis_server, executor=executor)
     context = dg.build_sensor_context(resources={"kinesis": resource})
     request = kinesis_transactions_sensor(context)
     assert isinstance(request, dg.RunRequest)
-    assert request.run_config["ops"]["score_transactions"]["config"]["executor"] == "spark"
-    assert request.tags["streamguard/executor"] == "spark"
+    assert request.run_config["ops"]["score_transactions"]["config"]["executor"] == executor
+    assert request.tags["streamguard/executor"] == executor
     # More records arrive after the sensor planned its range and before the run starts: the
     # Spark run stops at the range's end (`until`), as an in-process run would.
     produce_transactions(kinesis, stream_name, small_sim.transactions.slice(N_RECORDS, LATE),
@@ -108,7 +111,8 @@ def test_sensor_with_spark_executor_runs_the_job_on_spark_exactly_once(
         assert lake.count("features") == N_RECORDS and lake.count("dead_letters") == 0
         versions = set(lake.read("scores", columns=["model_version"])["model_version"].to_pylist())
         assert versions == {"1"}
-        assert (home / "checkpoints" / "fraud_spark" / stream_name).is_dir()
+        folder = {"spark": "fraud_spark", "spark_state_store": "fraud_spark_store"}[executor]
+        assert (home / "checkpoints" / folder / stream_name).is_dir()
         checks = {e.check_name: e.passed for e in first.get_asset_check_evaluations()}
         assert checks[SCORES_UNIQUE_TRANSACTION] and checks[SCORES_IN_UNIT_INTERVAL]
         assert checks[DEAD_LETTER_RATE]
@@ -117,7 +121,7 @@ def test_sensor_with_spark_executor_runs_the_job_on_spark_exactly_once(
         assert meta["scores"]["records_read"].value == N_RECORDS
         assert meta["scores"]["batches"].value >= 1
         assert meta["scores"]["model_versions"].value == "1"
-        assert meta["scores"]["executor"].value == "spark"
+        assert meta["scores"]["executor"].value == executor
 
         # The late records are the sensor's next range, and the next run's.
         context = dg.build_sensor_context(cursor=context.cursor, resources={"kinesis": resource})

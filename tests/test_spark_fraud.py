@@ -8,7 +8,6 @@ reads one file per trigger, so both engines see the same records in the same mic
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from pyspark.sql import SparkSession
+from spark_batches import batch_files
 
 from models.features import FeatureState, compute_features, known_frauds
 from models.job import (
@@ -27,7 +27,6 @@ from models.job import (
     FEATURES,
     SCORES,
     TERMINAL_STATE,
-    TRANSACTIONS,
 )
 from models.registry import LoadedModel, score
 from models.schema import to_payload
@@ -96,31 +95,6 @@ def _payloads(sim: Simulation) -> tuple[list[bytes], list[str]]:
     return payloads, keys
 
 
-def _batch_files(lake: Lake, source: MemorySource, out: Path) -> None:
-    """One file per in-process batch, its records in the order the runner read them."""
-    data = {
-        (r.shard_id, r.sequence_number): r.data
-        for shard in source.shards()
-        for r in source.read(shard, None, None, 1 << 30)
-    }
-    placed = pa.concat_tables(
-        [
-            lake.read(TRANSACTIONS, columns=["batch_id", "shard_id", "sequence_number"]),
-            lake.read(DEAD_LETTER_TABLE, columns=["batch_id", "shard_id", "sequence_number"]),
-        ]
-    ).to_pylist()
-    batches: dict[int, list[tuple[str, int]]] = {}
-    for r in placed:
-        batches.setdefault(r["batch_id"], []).append((r["shard_id"], int(r["sequence_number"])))
-    out.mkdir(parents=True)
-    base = time.time() - 1_000
-    for batch_id, keys in sorted(batches.items()):
-        path = out / f"batch-{batch_id:05d}.jsonl"
-        lines = [data[(shard, str(seq).zfill(20))] for shard, seq in sorted(keys)]
-        path.write_bytes(b"\n".join(lines) + b"\n")
-        os.utime(path, (base + batch_id, base + batch_id))  # the file source orders by mtime
-
-
 @pytest.fixture(scope="module")
 def runs(
     tmp_path_factory: pytest.TempPathFactory,
@@ -137,7 +111,7 @@ def runs(
     scoring_runner(local, source, None, max_batch_records=BATCH_RECORDS, model=tiny_model).run()
     local_seconds = time.perf_counter() - started
     input_dir, checkpoint = root / "input", root / "checkpoint"
-    _batch_files(local, source, input_dir)
+    batch_files(local, source, input_dir)
     lake = Lake(root / "spark")
     load_labels(lake, small_sim.labels)
     report = run_fraud_on_spark(

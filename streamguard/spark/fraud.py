@@ -487,6 +487,43 @@ def _process_batch(batch: DataFrame, batch_id: int, app_id: str, ctx: _BatchCont
     timing.total_s = time.perf_counter() - started
 
 
+def run_available_now(
+    frame: DataFrame,
+    name: str,
+    checkpoint: Path,
+    prefix: str,
+    process: Callable[[DataFrame, int, str], None],
+) -> str:
+    """Run `frame` to the end of its input (`availableNow`) through `process(batch, id, app)`.
+
+    The app id `f"{prefix}:{query id}"` keys the Delta app transactions: stable across restarts
+    from the same checkpoint, new when the checkpoint is deleted. Returned once the query ends.
+    """
+    app: dict[str, str] = {}
+    known = threading.Event()
+
+    def each_batch(batch: DataFrame, batch_id: int) -> None:
+        if not known.wait(timeout=120):
+            raise RuntimeError("the query id never became known")
+        process(batch, batch_id, app["id"])
+
+    query = (
+        frame.writeStream.queryName(name)
+        .foreachBatch(each_batch)
+        .option("checkpointLocation", str(checkpoint))
+        .trigger(availableNow=True)
+        .start()
+    )
+    app["id"] = f"{prefix}:{query.id}"
+    known.set()
+    try:
+        query.awaitTermination()
+    finally:
+        if query.isActive:
+            query.stop()
+    return app["id"]
+
+
 def run_fraud_on_spark(
     spark: SparkSession,
     source: DataFrame | Callable[[SparkSession], DataFrame],
@@ -519,28 +556,12 @@ def run_fraud_on_spark(
     )
     report = SparkFraudReport(app_id="")
     ctx = _BatchContext(spark, lake, scoring, job, report, buckets)
-    app: dict[str, str] = {}
-    known = threading.Event()
-
-    def each_batch(batch: DataFrame, batch_id: int) -> None:
-        if not known.wait(timeout=120):
-            raise RuntimeError("the query id never became known")
-        _process_batch(batch, batch_id, app["id"], ctx)
-
-    query = (
-        frame.writeStream.queryName(f"fraud_scoring_{checkpoint.name}")
-        .foreachBatch(each_batch)
-        .option("checkpointLocation", str(checkpoint))
-        .trigger(availableNow=True)
-        .start()
+    report.app_id = run_available_now(
+        frame,
+        f"fraud_scoring_{checkpoint.name}",
+        checkpoint,
+        "spark",
+        lambda batch, batch_id, app_id: _process_batch(batch, batch_id, app_id, ctx),
     )
-    # Stable across restarts from the same checkpoint; new when the checkpoint is deleted.
-    app["id"] = report.app_id = f"spark:{query.id}"
-    known.set()
-    try:
-        query.awaitTermination()
-    finally:
-        if query.isActive:
-            query.stop()
     report.duration_s = time.monotonic() - started
     return report

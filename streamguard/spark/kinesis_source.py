@@ -388,8 +388,18 @@ class KinesisDataSource(DataSource):
 
 
 def register_kinesis_source(spark: SparkSession) -> None:
-    """Make `format("kinesis")` available in this session (registration is per session)."""
-    spark.dataSource.register(KinesisDataSource)
+    """Make `format("kinesis")` available in this session.
+
+    Idempotent: a session derived from one that registered it (`newSession`) may refuse a second
+    registration as DATA_SOURCE_ALREADY_EXISTS; the source is then there already.
+    """
+    from pyspark.errors import AnalysisException
+
+    try:
+        spark.dataSource.register(KinesisDataSource)
+    except AnalysisException as exc:
+        if exc.getCondition() != "DATA_SOURCE_ALREADY_EXISTS":
+            raise
 
 
 def with_text(frame: DataFrame, column: str = "data", as_: str = "payload") -> DataFrame:

@@ -1,0 +1,40 @@
+"""Test helper shared by the Spark fraud tests: the in-process runner's batches as files."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from models.job import TRANSACTIONS
+from streamguard.lake import Lake
+from streamguard.runner import DEAD_LETTER_TABLE
+from streamguard.sources import MemorySource
+
+
+def batch_files(lake: Lake, source: MemorySource, out: Path) -> int:
+    """One file per in-process batch, its records in the order the runner read them."""
+    data = {
+        (r.shard_id, r.sequence_number): r.data
+        for shard in source.shards()
+        for r in source.read(shard, None, None, 1 << 30)
+    }
+    placed = pa.concat_tables(
+        [
+            lake.read(TRANSACTIONS, columns=["batch_id", "shard_id", "sequence_number"]),
+            lake.read(DEAD_LETTER_TABLE, columns=["batch_id", "shard_id", "sequence_number"]),
+        ]
+    ).to_pylist()
+    batches: dict[int, list[tuple[str, int]]] = {}
+    for r in placed:
+        batches.setdefault(r["batch_id"], []).append((r["shard_id"], int(r["sequence_number"])))
+    out.mkdir(parents=True)
+    base = time.time() - 1_000
+    for batch_id, keys in sorted(batches.items()):
+        path = out / f"batch-{batch_id:05d}.jsonl"
+        lines = [data[(shard, str(seq).zfill(20))] for shard, seq in sorted(keys)]
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        os.utime(path, (base + batch_id, base + batch_id))  # the file source orders by mtime
+    return len(batches)
