@@ -119,6 +119,7 @@ def bench_spark(
     the Spark run wrote.
     """
     model, result = trained
+    n = min(n or sim_tx.num_rows, sim_tx.num_rows)
     from streamguard.spark.fraud import jsonl_source, run_fraud_on_spark
     from streamguard.spark.session import spark_session
 
@@ -146,7 +147,8 @@ def bench_spark(
     )  # fmt: skip
     spark_s = time.perf_counter() - started
     store = bench_spark_state_store(spark, folder, work, model, n)
-    features = Lake(work / "lake-spark").read("features").to_pandas()
+    # Scoring compared on the first 100k feature rows (the frame goes to Spark from pandas).
+    features = Lake(work / "lake-spark").read("features").slice(0, 100_000).to_pandas()
     scoring = bench_scoring(spark, result, features, work)
     spark.stop()
     batches = len(report.batches)
@@ -306,8 +308,15 @@ def main() -> int:
     parser.add_argument("--days", type=int, default=42, help="42 days x 10k customers ~ 1M rows")
     parser.add_argument("--batch", type=int, default=50_000)
     parser.add_argument("--kinesis-records", type=int, default=200_000)
-    parser.add_argument("--spark-records", type=int, default=50_000)
-    parser.add_argument("--spark-batch", type=int, default=10_000)
+    parser.add_argument(
+        "--spark-records",
+        type=int,
+        default=0,
+        help="transactions for the Spark comparison (default 0: the whole input, as in-process)",
+    )
+    parser.add_argument(
+        "--spark-batch", type=int, default=50_000, help="records per micro-batch, both engines"
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     parser.add_argument(
         "--only-spark",

@@ -8,6 +8,7 @@ reads one file per trigger, so both engines see the same records in the same mic
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import pytest
 from pyspark.sql import SparkSession
 from spark_batches import batch_files
 
-from models.features import FeatureState, compute_features, known_frauds
+from models.features import FEATURE_COLUMNS, FeatureState, compute_features, known_frauds
 from models.job import (
     ALERTS,
     CUSTOMER_STATE,
@@ -232,6 +233,55 @@ def test_rerun_without_new_files_writes_nothing(
     assert again.app_id == runs.report.app_id  # the same query, resumed from its checkpoint
     assert again.batches == [] and again.rows_written == {}
     assert {name: runs.spark.version(name) for name in names} == before
+
+
+def test_lost_checkpoint_replays_are_dead_lettered_not_scored_twice(
+    runs: Runs, spark: SparkSession, small_sim: Simulation, tiny_model: LoadedModel, tmp_path: Path
+) -> None:
+    """A new checkpoint re-reads the input from its start; the lake's batch ids go on.
+
+    The first files are scored, the checkpoint is lost, and the new query reads every file (the
+    file source, like Kinesis from TRIM_HORIZON, starts over). Its batch ids continue after the
+    lake's, so every replayed transaction is "already processed in an earlier batch" and only the
+    new files are scored: each transaction once, with the in-process runner's features.
+    """
+    files = sorted(runs.input_dir.glob("*.jsonl"))
+    k = 2
+    first = tmp_path / "first"
+    first.mkdir()
+    for path in files[:k]:
+        shutil.copy2(path, first / path.name)
+    lake = Lake(tmp_path / "lake")
+    load_labels(lake, small_sim.labels)
+    checkpoint = tmp_path / "checkpoint"
+
+    def run(folder: Path) -> SparkFraudReport:
+        return run_fraud_on_spark(
+            spark, lambda s: jsonl_source(s, folder, 1), lake, checkpoint, model=tiny_model
+        )
+
+    before = run(first)
+    assert [b.batch_id for b in before.batches] == list(range(k))
+    shutil.rmtree(checkpoint)
+    after = run(runs.input_dir)
+    assert after.app_id != before.app_id
+    assert [b.batch_id for b in after.batches] == list(range(k, k + len(files)))
+    ids = lake.read(SCORES, columns=["transaction_id"])["transaction_id"]
+    assert len(ids) == len(pc.unique(ids)) == runs.local.count(SCORES)
+    features = ["transaction_id", *FEATURE_COLUMNS]
+    _assert_same(
+        runs.local.read(FEATURES, columns=features).sort_by("transaction_id"),
+        lake.read(FEATURES, columns=features).sort_by("transaction_id"),
+    )
+
+    def earlier(table: pa.Table) -> int:
+        reasons = table["reason"]
+        return int(pc.sum(pc.match_substring(reasons, "in an earlier batch")).as_py() or 0)
+
+    # Every transaction of the first files once more, plus the repeats in-process also caught.
+    local_later = runs.local.read(DEAD_LETTER_TABLE, filter=pc.field("batch_id") >= k)
+    replayed = lake.read(DEAD_LETTER_TABLE, filter=pc.field("batch_id") >= k)
+    assert earlier(replayed) == sum(b.valid for b in before.batches) + earlier(local_later)
 
 
 @pytest.mark.parametrize("buckets", [None, 4])

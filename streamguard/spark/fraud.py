@@ -77,6 +77,7 @@ from models.job import (
     SHADOW_SCORES,
     TERMINAL_STATE,
     TRANSACTIONS,
+    TRANSACTIONS_TABLE_SCHEMA,
     FraudScoringJob,
     _drop_duplicates,
     _known_frauds,
@@ -101,6 +102,9 @@ SPARK_BATCH_SCHEMA = pa.schema(
         pa.field("challenger_version", pa.string()),
         pa.field("labels_version", pa.int64()),
         pa.field("planned_at", TIMESTAMP),
+        # batch_id is the lake's batch id: spark_batch_id + a base fixed at the query's first
+        # batch (see `lake_batch_base`).
+        pa.field("spark_batch_id", pa.int64(), nullable=False),
     ]
 )
 # The records a micro-batch hands to foreachBatch (the Kinesis source's columns).
@@ -369,25 +373,62 @@ def _sort_key(record: _Record) -> tuple[str, int]:
         return record.shard_id, 0
 
 
-def _plan(
-    lake: Lake, job: FraudScoringJob, app_id: str, job_name: str, batch_id: int, n: int
+def _next_batch_id(lake: Lake, plans: str) -> int:
+    """One past the highest batch id any engine wrote (the lake's batch numbering)."""
+    highest = -1
+    for name, schema in (
+        (TRANSACTIONS, TRANSACTIONS_TABLE_SCHEMA),
+        (DEAD_LETTER_TABLE, DEAD_LETTER_SCHEMA),
+        (plans, SPARK_BATCH_SCHEMA),
+    ):
+        ids = lake.read(name, columns=["batch_id"], schema=schema)["batch_id"]
+        if len(ids):
+            highest = max(highest, int(pc.max(ids).as_py()))
+    return highest + 1
+
+
+def lake_batch_base(lake: Lake, plans: str, app_id: str, spark_batch_id: int) -> int:
+    """Lake batch id minus Spark batch id for this query: recorded, else fixed now.
+
+    A new checkpoint (lost, or deleted on purpose) restarts Spark's batch ids at 0; the lake's
+    must go on, or the "earlier batch" reads (duplicate ids, known frauds) would miss what the
+    query already wrote. So the base is fixed at the query's first planned batch from the lake's
+    numbering, and recorded with every batch in `plans`, so restarts of the same query agree.
+    """
+    done = lake.read(
+        plans,
+        columns=["batch_id", "spark_batch_id"],
+        filter=pc.field("app_id") == app_id,
+        schema=SPARK_BATCH_SCHEMA,
+    )
+    if done.num_rows:
+        row = done.slice(0, 1).to_pylist()[0]
+        return int(row["batch_id"]) - int(row["spark_batch_id"])
+    return _next_batch_id(lake, plans) - spark_batch_id
+
+
+def plan_batch(
+    lake: Lake,
+    plans: str,
+    job: FraudScoringJob,
+    app_id: str,
+    job_name: str,
+    batch_id: int,
+    spark_batch_id: int,
+    n: int,
 ) -> dict[str, Any]:
-    """The batch's context: recorded in `spark_batches` on the first attempt, read on replays."""
+    """The batch's context: recorded in `plans` on the first attempt, read on replays."""
     filt = (pc.field("app_id") == app_id) & (pc.field("batch_id") == batch_id)
-    done = lake.read(SPARK_BATCHES, filter=filt, schema=SPARK_BATCH_SCHEMA)
+    done = lake.read(plans, filter=filt, schema=SPARK_BATCH_SCHEMA)
+    keys = ("model_name", "model_version", "challenger_version", "labels_version")
     if done.num_rows:
         row = done.to_pylist()[0]
-        return {
-            "model_name": row["model_name"],
-            "model_version": row["model_version"],
-            "challenger_version": row["challenger_version"],
-            "labels_version": row["labels_version"],
-        }
+        return {k: row[k] for k in keys}
     context = job.plan_context(lake)
     row = {"app_id": app_id, "batch_id": batch_id, "job": job_name, "n_records": n}
-    row |= {k: context[k] for k in ("model_name", "model_version", "challenger_version")}
-    row |= {"labels_version": context["labels_version"], "planned_at": datetime.now(UTC)}
-    lake.append(SPARK_BATCHES, pa.Table.from_pylist([row], SPARK_BATCH_SCHEMA), app_id, batch_id)
+    row |= {k: context[k] for k in keys}
+    row |= {"planned_at": datetime.now(UTC), "spark_batch_id": spark_batch_id}
+    lake.append(plans, pa.Table.from_pylist([row], SPARK_BATCH_SCHEMA), app_id, batch_id)
     return context
 
 
@@ -406,12 +447,16 @@ class _BatchContext:
     job_name: str
     report: SparkFraudReport
     buckets: int | None
+    bases: dict[str, int] = field(default_factory=dict)  # app id -> lake batch id base
 
 
-def _process_batch(batch: DataFrame, batch_id: int, app_id: str, ctx: _BatchContext) -> None:
+def _process_batch(batch: DataFrame, spark_batch_id: int, app_id: str, ctx: _BatchContext) -> None:
     """One micro-batch, as `FraudScoringJob.process` + the runner's writes would do it."""
     started = time.perf_counter()
     lake, job = ctx.lake, ctx.job
+    if app_id not in ctx.bases:
+        ctx.bases[app_id] = lake_batch_base(lake, SPARK_BATCHES, app_id, spark_batch_id)
+    batch_id = ctx.bases[app_id] + spark_batch_id
     raw = batch.select(*RECORD_COLUMNS).toArrow().to_pylist()
     records = sorted((_Record(**r) for r in raw), key=_sort_key)
     timing = BatchTiming(batch_id, len(records))
@@ -423,7 +468,9 @@ def _process_batch(batch: DataFrame, batch_id: int, app_id: str, ctx: _BatchCont
         timing.skipped = True
         timing.total_s = time.perf_counter() - started
         return
-    context = _plan(lake, job, app_id, ctx.job_name, batch_id, len(records))
+    context = plan_batch(
+        lake, SPARK_BATCHES, job, app_id, ctx.job_name, batch_id, spark_batch_id, len(records)
+    )
     now = datetime.now(UTC)
     parsed = parse_records([r.data for r in records])
     rejected = [(r.index, r.reason) for r in parsed.rejected]

@@ -105,7 +105,6 @@ from models.job import (
     TERMINAL_STATE,
     TERMINAL_STATE_TABLE_SCHEMA,
     TRANSACTIONS,
-    TRANSACTIONS_TABLE_SCHEMA,
     FraudScoringJob,
     _drop_duplicates,
     _known_frauds,
@@ -134,16 +133,16 @@ from streamguard.spark.fraud import (
     BatchTiming,
     SparkFraudReport,
     _stamp,
+    lake_batch_base,
+    plan_batch,
     run_available_now,
 )
 
 DEFAULT_CUSTOMER_TTL = timedelta(days=90)
 NO_DATA_BATCHES = "spark.sql.streaming.noDataMicroBatches.enabled"
 SPARK_STORE_BATCHES = "spark_store_batches"
-# The Delta mode's batch record plus the query's own batch id: `batch_id` is the lake batch id.
-SPARK_STORE_BATCH_SCHEMA = pa.schema(
-    [*SPARK_BATCH_SCHEMA, pa.field("spark_batch_id", pa.int64(), nullable=False)]
-)
+# The same record as the Delta mode's `spark_batches` (lake batch id, Spark batch id, context).
+SPARK_STORE_BATCH_SCHEMA = SPARK_BATCH_SCHEMA
 
 
 # ----------------------------------------------------------------------------- driver
@@ -175,63 +174,6 @@ def _customer_state(rows: pa.Table) -> pa.Table:
             "history_amounts": rows["history_amounts"],
         }
     ).cast(CUSTOMER_STATE_SCHEMA)
-
-
-def _next_batch_id(lake: Lake) -> int:
-    """One past the highest batch id any engine wrote (the lake's batch numbering)."""
-    highest = -1
-    for name, schema in (
-        (TRANSACTIONS, TRANSACTIONS_TABLE_SCHEMA),
-        (DEAD_LETTER_TABLE, DEAD_LETTER_SCHEMA),
-        (SPARK_STORE_BATCHES, SPARK_STORE_BATCH_SCHEMA),
-    ):
-        ids = lake.read(name, columns=["batch_id"], schema=schema)["batch_id"]
-        if len(ids):
-            highest = max(highest, int(pc.max(ids).as_py()))
-    return highest + 1
-
-
-def _lake_batch_base(lake: Lake, app_id: str, spark_batch_id: int) -> int:
-    """Lake batch id minus Spark batch id for this query: recorded, else fixed now.
-
-    Fixed at the query's first planned batch from the lake's numbering, so a fresh checkpoint
-    continues it; recorded with every batch, so restarts of the same query agree.
-    """
-    done = lake.read(
-        SPARK_STORE_BATCHES,
-        columns=["batch_id", "spark_batch_id"],
-        filter=pc.field("app_id") == app_id,
-        schema=SPARK_STORE_BATCH_SCHEMA,
-    )
-    if done.num_rows:
-        row = done.slice(0, 1).to_pylist()[0]
-        return int(row["batch_id"]) - int(row["spark_batch_id"])
-    return _next_batch_id(lake) - spark_batch_id
-
-
-def _plan(
-    lake: Lake,
-    job: FraudScoringJob,
-    app_id: str,
-    job_name: str,
-    batch_id: int,
-    spark_batch_id: int,
-    n: int,
-) -> dict[str, Any]:
-    """The batch's context: recorded on the first attempt (before any output), read on replays."""
-    filt = (pc.field("app_id") == app_id) & (pc.field("batch_id") == batch_id)
-    done = lake.read(SPARK_STORE_BATCHES, filter=filt, schema=SPARK_STORE_BATCH_SCHEMA)
-    keys = ("model_name", "model_version", "challenger_version", "labels_version")
-    if done.num_rows:
-        row = done.to_pylist()[0]
-        return {k: row[k] for k in keys}
-    context = job.plan_context(lake)
-    row = {"app_id": app_id, "batch_id": batch_id, "job": job_name, "n_records": n}
-    row |= {k: context[k] for k in keys}
-    row |= {"planned_at": datetime.now(UTC), "spark_batch_id": spark_batch_id}
-    table = pa.Table.from_pylist([row], SPARK_STORE_BATCH_SCHEMA)
-    lake.append(SPARK_STORE_BATCHES, table, app_id, batch_id)
-    return context
 
 
 @dataclass
@@ -274,7 +216,7 @@ def _process_store_batch(
     dead = rows.filter(pc.equal(kind, "d"))
     n_records = feats.num_rows + dead.num_rows
     if app_id not in ctx.bases:
-        ctx.bases[app_id] = _lake_batch_base(lake, app_id, spark_batch_id)
+        ctx.bases[app_id] = lake_batch_base(lake, SPARK_STORE_BATCHES, app_id, spark_batch_id)
     batch_id = ctx.bases[app_id] + spark_batch_id
     timing = BatchTiming(batch_id, n_records)
     ctx.report.batches.append(timing)
@@ -285,7 +227,9 @@ def _process_store_batch(
         timing.skipped = True
         timing.total_s = time.perf_counter() - started
         return
-    context = _plan(lake, job, app_id, ctx.job_name, batch_id, spark_batch_id, n_records)
+    context = plan_batch(
+        lake, SPARK_STORE_BATCHES, job, app_id, ctx.job_name, batch_id, spark_batch_id, n_records
+    )
     now = datetime.now(UTC)
     order = arrival_order(feats["shard_id"].to_pylist(), feats["sequence_number"].to_pylist())
     feats = feats.take(pa.array(order, pa.int64()))
