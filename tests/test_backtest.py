@@ -265,13 +265,10 @@ def test_optional_fields_absent_leave_features_null_and_still_train_and_score(
         assert 0.5 < block["roc_auc"] <= 1.0 and 0.0 < block["average_precision"] <= 1.0
     assert result.predictions["score"].between(0, 1).all()
     # A model fitted without those fields scores rows that have them, and the other way round.
-    fitted = make_default_model().fit(feature_matrix(data.train), data.train["label"])
-    full = backtest_data(sim.transactions, sim.labels, train_start).test
-    assert np.isfinite(score(fitted, full)).all()
-    full_model = make_default_model().fit(
-        feature_matrix(backtest_data(sim.transactions, sim.labels, train_start).train),
-        data.train["label"],
-    )
+    full = backtest_data(sim.transactions, sim.labels, train_start)
+    bare_model = make_default_model().fit(feature_matrix(data.train), data.train["label"])
+    assert np.isfinite(score(bare_model, full.test)).all()
+    full_model = make_default_model().fit(feature_matrix(full.train), full.train["label"])
     assert np.isfinite(score(full_model, data.test)).all()
 
 

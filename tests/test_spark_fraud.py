@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from pyspark.sql import SparkSession
-from spark_batches import batch_files
+from spark_batches import in_process_reference
 
 from models.features import FEATURE_COLUMNS, FeatureState, compute_features, known_frauds
 from models.job import (
@@ -33,9 +33,8 @@ from models.registry import LoadedModel, score
 from models.schema import to_payload
 from models.simulate import Simulation
 from streamguard.lake import Lake
-from streamguard.pipeline import load_labels, scoring_runner
+from streamguard.pipeline import load_labels
 from streamguard.runner import DEAD_LETTER_TABLE
-from streamguard.sources import MemorySource
 from streamguard.spark.fraud import (
     SPARK_BATCHES,
     SparkFraudReport,
@@ -105,14 +104,12 @@ def runs(
 ) -> Runs:
     root = tmp_path_factory.mktemp("spark_fraud")
     payloads, keys = _payloads(small_sim)
-    source = MemorySource.split(payloads, keys, n_shards=2)
-    local = Lake(root / "local")
-    load_labels(local, small_sim.labels)
     started = time.perf_counter()
-    scoring_runner(local, source, None, max_batch_records=BATCH_RECORDS, model=tiny_model).run()
-    local_seconds = time.perf_counter() - started
-    input_dir, checkpoint = root / "input", root / "checkpoint"
-    batch_files(local, source, input_dir)
+    local, input_dir, _ = in_process_reference(
+        root, payloads, keys, small_sim.labels, tiny_model, BATCH_RECORDS
+    )
+    local_seconds = time.perf_counter() - started  # (batch files included)
+    checkpoint = root / "checkpoint"
     lake = Lake(root / "spark")
     load_labels(lake, small_sim.labels)
     report = run_fraud_on_spark(

@@ -25,16 +25,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from pyspark.sql import DataFrame, SparkSession
-from spark_batches import batch_files
+from spark_batches import in_process_reference
 
 from models.job import ALERTS, CUSTOMER_STATE, FEATURES, SCORES, TERMINAL_STATE, TRANSACTIONS
 from models.registry import LoadedModel
 from models.schema import to_payload
 from models.simulate import Simulation
 from streamguard.lake import Lake
-from streamguard.pipeline import load_labels, scoring_runner
+from streamguard.pipeline import load_labels
 from streamguard.runner import DEAD_LETTER_TABLE
-from streamguard.sources import MemorySource
 from streamguard.spark import fraud_state
 from streamguard.spark.fraud import SparkFraudReport, jsonl_source
 from streamguard.spark.fraud_state import SPARK_STORE_BATCHES, run_fraud_on_spark_state_store
@@ -104,12 +103,9 @@ def runs(
 ) -> Runs:
     root = tmp_path_factory.mktemp("spark_fraud_state")
     payloads, keys = _payloads(small_sim)
-    source = MemorySource.split(payloads, keys, n_shards=2)
-    local = Lake(root / "local")
-    load_labels(local, small_sim.labels)
-    scoring_runner(local, source, None, max_batch_records=BATCH_RECORDS, model=tiny_model).run()
-    input_dir = root / "input"
-    n_batches = batch_files(local, source, input_dir)
+    local, input_dir, n_batches = in_process_reference(
+        root, payloads, keys, small_sim.labels, tiny_model, BATCH_RECORDS
+    )
     store = Lake(root / "store")
     load_labels(store, small_sim.labels)
     report = run_fraud_on_spark_state_store(
