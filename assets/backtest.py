@@ -10,7 +10,7 @@ from pydantic import Field
 
 from assets.resources import HomeResource, MlflowResource
 from models.backtest import backtest, read_dataset
-from models.registry import log_backtest
+from models.backtest_log import log_backtest
 
 GROUP = "fraud_model"
 

@@ -6,16 +6,9 @@ import pyarrow.compute as pc
 from assets.model import evaluation_metadata
 from assets.resources import HomeResource, MlflowResource
 from models.job import SCORES, TRANSACTIONS
-from models.registry import (
-    CHALLENGER,
-    CHAMPION,
-    DEFAULT_METRIC,
-    alias_version,
-    evaluate_challenger,
-    load_holdout,
-    recorded_evaluation,
-)
-from streamguard.runner import DEAD_LETTER_TABLE
+from models.promotion import decide_promotion
+from models.registry import CHALLENGER, CHAMPION, alias_version
+from streamguard.commit import DEAD_LETTER_TABLE
 
 SCORES_UNIQUE_TRANSACTION = "scores_unique_transaction_id"
 SCORES_IN_UNIT_INTERVAL = "scores_within_unit_interval"
@@ -76,25 +69,23 @@ def dead_letter_rate(home: HomeResource) -> dg.AssetCheckResult:
 def challenger_beats_champion(home: HomeResource, mlflow: MlflowResource) -> dg.AssetCheckResult:
     """The promotion gate: the challenger must be strictly better than the champion.
 
-    Both are compared on the challenger's stored time-based holdout by the metric it was
-    trained for. The evaluation recorded at training is reused when it was against the current
-    champion; otherwise (the champion moved since) it is evaluated again and recorded. Blocking,
-    so a failure stops `fraud_model_champion` from moving the alias.
+    The decision is `decide_promotion`'s: both compared on the challenger's stored time-based
+    holdout by the metric it was trained for, reusing the evaluation recorded at training when
+    it was against the current champion, else evaluating again (and recording it). Blocking, so
+    a failure stops `fraud_model_champion` from moving the alias.
     """
     uri, name = mlflow.uri(home.home()), mlflow.model_name
     challenger = alias_version(uri, name, CHALLENGER)
-    champion = alias_version(uri, name, CHAMPION)
     if challenger is None:
+        champion = alias_version(uri, name, CHAMPION)
         return dg.AssetCheckResult(
             passed=True,
             metadata={"champion_version": champion or "-", "reason": "no challenger to promote"},
         )
-    evaluation = recorded_evaluation(uri, name, challenger)
-    if evaluation is None or evaluation.champion_version != champion:
-        metric = evaluation.metric if evaluation is not None else DEFAULT_METRIC
-        holdout = load_holdout(uri, name, challenger)
-        evaluation = evaluate_challenger(uri, name, challenger, holdout, metric)
-    return dg.AssetCheckResult(passed=evaluation.better, metadata=evaluation_metadata(evaluation))
+    decision = decide_promotion(uri, name, challenger)
+    return dg.AssetCheckResult(
+        passed=decision.approved, metadata=evaluation_metadata(decision.evaluation)
+    )
 
 
 defs = dg.Definitions(

@@ -6,7 +6,7 @@ from pydantic import Field
 from assets.resources import HomeResource
 from models.job import OUTPUTS
 from streamguard.checkpoint import CHECKPOINT_TABLE
-from streamguard.runner import DEAD_LETTER_TABLE
+from streamguard.commit import DEAD_LETTER_TABLE
 
 TABLES = [o.name for o in OUTPUTS] + [DEAD_LETTER_TABLE, CHECKPOINT_TABLE]
 

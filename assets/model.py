@@ -17,16 +17,8 @@ from pydantic import Field
 
 from assets.resources import HomeResource, MlflowResource
 from models.job import FEATURES
-from models.registry import (
-    CHALLENGER,
-    CHAMPION,
-    DEFAULT_METRIC,
-    Evaluation,
-    alias_version,
-    move_champion,
-    recorded_evaluation,
-    rollback,
-)
+from models.promotion import Evaluation, promote_if_better, rollback
+from models.registry import CHALLENGER, CHAMPION, DEFAULT_METRIC, PromotionMetric, alias_version
 from streamguard.pipeline import (
     MIN_FEATURE_LOG_ROWS,
     load_labels,
@@ -93,7 +85,7 @@ class TrainingConfig(dg.Config):
         default=True,
         description="Prefer the Delta feature log (features as scored) when large enough",
     )
-    metric: str = Field(
+    metric: PromotionMetric = Field(
         default=DEFAULT_METRIC,
         description="Holdout metric the challenger must strictly improve on to become champion",
     )
@@ -154,9 +146,10 @@ def fraud_model(
 def fraud_model_champion(home: HomeResource, mlflow: MlflowResource) -> dg.MaterializeResult:
     """Promote the challenger that passed the gate; nothing to do when there is none.
 
-    Runs only when the blocking check passed (Dagster skips it otherwise). It re-reads the
-    evaluation the check recorded and refuses to promote if it was not an approval against the
-    current champion (the champion moved in between, e.g. a rollback).
+    Runs only when the blocking check passed (Dagster skips it otherwise). It promotes on the
+    evaluation the check recorded, without evaluating again (`reevaluate=False`), and refuses if
+    that was not an approval against the current champion (the champion moved in between, e.g.
+    a rollback).
     """
     uri, name = mlflow.uri(home.home()), mlflow.model_name
     challenger = alias_version(uri, name, CHALLENGER)
@@ -169,20 +162,20 @@ def fraud_model_champion(home: HomeResource, mlflow: MlflowResource) -> dg.Mater
                 "reason": "no challenger",
             }
         )
-    evaluation = recorded_evaluation(uri, name, challenger)
-    if evaluation is None or not evaluation.better or evaluation.champion_version != champion:
+    decision = promote_if_better(uri, name, challenger, reevaluate=False)
+    change = decision.change
+    if change is None:  # not approved
         raise dg.Failure(
             description=f"challenger {challenger} has no approval against champion {champion}",
-            metadata=evaluation_metadata(evaluation),
+            metadata=evaluation_metadata(decision.evaluation),
         )
-    change = move_champion(uri, name, challenger, "promotion", evaluation.reason, evaluation)
     return dg.MaterializeResult(
         metadata={
             "champion_version": change.version,
             "previous_champion": change.previous or "-",
             "changed": change.changed,
             "changed_at": change.at,
-            **evaluation_metadata(evaluation),
+            **evaluation_metadata(decision.evaluation),
         }
     )
 
@@ -207,6 +200,7 @@ def rollback_fraud_model(
 
 @dg.job(description="Roll `champion` back (config `to_version`; default: the previous one).")
 def rollback_fraud_model_job() -> None:
+    """The rollback op as a job, so it can be launched from the UI or the CLI with config."""
     rollback_fraud_model()
 
 

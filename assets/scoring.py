@@ -25,8 +25,8 @@ from models.job import (
     TERMINAL_STATE,
     TRANSACTIONS,
 )
+from streamguard.commit import DEAD_LETTER_TABLE
 from streamguard.pipeline import scoring_runner
-from streamguard.runner import DEAD_LETTER_TABLE
 from streamguard.sources import KinesisSource
 
 if TYPE_CHECKING:
@@ -116,26 +116,18 @@ def _run_on_spark(
     spark: SparkResource,
     config: ScoringConfig,
 ) -> _Outcome:
-    import pyarrow.compute as pc
-
     from streamguard.spark.fraud import (
-        SPARK_BATCH_SCHEMA,
         SPARK_BATCHES,
         kinesis_records,
+        planned_model_versions,
         run_fraud_on_spark,
     )
-    from streamguard.spark.fraud_state import (
-        SPARK_STORE_BATCH_SCHEMA,
-        SPARK_STORE_BATCHES,
-        run_fraud_on_spark_state_store,
-    )
+    from streamguard.spark.fraud_state import SPARK_STORE_BATCHES, run_fraud_on_spark_state_store
 
     place, lake, stream = home.home(), home.lake(), kinesis.stream_name
     store = config.executor == SPARK_STATE_STORE
     run = run_fraud_on_spark_state_store if store else run_fraud_on_spark
-    plans_table, plans_schema = (SPARK_BATCHES, SPARK_BATCH_SCHEMA)
-    if store:
-        plans_table, plans_schema = (SPARK_STORE_BATCHES, SPARK_STORE_BATCH_SCHEMA)
+    plans_table = SPARK_STORE_BATCHES if store else SPARK_BATCHES
     endpoint = kinesis.endpoint_url
 
     def source(session: "SparkSession") -> "DataFrame":
@@ -158,15 +150,7 @@ def _run_on_spark(
         alias=mlflow.alias,
     )
     scored = [b.batch_id for b in report.batches if not b.skipped]
-    versions: list[str] = []
-    if scored:
-        plans = lake.read(
-            plans_table,
-            columns=["model_version"],
-            filter=(pc.field("app_id") == report.app_id) & pc.field("batch_id").isin(scored),
-            schema=plans_schema,
-        )
-        versions = sorted({str(v) for v in plans["model_version"].to_pylist() if v} - {""})
+    versions = planned_model_versions(lake, plans_table, report.app_id, scored)
     return _Outcome(
         rows={name: report.rows_written.get(name, 0) for name in TABLES},
         batches=len(scored),

@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.spark_scoring import bench_scoring  # noqa: E402
 from models.features import FeatureState, compute_features, replay  # noqa: E402
-from models.registry import LoadedModel, log_and_register, promote_if_better  # noqa: E402
+from models.promotion import promote_if_better  # noqa: E402
+from models.registry import LoadedModel, log_and_register  # noqa: E402
 from models.schema import to_payload  # noqa: E402
 from models.simulate import Simulation, simulate  # noqa: E402
 from models.training import TrainResult, time_split, train, training_frame  # noqa: E402

@@ -2,12 +2,17 @@
 
 One pure function on Arrow/pandas, with no I/O, so the in-process runner, the history replay used
 for training and a Spark executor all compute the same numbers.
+
+Every feature is declared once in `FEATURES`, with the entity whose state it needs (as a Feast
+FeatureView declares its entities and schema): an executor that splits the work by key computes
+the customer and event features grouped by customer and the terminal features grouped by terminal.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -24,23 +29,75 @@ CUSTOMER_WINDOWS: dict[str, int] = {"1h": 3600, "1d": 86_400, "7d": 7 * 86_400, 
 TERMINAL_WINDOWS: dict[str, int] = {"1d": 86_400, "7d": 7 * 86_400, "30d": 30 * 86_400}
 HISTORY_SECONDS = max(max(CUSTOMER_WINDOWS.values()), max(TERMINAL_WINDOWS.values()))
 
-FEATURE_COLUMNS: list[str] = [
-    "amount",
-    "is_debit",
-    "balance_before",
-    "amount_balance_ratio",
-    "location_seen_before",
-    "n_locations_seen",
-    "seconds_since_prev",
-    *[f"{stat}_{w}" for w in CUSTOMER_WINDOWS for stat in ("count", "mean_amount")],
-    "amount_to_mean_30d",
-    *[f"terminal_{stat}_{w}" for w in TERMINAL_WINDOWS for stat in ("tx_count", "fraud_rate")],
-    "channel_atm",
-    "channel_pos",
-    "channel_online",
-    "channel_wire",
-    "hour_of_day",
-]
+# What a feature is computed from: the customer's state and earlier events, the terminal's state
+# and known frauds, or the event alone.
+FeatureEntity = Literal["customer", "terminal", "event"]
+ENTITIES: tuple[FeatureEntity, ...] = get_args(FeatureEntity)
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One model input, declared with its entity so executors need not guess it from its name.
+
+    Every feature is a float64 column; undefined values (no earlier event, no location) are null.
+    """
+
+    name: str
+    entity: FeatureEntity
+    description: str
+
+
+FEATURES: tuple[Feature, ...] = (
+    Feature("amount", "event", "The transaction's amount."),
+    Feature("is_debit", "event", "1 for a debit, 0 for a credit."),
+    Feature("balance_before", "customer", "The customer's balance just before the event."),
+    Feature("amount_balance_ratio", "customer", "Amount over the balance before (at least 1)."),
+    Feature("location_seen_before", "customer", "1 if the customer was at this location before."),
+    Feature("n_locations_seen", "customer", "Distinct locations of the customer before the event."),
+    Feature("seconds_since_prev", "customer", "Seconds since the customer's previous event."),
+    *(
+        feature
+        for w in CUSTOMER_WINDOWS
+        for feature in (
+            Feature(f"count_{w}", "customer", f"The customer's debits in the last {w}."),
+            Feature(
+                f"mean_amount_{w}", "customer", f"Mean amount of those debits in the last {w}."
+            ),
+        )
+    ),
+    Feature("amount_to_mean_30d", "customer", "Amount over the customer's 30-day mean debit."),
+    *(
+        feature
+        for w in TERMINAL_WINDOWS
+        for feature in (
+            Feature(
+                f"terminal_tx_count_{w}", "terminal", f"The terminal's events in the last {w}."
+            ),
+            Feature(
+                f"terminal_fraud_rate_{w}",
+                "terminal",
+                f"Share of those already reported as fraud, in the last {w}.",
+            ),
+        )
+    ),
+    *(Feature(f"channel_{c}", "event", f"1 if the channel is {c}.") for c in CHANNELS),
+    Feature("hour_of_day", "event", "The event time's hour (UTC)."),
+)
+
+
+def feature_names(*entities: FeatureEntity) -> list[str]:
+    """The features of these entities, in FEATURE_COLUMNS order: the columns of one key's part."""
+    unknown = set(entities) - set(ENTITIES)
+    if unknown:
+        raise ValueError(f"unknown entities {sorted(unknown)}; expected some of {ENTITIES}")
+    return [f.name for f in FEATURES if f.entity in entities]
+
+
+FEATURE_COLUMNS: list[str] = [f.name for f in FEATURES]
+CUSTOMER_FEATURES: list[str] = feature_names("customer")
+TERMINAL_FEATURES: list[str] = feature_names("terminal")
+EVENT_FEATURES: list[str] = feature_names("event")
+
 # Identifies the event a feature row belongs to; comes before FEATURE_COLUMNS in the output.
 KEY_COLUMNS: list[str] = ["transaction_id", "event_time", "customer_id", "terminal_id"]
 
@@ -77,7 +134,7 @@ FEATURE_SCHEMA = pa.schema(
         pa.field("event_time", TIMESTAMP, nullable=False),
         pa.field("customer_id", pa.string(), nullable=False),
         pa.field("terminal_id", pa.string(), nullable=False),
-        *[pa.field(name, pa.float64()) for name in FEATURE_COLUMNS],
+        *[pa.field(feature.name, pa.float64()) for feature in FEATURES],
     ]
 )
 
@@ -93,6 +150,7 @@ class FeatureState:
 
     @classmethod
     def empty(cls) -> FeatureState:
+        """The state before any event: what a new deployment or a full replay starts from."""
         return cls(CUSTOMER_STATE_SCHEMA.empty_table(), TERMINAL_STATE_SCHEMA.empty_table())
 
     def updated(self, changed: FeatureState) -> FeatureState:
@@ -105,6 +163,8 @@ class FeatureState:
 
 @dataclass(frozen=True)
 class FeatureResult:
+    """What a batch produced: its feature rows and the state rows to upsert after it."""
+
     features: pa.Table  # FEATURE_SCHEMA, one row per input transaction, in input order
     state: FeatureState  # new state of the customers and terminals the batch touched
 
@@ -227,6 +287,82 @@ def _window_sums(
     return out
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """The batch's columns as numpy arrays, in arrival order."""
+
+    customers: np.ndarray  # customer_id (object)
+    terminals: np.ndarray  # terminal_id (object)
+    times: np.ndarray  # event time (us)
+    amounts: np.ndarray
+    is_debit: np.ndarray  # bool
+    balance_change: np.ndarray  # -amount for a debit, +amount for a credit
+    channels: np.ndarray  # object, None when absent
+    locations: np.ndarray  # object, None when absent
+
+
+@dataclass(frozen=True)
+class _Keys:
+    """The batch's keys of one entity and their state rows, coded 0..k-1 (state keys first)."""
+
+    state: pa.Table  # the state rows of the batch's keys
+    state_codes: np.ndarray  # key code per state row
+    batch_codes: np.ndarray  # key code per batch row
+    keys: np.ndarray  # the key of each code
+
+    @property
+    def k(self) -> int:
+        return len(self.keys)
+
+
+@dataclass(frozen=True)
+class _CustomerOrder:
+    """The batch rows sorted by (customer, event time, arrival): each customer's events in turn."""
+
+    rows: np.ndarray  # arrival position of each sorted row
+    codes: np.ndarray  # customer code per sorted row
+    times: np.ndarray  # event time per sorted row
+    first: np.ndarray  # True on each customer's first sorted row
+    group_start: np.ndarray  # sorted position of the first row of each row's customer
+
+    def unsort(self, values: np.ndarray) -> np.ndarray:
+        """Values per sorted row back in arrival order, as float64."""
+        out = np.empty(len(values))
+        out[self.rows] = values
+        return out
+
+
+@dataclass(frozen=True)
+class _CustomerStart:
+    """Each customer's balance and last event time (us, NaN if none) before the batch, by code."""
+
+    balance: np.ndarray
+    last_time: np.ndarray
+
+
+@dataclass(frozen=True)
+class _SpendHistory:
+    """The customers' stored debits then the batch's rows, on one timeline."""
+
+    timeline: _Timeline
+    amounts: np.ndarray  # per timeline row
+    # 1 per row that counts as spend: every stored row (the state keeps debits only), batch debits.
+    weights: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Locations:
+    """The customers' stored locations and, per sorted batch row, whether its location is new."""
+
+    stored_codes: np.ndarray  # customer code per stored location
+    stored_values: np.ndarray  # the stored locations (object)
+    sorted_codes: np.ndarray  # customer code per sorted batch row
+    sorted_values: np.ndarray  # location per sorted batch row (object, None when absent)
+    has: np.ndarray  # per sorted batch row: a location is given
+    seen: np.ndarray  # per sorted batch row: stored, or earlier in the batch
+    new: np.ndarray  # per sorted batch row: 1 for a location given and not seen, else 0
+
+
 def compute_features(
     transactions: pa.Table, state: FeatureState, known_frauds: pa.Table | None = None
 ) -> FeatureResult:
@@ -236,149 +372,219 @@ def compute_features(
     state has seen. `known_frauds` may hold any frauds: one only counts for an event once it had
     been reported by the event's time, so replaying history with all labels leaks nothing.
     """
-    n = transactions.num_rows
-    cust = np.asarray(transactions["customer_id"].to_numpy(zero_copy_only=False), dtype=object)
-    term = np.asarray(transactions["terminal_id"].to_numpy(zero_copy_only=False), dtype=object)
-    times = _micros(transactions["event_time"])
-    amount = np.asarray(transactions["amount"].to_numpy(zero_copy_only=False), dtype=np.float64)
+    batch = _read_batch(transactions)
+    customers = _keys(state.customers, "customer_id", batch.customers)
+    terminals = _keys(state.terminals, "terminal_id", batch.terminals)
+    order = _customer_order(customers, batch.times)
+    start = _customer_start(customers)
+    spend = _spend_history(customers, batch)
+    locations = _locations(customers, order, batch.locations)
+    terminal_timeline = _key_timeline(terminals, batch.times)
+    frauds = _known_fraud_counts(batch.terminals, batch.times, known_frauds)
+    values = {
+        **_event_features(batch),
+        **_balance_features(order, start, batch),
+        **_recency_features(order, start),
+        **_location_features(locations, order, customers.k),
+        **_spend_features(spend, batch.amounts),
+        **_terminal_features(terminal_timeline, frauds),
+    }
+    new_state = FeatureState(
+        _new_customer_state(customers, start=start, spend=spend, locations=locations, batch=batch),
+        _new_terminal_state(terminals, terminal_timeline, batch.times),
+    )
+    return FeatureResult(_feature_table(transactions, values), new_state)
+
+
+def _objects(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=object)
+
+
+def _floats(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _ints(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _read_batch(transactions: pa.Table) -> _Batch:
+    amounts = _floats(transactions["amount"])
     is_debit = np.asarray(
         pc.equal(transactions["kind"], "debit").to_numpy(zero_copy_only=False), dtype=bool
     )
-    signed = np.where(is_debit, -amount, amount)
-
-    cstate = _select(state.customers, "customer_id", np.unique(cust))
-    tstate = _select(state.terminals, "terminal_id", np.unique(term))
-    feats: dict[str, np.ndarray] = {"amount": amount, "is_debit": is_debit.astype(np.float64)}
-
-    # --- customers -------------------------------------------------------------------------
-    c_ids = np.asarray(cstate["customer_id"].to_numpy(zero_copy_only=False), dtype=object)
-    codes, uniques = pd.factorize(np.concatenate([c_ids, cust]))
-    state_code, batch_code = codes[: len(c_ids)], codes[len(c_ids) :]
-    k = len(uniques)
-    parents, hist_t = _flatten(cstate, "history_times")
-    _, hist_a = _flatten(cstate, "history_amounts")
-    tl = _timeline(state_code[parents], _micros(hist_t), batch_code, times)
-    hist_amounts = np.asarray(hist_a.to_numpy(zero_copy_only=False), dtype=np.float64)
-    # Spend and velocity windows count debits only: salary and transfers in are not spending.
-    # The state's history holds debits only, so every history row counts.
-    spend = np.concatenate([np.ones(len(hist_amounts)), is_debit.astype(np.float64)])
-    amounts = np.concatenate([hist_amounts, amount])
-    sums = _window_sums(tl, amounts * spend, CUSTOMER_WINDOWS, weights=spend)
-    for w, (count, total) in sums.items():
-        feats[f"count_{w}"] = count.astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            feats[f"mean_amount_{w}"] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        feats["amount_to_mean_30d"] = amount / feats["mean_amount_30d"]
-
-    # Per-key values from the state, indexed by key code (NaN / 0 for keys the state lacks).
-    def by_code(column: str, fill: float) -> np.ndarray:
-        out = np.full(k, fill, dtype=np.float64)
-        if len(c_ids):
-            vals = cstate[column].to_numpy(zero_copy_only=False)
-            if column == "last_event_time":
-                vals = np.where(pd.isna(vals), np.nan, _micros(cstate[column]).astype(np.float64))
-            out[state_code] = np.asarray(vals, dtype=np.float64)
-        return out
-
-    state_balance = np.nan_to_num(by_code("balance", 0.0))
-    state_last = by_code("last_event_time", np.nan)
-
-    # Processing order of the batch rows only: (customer, time, arrival).
-    border = np.lexsort((np.arange(n), times, batch_code))
-    bc, bt = batch_code[border], times[border]
-    first = np.ones(n, dtype=bool)
-    first[1:] = bc[1:] != bc[:-1]
-    group_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
-    before = _prefix_sums(bc, signed[border])[:-1]
-    balance_before = np.empty(n)
-    balance_before[border] = state_balance[bc] + before
-    feats["balance_before"] = balance_before
-    feats["amount_balance_ratio"] = amount / np.maximum(balance_before, 1.0)
-    prev = np.where(first, state_last[bc], np.concatenate([[np.nan], bt[:-1].astype(np.float64)]))
-    since = np.empty(n)
-    since[border] = (bt - prev) / _US
-    feats["seconds_since_prev"] = since
-
-    # Locations: seen before this event = in the state's set or earlier in the batch.
-    loc_col = transactions["location"]
-    loc = np.asarray(loc_col.to_numpy(zero_copy_only=False), dtype=object)
-    has_loc = ~pd.isna(loc)
-    lp, lv = _flatten(cstate, "locations")
-    state_pairs = pd.MultiIndex.from_arrays(
-        [state_code[lp], np.asarray(lv.to_numpy(zero_copy_only=False), dtype=object)]
+    return _Batch(
+        customers=_objects(transactions["customer_id"]),
+        terminals=_objects(transactions["terminal_id"]),
+        times=_micros(transactions["event_time"]),
+        amounts=amounts,
+        is_debit=is_debit,
+        balance_change=np.where(is_debit, -amounts, amounts),
+        channels=_objects(transactions["channel"]),
+        locations=_objects(transactions["location"]),
     )
-    pairs = pd.MultiIndex.from_arrays([batch_code, loc])
-    in_state = np.asarray(pairs.isin(state_pairs)) & has_loc
-    sorted_pairs = pd.DataFrame({"c": bc, "l": loc[border]})
-    dup_sorted = sorted_pairs.duplicated().to_numpy() & has_loc[border]
-    seen_sorted = in_state[border] | dup_sorted
-    new_sorted = (has_loc[border] & ~seen_sorted).astype(np.int64)
-    n_state_locs = np.bincount(state_code[lp], minlength=k) if len(lp) else np.zeros(k, np.int64)
-    cum_new = np.cumsum(new_sorted)
-    new_before = cum_new - new_sorted - np.where(group_start > 0, cum_new[group_start - 1], 0)
-    n_locs = np.empty(n)
-    n_locs[border] = n_state_locs[bc] + new_before
-    seen = np.empty(n)
-    seen[border] = np.where(has_loc[border], seen_sorted.astype(np.float64), np.nan)
-    feats["location_seen_before"] = seen
-    feats["n_locations_seen"] = n_locs
 
-    # --- terminals -------------------------------------------------------------------------
-    t_ids = np.asarray(tstate["terminal_id"].to_numpy(zero_copy_only=False), dtype=object)
-    tcodes, tuniques = pd.factorize(np.concatenate([t_ids, term]))
-    t_state_code, t_batch_code = tcodes[: len(t_ids)], tcodes[len(t_ids) :]
-    tparents, thist = _flatten(tstate, "history_times")
-    ttl = _timeline(t_state_code[tparents], _micros(thist), t_batch_code, times)
-    tsums = _window_sums(ttl, np.ones(len(ttl.codes)), TERMINAL_WINDOWS)
-    fraud_counts = _known_fraud_counts(term, times, known_frauds)
-    for w, (count, _) in tsums.items():
-        feats[f"terminal_tx_count_{w}"] = count.astype(np.float64)
+
+def _keys(state: pa.Table, key: str, batch_keys: np.ndarray) -> _Keys:
+    """Only the state rows of the batch's keys are read, so the state may hold any others."""
+    rows = _select(state, key, np.unique(batch_keys))
+    stored = _objects(rows[key])
+    codes, keys = pd.factorize(np.concatenate([stored, batch_keys]))
+    return _Keys(rows, codes[: len(stored)], codes[len(stored) :], keys)
+
+
+def _customer_order(customers: _Keys, times: np.ndarray) -> _CustomerOrder:
+    n = len(times)
+    rows = np.lexsort((np.arange(n), times, customers.batch_codes))
+    codes = customers.batch_codes[rows]
+    first = np.ones(n, dtype=bool)
+    first[1:] = codes[1:] != codes[:-1]
+    group_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    return _CustomerOrder(rows, codes, times[rows], first, group_start)
+
+
+def _stored(keys: _Keys, column: str, fill: float) -> np.ndarray:
+    """A numeric state column by key code (`fill` for keys the state lacks)."""
+    out = np.full(keys.k, fill, dtype=np.float64)
+    if keys.state.num_rows:
+        out[keys.state_codes] = _floats(keys.state[column])
+    return out
+
+
+def _stored_times(keys: _Keys, column: str) -> np.ndarray:
+    """A timestamp state column by key code, in us as float (NaN where null or missing)."""
+    out = np.full(keys.k, np.nan)
+    if keys.state.num_rows:
+        stamps = keys.state[column].to_numpy(zero_copy_only=False)
+        micros = _micros(keys.state[column]).astype(np.float64)
+        out[keys.state_codes] = np.where(pd.isna(stamps), np.nan, micros)
+    return out
+
+
+def _customer_start(customers: _Keys) -> _CustomerStart:
+    return _CustomerStart(
+        balance=np.nan_to_num(_stored(customers, "balance", 0.0)),
+        last_time=_stored_times(customers, "last_event_time"),
+    )
+
+
+def _key_timeline(keys: _Keys, times: np.ndarray) -> _Timeline:
+    """The keys' stored history times, then the batch's times, in processing order."""
+    parents, stored_times = _flatten(keys.state, "history_times")
+    return _timeline(keys.state_codes[parents], _micros(stored_times), keys.batch_codes, times)
+
+
+def _spend_history(customers: _Keys, batch: _Batch) -> _SpendHistory:
+    # Spend and velocity windows count debits only: salary and transfers in are not spending.
+    stored_amounts = _floats(_flatten(customers.state, "history_amounts")[1])
+    return _SpendHistory(
+        timeline=_key_timeline(customers, batch.times),
+        amounts=np.concatenate([stored_amounts, batch.amounts]),
+        weights=np.concatenate([np.ones(len(stored_amounts)), batch.is_debit.astype(np.float64)]),
+    )
+
+
+def _locations(customers: _Keys, order: _CustomerOrder, locations: np.ndarray) -> _Locations:
+    """A location is seen before an event if stored or at the customer's earlier batch rows."""
+    has = ~pd.isna(locations)
+    parents, stored = _flatten(customers.state, "locations")
+    stored_codes = customers.state_codes[parents]
+    stored_values = _objects(stored)
+    stored_pairs = pd.MultiIndex.from_arrays([stored_codes, stored_values])
+    pairs = pd.MultiIndex.from_arrays([customers.batch_codes, locations])
+    in_state = np.asarray(pairs.isin(stored_pairs)) & has
+    sorted_values = locations[order.rows]
+    sorted_has = has[order.rows]
+    earlier = pd.DataFrame({"c": order.codes, "l": sorted_values}).duplicated().to_numpy()
+    seen = in_state[order.rows] | (earlier & sorted_has)
+    return _Locations(
+        stored_codes=stored_codes,
+        stored_values=stored_values,
+        sorted_codes=order.codes,
+        sorted_values=sorted_values,
+        has=sorted_has,
+        seen=seen,
+        new=(sorted_has & ~seen).astype(np.int64),
+    )
+
+
+def _event_features(batch: _Batch) -> dict[str, np.ndarray]:
+    features = {"amount": batch.amounts, "is_debit": batch.is_debit.astype(np.float64)}
+    has_channel = ~pd.isna(batch.channels)
+    for name in CHANNELS:
+        is_channel = (batch.channels == name).astype(np.float64)
+        features[f"channel_{name}"] = np.where(has_channel, is_channel, np.nan)
+    features["hour_of_day"] = ((batch.times // (3600 * _US)) % 24).astype(np.float64)
+    return features
+
+
+def _balance_features(
+    order: _CustomerOrder, start: _CustomerStart, batch: _Batch
+) -> dict[str, np.ndarray]:
+    changes_before = _prefix_sums(order.codes, batch.balance_change[order.rows])[:-1]
+    balance_before = order.unsort(start.balance[order.codes] + changes_before)
+    return {
+        "balance_before": balance_before,
+        "amount_balance_ratio": batch.amounts / np.maximum(balance_before, 1.0),
+    }
+
+
+def _recency_features(order: _CustomerOrder, start: _CustomerStart) -> dict[str, np.ndarray]:
+    previous_in_batch = np.concatenate([[np.nan], order.times[:-1].astype(np.float64)])
+    previous = np.where(order.first, start.last_time[order.codes], previous_in_batch)
+    return {"seconds_since_prev": order.unsort((order.times - previous) / _US)}
+
+
+def _location_features(
+    locations: _Locations, order: _CustomerOrder, k: int
+) -> dict[str, np.ndarray]:
+    n_stored = np.bincount(locations.stored_codes, minlength=k)
+    # New locations of the customer's earlier batch rows: a running count restarted per customer.
+    new_total = np.cumsum(locations.new)
+    before_customer = np.where(order.group_start > 0, new_total[order.group_start - 1], 0)
+    new_before = new_total - locations.new - before_customer
+    seen = np.where(locations.has, locations.seen.astype(np.float64), np.nan)
+    return {
+        "location_seen_before": order.unsort(seen),
+        "n_locations_seen": order.unsort(n_stored[order.codes] + new_before),
+    }
+
+
+def _spend_features(spend: _SpendHistory, amounts: np.ndarray) -> dict[str, np.ndarray]:
+    sums = _window_sums(
+        spend.timeline, spend.amounts * spend.weights, CUSTOMER_WINDOWS, weights=spend.weights
+    )
+    features: dict[str, np.ndarray] = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for w, (count, total) in sums.items():
+            features[f"count_{w}"] = count.astype(np.float64)
+            features[f"mean_amount_{w}"] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        features["amount_to_mean_30d"] = amounts / features["mean_amount_30d"]
+    return features
+
+
+def _terminal_features(
+    timeline: _Timeline, fraud_counts: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    sums = _window_sums(timeline, np.ones(len(timeline.codes)), TERMINAL_WINDOWS)
+    features: dict[str, np.ndarray] = {}
+    for w, (count, _) in sums.items():
+        features[f"terminal_tx_count_{w}"] = count.astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             rate = np.where(count > 0, fraud_counts[w] / np.maximum(count, 1), np.nan)
-        feats[f"terminal_fraud_rate_{w}"] = np.clip(rate, 0.0, 1.0)
+        features[f"terminal_fraud_rate_{w}"] = np.clip(rate, 0.0, 1.0)
+    return features
 
-    # --- event attributes ------------------------------------------------------------------
-    channel = np.asarray(transactions["channel"].to_numpy(zero_copy_only=False), dtype=object)
-    has_channel = ~pd.isna(channel)
-    for name in CHANNELS:
-        feats[f"channel_{name}"] = np.where(
-            has_channel, (channel == name).astype(np.float64), np.nan
-        )
-    feats["hour_of_day"] = ((times // (3600 * _US)) % 24).astype(np.float64)
 
-    features = pa.Table.from_arrays(
-        [
-            transactions[c].combine_chunks()
-            if isinstance(transactions[c], pa.ChunkedArray)
-            else transactions[c]
-            for c in KEY_COLUMNS
-        ]
-        + [pa.array(feats[c], type=pa.float64(), from_pandas=True) for c in FEATURE_COLUMNS],
+def _feature_table(transactions: pa.Table, values: dict[str, np.ndarray]) -> pa.Table:
+    """FEATURE_SCHEMA rows; fails if the steps computed other features than those declared."""
+    if values.keys() != set(FEATURE_COLUMNS):
+        raise AssertionError(f"computed {sorted(values)}, declared {FEATURE_COLUMNS}")
+    return pa.Table.from_arrays(
+        [transactions[c].combine_chunks() for c in KEY_COLUMNS]
+        + [pa.array(values[c], type=pa.float64(), from_pandas=True) for c in FEATURE_COLUMNS],
         schema=FEATURE_SCHEMA,
     )
-    new_state = FeatureState(
-        _new_customer_state(
-            cstate,
-            state_code,
-            uniques,
-            tl,
-            amounts,
-            spend.astype(bool),
-            state_balance,
-            state_last,
-            batch_code,
-            signed,
-            times,
-            lp,
-            lv,
-            bc,
-            loc[border],
-            new_sorted,
-        ),
-        _new_terminal_state(tstate, t_state_code, tuniques, ttl, t_batch_code, times),
-    )
-    return FeatureResult(features, new_state)
 
 
 def _known_fraud_counts(
@@ -432,85 +638,72 @@ def _history(
     return tl.order[keep], codes[keep]
 
 
-def _new_customer_state(
-    cstate: pa.Table,
-    state_code: np.ndarray,
-    uniques: np.ndarray,
-    tl: _Timeline,
-    amounts: np.ndarray,
-    is_spend: np.ndarray,
-    state_balance: np.ndarray,
-    state_last: np.ndarray,
-    batch_code: np.ndarray,
-    signed: np.ndarray,
-    times: np.ndarray,
-    loc_parents: np.ndarray,
-    loc_values: pa.Array,
-    sorted_codes: np.ndarray,
-    sorted_locs: np.ndarray,
-    new_sorted: np.ndarray,
-) -> pa.Table:
-    k = len(uniques)
-    balance = state_balance + np.bincount(batch_code, weights=signed, minlength=k)
-    batch_last = np.full(k, np.iinfo(np.int64).min, dtype=np.int64)
-    np.maximum.at(batch_last, batch_code, times)
-    last = np.fmax(state_last, batch_last.astype(np.float64)).astype(np.int64)
-    n_tx = np.zeros(k, np.int64)
-    if cstate.num_rows:
-        n_tx[state_code] = np.asarray(
-            cstate["n_transactions"].to_numpy(zero_copy_only=False), np.int64
+def _latest_times(keys: _Keys, times: np.ndarray) -> np.ndarray:
+    """Latest event time (us) per key code, of the state's (nulls ignored) and the batch's."""
+    latest = np.full(keys.k, np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(latest, keys.batch_codes, times)
+    if keys.state.num_rows:
+        stored = pc.fill_null(
+            pc.cast(keys.state["last_event_time"], pa.int64()), np.iinfo(np.int64).min
         )
-    n_tx += np.bincount(batch_code, minlength=k)
+        latest[keys.state_codes] = np.maximum(latest[keys.state_codes], _ints(stored))
+    return latest
 
-    old_locs = np.asarray(loc_values.to_numpy(zero_copy_only=False), dtype=object)
-    added = new_sorted.astype(bool)
-    loc_codes = np.concatenate([state_code[loc_parents], sorted_codes[added]])
-    loc_vals = np.concatenate([old_locs, sorted_locs[added]])
-    lorder = np.argsort(loc_codes, kind="stable")
-    locations = _lists(loc_codes[lorder], pa.array(loc_vals[lorder], pa.string()), k)
 
-    keep, hcodes = _history(tl, last, is_spend)
-    history_times = _lists(hcodes, _timestamps(tl.times[keep]), k)
-    history_amounts = _lists(hcodes, pa.array(amounts[keep], pa.float64()), k)
+def _event_counts(keys: _Keys) -> np.ndarray:
+    """Events per key code so far: the state's count plus the batch's."""
+    counts = np.bincount(keys.batch_codes, minlength=keys.k).astype(np.int64)
+    if keys.state.num_rows:
+        counts[keys.state_codes] += _ints(keys.state["n_transactions"])
+    return counts
+
+
+def _location_lists(locations: _Locations, k: int) -> pa.ListArray:
+    """Each customer's stored locations, then its new ones in the order first seen."""
+    added = locations.new.astype(bool)
+    codes = np.concatenate([locations.stored_codes, locations.sorted_codes[added]])
+    values = np.concatenate([locations.stored_values, locations.sorted_values[added]])
+    order = np.argsort(codes, kind="stable")
+    return _lists(codes[order], pa.array(values[order], pa.string()), k)
+
+
+def _new_customer_state(
+    customers: _Keys,
+    *,
+    start: _CustomerStart,
+    spend: _SpendHistory,
+    locations: _Locations,
+    batch: _Batch,
+) -> pa.Table:
+    k = customers.k
+    balance = start.balance + np.bincount(
+        customers.batch_codes, weights=batch.balance_change, minlength=k
+    )
+    latest = _latest_times(customers, batch.times)
+    keep, codes = _history(spend.timeline, latest, spend.weights.astype(bool))
     return pa.Table.from_arrays(
         [
-            pa.array(uniques, pa.string()),
+            pa.array(customers.keys, pa.string()),
             pa.array(balance, pa.float64()),
-            _timestamps(last),
-            pa.array(n_tx, pa.int64()),
-            locations,
-            history_times,
-            history_amounts,
+            _timestamps(latest),
+            pa.array(_event_counts(customers), pa.int64()),
+            _location_lists(locations, k),
+            _lists(codes, _timestamps(spend.timeline.times[keep]), k),
+            _lists(codes, pa.array(spend.amounts[keep], pa.float64()), k),
         ],
         schema=CUSTOMER_STATE_SCHEMA,
     )
 
 
-def _new_terminal_state(
-    tstate: pa.Table,
-    state_code: np.ndarray,
-    uniques: np.ndarray,
-    tl: _Timeline,
-    batch_code: np.ndarray,
-    times: np.ndarray,
-) -> pa.Table:
-    k = len(uniques)
-    last = np.full(k, np.iinfo(np.int64).min, dtype=np.int64)
-    np.maximum.at(last, batch_code, times)
-    n_tx = np.bincount(batch_code, minlength=k).astype(np.int64)
-    if tstate.num_rows:
-        old_last = _micros(tstate["last_event_time"])
-        last[state_code] = np.maximum(last[state_code], old_last)
-        n_tx[state_code] += np.asarray(
-            tstate["n_transactions"].to_numpy(zero_copy_only=False), np.int64
-        )
-    keep, hcodes = _history(tl, last.astype(np.float64))
+def _new_terminal_state(terminals: _Keys, timeline: _Timeline, times: np.ndarray) -> pa.Table:
+    latest = _latest_times(terminals, times)
+    keep, codes = _history(timeline, latest)
     return pa.Table.from_arrays(
         [
-            pa.array(uniques, pa.string()),
-            _timestamps(last),
-            pa.array(n_tx, pa.int64()),
-            _lists(hcodes, _timestamps(tl.times[keep]), k),
+            pa.array(terminals.keys, pa.string()),
+            _timestamps(latest),
+            pa.array(_event_counts(terminals), pa.int64()),
+            _lists(codes, _timestamps(timeline.times[keep]), terminals.k),
         ],
         schema=TERMINAL_STATE_SCHEMA,
     )

@@ -9,9 +9,10 @@ checkpointing; this module never imports it (it gets a `lake` object that can re
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,10 +37,17 @@ from models.registry import (
     alias_version,
     load_model,
     resolve_version,
-    score,
 )
 from models.rules import RULES, AlertPolicy, decide, rule_hits
-from models.schema import LABEL_SCHEMA, TIMESTAMP, TRANSACTION_SCHEMA, parse_records
+from models.schema import (
+    DUPLICATE_EARLIER,
+    DUPLICATE_IN_BATCH,
+    LABEL_SCHEMA,
+    TIMESTAMP,
+    TRANSACTION_SCHEMA,
+    parse_records,
+)
+from models.training import score
 
 TRANSACTIONS = "transactions"
 FEATURES = "features"
@@ -126,6 +134,42 @@ OUTPUTS: tuple[TableOutput, ...] = (
 TABLE_SCHEMAS: dict[str, pa.Schema] = {o.name: o.schema for o in OUTPUTS} | {LABELS: LABEL_SCHEMA}
 
 
+@dataclass(frozen=True)
+class ScoringContext:
+    """What one batch is scored with, resolved when it is planned and recorded whole.
+
+    A replayed batch loads it back, so it scores with the same model versions, sees the same
+    labels and alerts at the same threshold as its first attempt, whatever moved in between.
+    """
+
+    model_name: str
+    model_version: str
+    challenger_version: str | None = None
+    labels_version: int | None = None
+    alert_threshold: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> ScoringContext:
+        """A recorded context; keys a plan from before a field existed default to None."""
+        data = json.loads(text or "{}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown keys in a recorded scoring context: {sorted(unknown)}")
+        if "model_version" not in data:
+            raise ValueError("a recorded scoring context has no model_version")
+        return cls(
+            model_name=str(data.get("model_name") or MODEL_NAME),
+            model_version=str(data["model_version"]),
+            challenger_version=data.get("challenger_version") or None,
+            labels_version=data.get("labels_version"),
+            alert_threshold=data.get("alert_threshold"),
+        )
+
+
 class FraudScoringJob:
     """Scores micro-batches with one model version per batch (recorded in the batch plan).
 
@@ -181,19 +225,22 @@ class FraudScoringJob:
         version = alias_version(self.tracking_uri, self.model_name, CHALLENGER)
         return None if version == champion else version
 
-    def plan_context(self, lake: LakeReader) -> dict[str, Any]:
+    def plan_context(self, lake: LakeReader) -> ScoringContext:
         if self._fixed:
             version = self._fixed
         else:
             assert self.tracking_uri is not None
             version = resolve_version(self.tracking_uri, self.model_name, self.alias)
-        return {
-            "model_name": self.model_name,
-            "model_version": version,
-            "challenger_version": self._challenger_version(version),
-            "labels_version": lake.version(LABELS),
-            "alert_threshold": self._version_threshold(version),
-        }
+        return ScoringContext(
+            model_name=self.model_name,
+            model_version=version,
+            challenger_version=self._challenger_version(version),
+            labels_version=lake.version(LABELS),
+            alert_threshold=self._version_threshold(version),
+        )
+
+    def load_context(self, text: str) -> ScoringContext:
+        return ScoringContext.from_json(text)
 
     def _version_threshold(self, version: str) -> float | None:
         """The threshold stored with `version` (cached: a version's tag is set when registered)."""
@@ -208,9 +255,9 @@ class FraudScoringJob:
                 self._thresholds[version] = None
         return self._thresholds[version]
 
-    def policy_for(self, context: dict[str, Any]) -> AlertPolicy:
+    def policy_for(self, context: ScoringContext) -> AlertPolicy:
         """`self.policy` with the planned version's threshold (plans without one: unchanged)."""
-        threshold = context.get("alert_threshold")
+        threshold = context.alert_threshold
         if threshold is None:
             return self.policy
         threshold = float(threshold)
@@ -230,58 +277,53 @@ class FraudScoringJob:
         self,
         records: Sequence[RecordLike],
         batch_id: int,
-        context: dict[str, Any],
+        context: ScoringContext,
         lake: LakeReader,
     ) -> Processed:
         now = datetime.now(UTC)
-        parsed = parse_records([r.data for r in records])
-        rejected = [(r.index, r.reason) for r in parsed.rejected]
-        valid = parsed.valid
-        valid, dupes = _drop_duplicates(valid, lake, batch_id)
-        rejected.extend(dupes)
-        index = valid["record_index"].to_numpy()
-        shard = pa.array([records[i].shard_id for i in index], pa.string())
-        seq = pa.array([records[i].sequence_number for i in index], pa.string())
-        valid = valid.drop_columns(["record_index"])
-        transactions = (
-            valid.append_column("batch_id", pa.array(np.full(len(index), batch_id), pa.int64()))
-            .append_column("shard_id", shard)
-            .append_column("sequence_number", seq)
-            .append_column("ingested_at", pa.array([now] * len(index), TIMESTAMP))
-        )
-        state = _load_state(lake, valid)
-        frauds = _known_frauds(lake, valid, batch_id, context.get("labels_version"))
-        result = compute_features(valid, state, frauds)
-        tables = self.score(result.features, context, batch_id, now)
-        tables[SHADOW_SCORES] = self.shadow_score(result.features, context, batch_id, now)
-        tables[TRANSACTIONS] = transactions
-        for name, table in (
-            (CUSTOMER_STATE, result.state.customers),
-            (TERMINAL_STATE, result.state.terminals),
-        ):
-            n = table.num_rows
-            tables[name] = table.append_column(
-                "batch_id", pa.array(np.full(n, batch_id), pa.int64())
-            ).append_column("updated_at", pa.array([now] * n, TIMESTAMP))
+        valid, transactions, rejected = prepare(records, batch_id, lake, now)
+        frauds = reported_frauds(lake, valid, batch_id, context.labels_version)
+        result = compute_features(valid, load_state(lake, valid), frauds)
+        tables = self.assemble(result.features, result.state, transactions, context, batch_id, now)
         stats = {
             "valid": valid.num_rows,
             "rejected": len(rejected),
             "alerts": tables[ALERTS].num_rows,
             "known_frauds": frauds.num_rows,
-            "model_version": str(context["model_version"]),
-            "challenger_version": str(context.get("challenger_version") or ""),
+            "model_version": context.model_version,
+            "challenger_version": context.challenger_version or "",
             "shadow_scored": tables[SHADOW_SCORES].num_rows,
         }
         return Processed(tables, rejected, stats)
 
+    def assemble(
+        self,
+        features: pa.Table,
+        state: FeatureState,
+        transactions: pa.Table,
+        context: ScoringContext,
+        batch_id: int,
+        now: datetime,
+    ) -> dict[str, pa.Table]:
+        """Every output table of a batch from its features and new state, whatever computed them.
+
+        The one place the rows are made, so every engine writes exactly the same tables.
+        """
+        tables = self.score(features, context, batch_id, now)
+        tables[SHADOW_SCORES] = self.shadow_score(features, context, batch_id, now)
+        tables[TRANSACTIONS] = transactions
+        tables[CUSTOMER_STATE] = _stamped(state.customers, batch_id, now)
+        tables[TERMINAL_STATE] = _stamped(state.terminals, batch_id, now)
+        return tables
+
     def shadow_score(
-        self, features: pa.Table, context: dict[str, Any], batch_id: int, now: datetime
+        self, features: pa.Table, context: ScoringContext, batch_id: int, now: datetime
     ) -> pa.Table:
         """The planned challenger's scores of the same rows; empty when the plan names none.
 
         Plans from before shadow scoring have no `challenger_version`: replayed as planned, empty.
         """
-        version = context.get("challenger_version")
+        version = context.challenger_version
         if not version or features.num_rows == 0:
             return SHADOW_SCORES_TABLE_SCHEMA.empty_table()
         loaded = self._model(str(version))
@@ -302,10 +344,10 @@ class FraudScoringJob:
         )
 
     def score(
-        self, features: pa.Table, context: dict[str, Any], batch_id: int, now: datetime
+        self, features: pa.Table, context: ScoringContext, batch_id: int, now: datetime
     ) -> dict[str, pa.Table]:
         """Model score + rules -> alert decision, as rows for the features/scores/alerts tables."""
-        loaded = self._model(str(context["model_version"]))
+        loaded = self._model(context.model_version)
         frame = features.to_pandas()
         probability = score(loaded.model, frame) if len(frame) else np.zeros(0)
         policy = self.policy_for(context)
@@ -363,18 +405,66 @@ class FraudScoringJob:
         return {FEATURES: feats, SCORES: scores, ALERTS: alerts}
 
 
-def _drop_duplicates(
+def _stamped(table: pa.Table, batch_id: int, now: datetime) -> pa.Table:
+    n = table.num_rows
+    return table.append_column(
+        "batch_id", pa.array(np.full(n, batch_id), pa.int64())
+    ).append_column("updated_at", pa.array([now] * n, TIMESTAMP))
+
+
+def prepare(
+    records: Sequence[RecordLike], batch_id: int, lake: LakeReader, now: datetime
+) -> tuple[pa.Table, pa.Table, list[tuple[int, str]]]:
+    """Raw records -> (valid transactions, their `transactions` rows, rejected (index, reason)).
+
+    Parse and validate, then drop repeated transaction ids; what every engine does first when
+    the records reach it whole (the state-store engine parses on its executors instead).
+    """
+    parsed = parse_records([r.data for r in records])
+    rejected = [(r.index, r.reason) for r in parsed.rejected]
+    valid, dupes = drop_duplicates(parsed.valid, lake, batch_id)
+    rejected.extend(dupes)
+    index = valid["record_index"].to_numpy()
+    valid = valid.drop_columns(["record_index"])
+    transactions = with_lineage(
+        valid,
+        batch_id,
+        pa.array([records[i].shard_id for i in index], pa.string()),
+        pa.array([records[i].sequence_number for i in index], pa.string()),
+        now,
+    )
+    return valid, transactions, rejected
+
+
+def with_lineage(
+    valid: pa.Table,
+    batch_id: int,
+    shard_ids: pa.Array | pa.ChunkedArray,
+    sequence_numbers: pa.Array | pa.ChunkedArray,
+    now: datetime,
+) -> pa.Table:
+    """Valid transactions as `transactions` rows: where each came from and in which batch."""
+    n = valid.num_rows
+    return (
+        valid.append_column("batch_id", pa.array(np.full(n, batch_id), pa.int64()))
+        .append_column("shard_id", shard_ids)
+        .append_column("sequence_number", sequence_numbers)
+        .append_column("ingested_at", pa.array([now] * n, TIMESTAMP))
+    )
+
+
+def drop_duplicates(
     valid: pa.Table, lake: LakeReader, batch_id: int
 ) -> tuple[pa.Table, list[tuple[int, str]]]:
-    """A transaction id is scored once: repeats (in the batch or earlier) are rejected."""
+    """A transaction id is scored once: repeats (in the batch or earlier) are rejected.
+
+    `valid` carries `record_index`; the rejected come back as (record_index, reason).
+    """
     ids = valid["transaction_id"].to_numpy(zero_copy_only=False)
     first = np.zeros(len(ids), dtype=bool)
     _, first_pos = np.unique(ids, return_index=True)
     first[first_pos] = True
-    rejected = [
-        (int(i), "duplicate transaction_id within the batch")
-        for i in valid["record_index"].to_numpy()[~first]
-    ]
+    rejected = [(int(i), DUPLICATE_IN_BATCH) for i in valid["record_index"].to_numpy()[~first]]
     valid = valid.filter(pa.array(first))
     if valid.num_rows == 0:  # every record rejected: nothing to look up
         return valid, rejected
@@ -389,32 +479,35 @@ def _drop_duplicates(
     if len(seen):
         again = pc.is_in(valid["transaction_id"], value_set=seen.combine_chunks())
         rejected += [
-            (int(i), "duplicate transaction_id: already processed in an earlier batch")
-            for i in valid.filter(again)["record_index"].to_numpy()
+            (int(i), DUPLICATE_EARLIER) for i in valid.filter(again)["record_index"].to_numpy()
         ]
         valid = valid.filter(pc.invert(again))
     return valid, rejected
 
 
-def _load_state(lake: LakeReader, valid: pa.Table) -> FeatureState:
+def load_state(lake: LakeReader, valid: pa.Table) -> FeatureState:
+    """The stored state of the batch's customers and terminals (only those)."""
     customers = lake.read(
         CUSTOMER_STATE,
         columns=CUSTOMER_STATE_SCHEMA.names,
         filter=pc.field("customer_id").isin(pc.unique(valid["customer_id"])),
         schema=CUSTOMER_STATE_TABLE_SCHEMA,
     )
+    return FeatureState(customers.cast(CUSTOMER_STATE_SCHEMA), load_terminal_state(lake, valid))
+
+
+def load_terminal_state(lake: LakeReader, valid: pa.Table) -> pa.Table:
+    """The stored state of the batch's terminals (the state-store engine keeps customers itself)."""
     terminals = lake.read(
         TERMINAL_STATE,
         columns=TERMINAL_STATE_SCHEMA.names,
         filter=pc.field("terminal_id").isin(pc.unique(valid["terminal_id"])),
         schema=TERMINAL_STATE_TABLE_SCHEMA,
     )
-    return FeatureState(
-        customers.cast(CUSTOMER_STATE_SCHEMA), terminals.cast(TERMINAL_STATE_SCHEMA)
-    )
+    return terminals.cast(TERMINAL_STATE_SCHEMA)
 
 
-def _known_frauds(
+def reported_frauds(
     lake: LakeReader, valid: pa.Table, batch_id: int, labels_version: int | None
 ) -> pa.Table:
     """Frauds reported by the batch's last event, with their terminal and time.

@@ -1,13 +1,17 @@
 """The contract between a domain job and the engine that runs it (in-process runner, Spark).
 
 Defined here, on the domain side, because the layers run one way: the engine imports the domain,
-never the reverse. A job reads through a `LakeReader` and returns `Processed` rows per table.
+never the reverse. A job plans a typed context for each batch (stored whole with the batch plan
+by every engine, so a replay runs with exactly the same context), reads through a `LakeReader`
+and returns `Processed` rows per table.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
 
 import pyarrow as pa
 
@@ -34,6 +38,17 @@ class RecordLike(Protocol):
     def sequence_number(self) -> str: ...
     @property
     def data(self) -> bytes: ...
+    @property
+    def arrival_time(self) -> datetime | None: ...
+
+
+class BatchContext(Protocol):
+    """What a batch runs with (model version, lookup versions): recorded whole with its plan."""
+
+    def to_json(self) -> str: ...
+
+
+C = TypeVar("C", bound=BatchContext)
 
 
 @dataclass(frozen=True)
@@ -50,3 +65,24 @@ class Processed:
     tables: dict[str, pa.Table]
     rejected: list[tuple[int, str]]  # (index into the batch's records, reason)
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Processor(Protocol[C]):
+    """The domain side of a streaming job (e.g. fraud scoring), free of I/O but reads."""
+
+    @property
+    def outputs(self) -> Sequence[TableOutput]:
+        """Tables in write order: state last, so a replayed batch reads the state before it."""
+        ...
+
+    def plan_context(self, lake: LakeReader) -> C:
+        """The context a new batch runs with; the engine records it with the batch plan."""
+        ...
+
+    def load_context(self, text: str) -> C:
+        """A recorded context (`to_json`) back, for a replayed batch."""
+        ...
+
+    def process(
+        self, records: Sequence[RecordLike], batch_id: int, context: C, lake: LakeReader
+    ) -> Processed: ...

@@ -38,6 +38,10 @@ TRANSACTION_SCHEMA = pa.schema(
 REQUIRED_FIELDS = ("transaction_id", "event_time", "customer_id", "terminal_id", "amount", "kind")
 OPTIONAL_FIELDS = ("channel", "location")
 
+# Why a record is rejected as a repeat: a transaction id is scored once (every engine says it so).
+DUPLICATE_IN_BATCH = "duplicate transaction_id within the batch"
+DUPLICATE_EARLIER = "duplicate transaction_id: already processed in an earlier batch"
+
 LABEL_SCHEMA = pa.schema(
     [
         pa.field("transaction_id", pa.string(), nullable=False),

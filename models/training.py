@@ -382,7 +382,7 @@ def train(
     """Fit on the earlier part of the labelled window, measure on the later part.
 
     The model is NOT refitted on train + holdout: the registered model is exactly the one the
-    holdout metrics describe, and `registry.promote_if_better` compares it with the champion on
+    holdout metrics describe, and `promotion.promote_if_better` compares it with the champion on
     that same holdout, which a refitted model would have seen (it would always win). The newest
     labelled rows are not lost, only deferred: the next scheduled retrain trains on them.
 

@@ -8,14 +8,14 @@ rows carry Delta application transactions, so writing either twice is harmless.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from models.protocols import BatchContext
 from streamguard.lake import Lake
 
 CHECKPOINT_TABLE = "_checkpoints"
@@ -51,7 +51,7 @@ class BatchPlan:
     job: str
     batch_id: int
     ranges: dict[str, ShardRange]
-    context: dict[str, Any] = field(default_factory=dict)
+    context: BatchContext
 
     @property
     def n_records(self) -> int:
@@ -62,11 +62,15 @@ class BatchPlan:
 
 
 class Checkpoints:
-    """Plans and commits of one job in the lake's `_checkpoints` table."""
+    """Plans and commits of one job in the lake's `_checkpoints` table.
 
-    def __init__(self, lake: Lake, job: str) -> None:
+    The plan's context is stored whole (its `to_json`) and read back with `load_context`.
+    """
+
+    def __init__(self, lake: Lake, job: str, load_context: Callable[[str], BatchContext]) -> None:
         self.lake = lake
         self.job = job
+        self.load_context = load_context
         self.app_plan = f"{job}:plan"
         self.app_commit = f"{job}:commit"
 
@@ -83,7 +87,7 @@ class Checkpoints:
         ranges = {
             r["shard_id"]: ShardRange(r["after_seq"], r["end_seq"], r["n_records"]) for r in mine
         }
-        return BatchPlan(self.job, int(last), ranges, json.loads(mine[0]["context"] or "{}"))
+        return BatchPlan(self.job, int(last), ranges, self.load_context(mine[0]["context"]))
 
     def committed_through(self) -> int:
         """The last committed batch id (-1 when none)."""
@@ -109,7 +113,7 @@ class Checkpoints:
                 "after_seq": r.after,
                 "end_seq": r.end,
                 "n_records": r.n_records,
-                "context": json.dumps(plan.context, sort_keys=True),
+                "context": plan.context.to_json(),
                 "at": now,
             }
             for shard, r in sorted(plan.ranges.items())
@@ -123,7 +127,7 @@ class Checkpoints:
             "batch_id": plan.batch_id,
             "kind": "commit",
             "n_records": plan.n_records,
-            "context": json.dumps(plan.context, sort_keys=True),
+            "context": plan.context.to_json(),
             "at": datetime.now(UTC),
         }
         table = pa.Table.from_pylist([row], schema=CHECKPOINT_SCHEMA)

@@ -148,7 +148,7 @@ def _print_change(change: Any) -> None:
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
-    from models.registry import rollback
+    from models.promotion import rollback
 
     home = Home.from_env().ensure()
     _print_change(rollback(home.mlflow_tracking_uri, args.model, args.to or ""))
@@ -156,7 +156,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
-    from models.registry import move_champion
+    from models.promotion import move_champion
 
     home = Home.from_env().ensure()
     reason = args.reason or "manual promotion"

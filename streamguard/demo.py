@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 
 from streamguard.config import Home
 from streamguard.lake import Lake
+from streamguard.progress import ProgressLine
 
 if TYPE_CHECKING:
     from models.simulate import Simulation
@@ -247,6 +248,7 @@ def run_demo(
         ) as daemon:
             instance = DagsterInstance.get()
             deadline = time.monotonic() + timeout
+            progress = ProgressLine("[demo] processed", summary.produced)
             while True:
                 done = lake.count("transactions") + lake.count("dead_letters")
                 active = instance.get_runs_count(
@@ -263,9 +265,7 @@ def run_demo(
                 failed = instance.get_runs_count(
                     RunsFilter(job_name=SCORING_JOB_NAME, statuses=[DagsterRunStatus.FAILURE])
                 )
-                print(
-                    f"\r[demo] processed {done:,}/{summary.produced:,} records", end="", flush=True
-                )
+                progress.update(done)
                 if done >= summary.produced and active == 0:
                     break
                 if failed:
@@ -278,7 +278,7 @@ def run_demo(
                     summary.problems.append(f"stream not drained after {timeout:.0f}s")
                     break
                 time.sleep(2)
-            print()
+            progress.close()
             for status in DagsterRunStatus:
                 count = instance.get_runs_count(
                     RunsFilter(job_name=SCORING_JOB_NAME, statuses=[status])
@@ -341,16 +341,17 @@ def run_dev(
                 )
                 sent = 0
                 table = sim.transactions
+                produced = ProgressLine("[dev] produced", table.num_rows)
                 for offset in range(0, table.num_rows, rate):
                     tick = time.monotonic()
                     sent += produce_transactions(
                         client, STREAM, table.slice(offset, rate), progress=False
                     )
-                    print(f"\r[dev] produced {sent:,}/{table.num_rows:,}", end="", flush=True)
+                    produced.update(sent)
                     if dev.poll() is not None:
                         raise RuntimeError(f"dagster dev exited: see {log}")
                     time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
-                print()
+                produced.close()
                 _step("all transactions produced; Ctrl-C to stop")
                 while dev.poll() is None:
                     time.sleep(1)

@@ -18,6 +18,13 @@ import pyarrow.parquet as pq
 
 from models.features import FEATURE_SCHEMA, replay
 from models.job import FEATURES, LABELS, OUTPUTS, FraudScoringJob
+from models.promotion import (
+    Evaluation,
+    evaluate_challenger,
+    log_holdout,
+    promote_if_better,
+    register_challenger,
+)
 from models.registry import (
     ALERT_DAILY_BUDGET_TAG,
     ALERT_THRESHOLD_TAG,
@@ -25,16 +32,12 @@ from models.registry import (
     CHAMPION,
     DEFAULT_METRIC,
     MODEL_NAME,
-    Evaluation,
     LoadedModel,
-    evaluate_challenger,
+    PromotionMetric,
     log_and_register,
-    log_holdout,
-    log_selection,
-    move_champion,
-    register_challenger,
 )
 from models.schema import LABEL_SCHEMA, TRANSACTION_SCHEMA
+from models.selection_log import log_selection
 from models.training import (
     DEFAULT_CANDIDATE,
     DEFAULT_DAILY_BUDGET,
@@ -47,9 +50,10 @@ from models.training import (
     training_frame,
 )
 from streamguard.checkpoint import CHECKPOINT_SCHEMA, CHECKPOINT_TABLE
+from streamguard.commit import DEAD_LETTER_SCHEMA, DEAD_LETTER_TABLE
 from streamguard.config import Home
 from streamguard.lake import Lake
-from streamguard.runner import DEAD_LETTER_SCHEMA, DEAD_LETTER_TABLE, MicroBatchRunner
+from streamguard.runner import MicroBatchRunner
 from streamguard.sources import Source
 
 SCORING_JOB = "fraud_scoring"
@@ -110,6 +114,8 @@ def load_labels(lake: Lake, labels: pa.Table) -> int:
 
 @dataclass
 class TrainingOutcome:
+    """What a training run registered and how it compared, for the CLI, assets and tests."""
+
     version: str
     promoted: bool  # the version is champion now
     metrics: dict[str, float]
@@ -121,12 +127,15 @@ class TrainingOutcome:
     source: str  # "history replay" or "feature log"
     alias: str = CHAMPION  # what the version got when registered: champion (first) or challenger
     evaluation: Evaluation | None = None
-    alert_threshold: float | None = None  # stored with the version; the job alerts at it
+    # Stored with the version; the job alerts at it. None: none could be chosen (F1 on a holdout
+    # with one class), the scoring policy's default applies.
+    alert_threshold: float | None = None
     candidate: str = DEFAULT_CANDIDATE
     selection: Selection | None = None  # with select=True: every candidate's validation metrics
     selection_run_id: str = ""
 
     def summary(self) -> str:
+        """One line for the user: the version, where it stands, what it was trained on."""
         verdict = "promoted to champion" if self.promoted else f"kept as the {self.alias}"
         metrics = ", ".join(
             f"{k} {self.metrics[k]:.4f}"
@@ -179,11 +188,12 @@ def training_features(
 
 def train_challenger(
     home: Home,
+    *,
     history: Path | None = None,
     labels: Path | None = None,
     train_days: int | None = None,
     label_delay_days: int = 7,
-    metric: str = DEFAULT_METRIC,
+    metric: PromotionMetric = DEFAULT_METRIC,
     tracking_uri: str | None = None,
     model_name: str = MODEL_NAME,
     params: dict[str, Any] | None = None,
@@ -201,12 +211,14 @@ def train_challenger(
 
     Either way the alert threshold for `daily_budget` alerts/day on the holdout period
     (`choose_threshold`; None: best F1) is stored with the version (tags `alert_threshold`,
-    `alert_daily_budget`); the scoring job alerts at it.
+    `alert_daily_budget`); the scoring job alerts at it. Best F1 needs both classes in the
+    holdout: without fraud reported there yet (a new deployment), the version keeps no threshold
+    and the scoring policy's default applies.
 
     The first version of the model becomes `champion` directly (nothing to compare with). The
     holdout is stored with the version and the evaluation against the champion is recorded, but
-    `champion` does not move: that is the gate's job (`promote_challenger`, or the Dagster check
-    and the `fraud_model_champion` asset).
+    `champion` does not move: that is the gate's job (`models.promotion.decide_promotion`, through
+    `train_and_promote`, or the Dagster check and the `fraud_model_champion` asset).
     """
     uri = tracking_uri or home.mlflow_tracking_uri
     lake = Lake(home.lake)
@@ -243,6 +255,7 @@ def train_challenger(
         candidate=candidate,
     )
     labels_seen = holdout["label"].nunique() if len(holdout) else 0
+    threshold: float | None = None
     if daily_budget is not None or labels_seen == 2:
         # F1 needs both classes; without them the version keeps the policy's default threshold.
         threshold = choose_threshold(
@@ -279,23 +292,30 @@ def train_challenger(
 
 def train_and_promote(
     home: Home,
+    *,
     history: Path | None = None,
     labels: Path | None = None,
     train_days: int | None = None,
     label_delay_days: int = 7,
-    metric: str = DEFAULT_METRIC,
+    metric: PromotionMetric = DEFAULT_METRIC,
     select: bool = False,
 ) -> TrainingOutcome:
     """Train a challenger and, in the same process, promote it if it beat the champion.
 
-    The one-step path (`streamguard train`, tests): the same evaluation the Dagster gate uses.
+    The one-step path (`streamguard train`, tests): the challenger goes through the same
+    decision (`promote_if_better`) as the Dagster gate, on the evaluation recorded at training.
     """
     outcome = train_challenger(
-        home, history, labels, train_days, label_delay_days, metric, select=select
+        home,
+        history=history,
+        labels=labels,
+        train_days=train_days,
+        label_delay_days=label_delay_days,
+        metric=metric,
+        select=select,
     )
-    evaluation = outcome.evaluation
-    if outcome.alias == CHALLENGER and evaluation is not None and evaluation.better:
+    if outcome.alias == CHALLENGER:  # the first version already is the champion
         uri = home.mlflow_tracking_uri
-        move_champion(uri, MODEL_NAME, outcome.version, "promotion", evaluation.reason, evaluation)
-        outcome.promoted, outcome.alias = True, CHAMPION
+        if promote_if_better(uri, MODEL_NAME, outcome.version, metric=metric).promoted:
+            outcome.promoted, outcome.alias = True, CHAMPION
     return outcome

@@ -1,7 +1,8 @@
 """The in-process micro-batch runner: source -> job -> Delta tables -> checkpoint, exactly once.
 
 For each batch: plan the exact per-shard range and context (model version, lookup versions) and
-record the plan; run the processor; write each output table with the Delta application
+record the plan; run the processor; write each output table (`streamguard.commit.write_batch`, the
+commit path every executor shares) with the Delta application
 transaction `(job, batch_id)`; mark the batch committed. After a crash at any point, the last
 planned but uncommitted batch is read again over the same range with the same context, and every
 table that already holds it is skipped. The processor holds all domain logic; this module none.
@@ -14,50 +15,16 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
-import pyarrow as pa
-
-from models.protocols import LakeReader, Processed, RecordLike, TableOutput
+from models.protocols import Processor
 from streamguard.checkpoint import BatchPlan, Checkpoints, ShardRange
+from streamguard.commit import AlertSink, publish_batch, rejected_records, write_batch
 from streamguard.kinesis import StreamRecord
 from streamguard.lake import Lake
 from streamguard.sources import Source
 
 log = logging.getLogger(__name__)
-
-DEAD_LETTER_TABLE = "dead_letters"
-DEAD_LETTER_SCHEMA = pa.schema(
-    [
-        pa.field("job", pa.string(), nullable=False),
-        pa.field("batch_id", pa.int64(), nullable=False),
-        pa.field("shard_id", pa.string()),
-        pa.field("sequence_number", pa.string()),
-        pa.field("payload", pa.binary()),
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("arrival_time", pa.timestamp("us", tz="UTC")),
-        pa.field("recorded_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
-
-
-class Processor(Protocol):
-    """The domain side of a streaming job (e.g. fraud scoring), free of I/O but reads."""
-
-    @property
-    def outputs(self) -> Sequence[TableOutput]: ...
-
-    def plan_context(self, lake: LakeReader) -> dict[str, Any]:
-        """Context a new batch runs with (model version, lookup table versions): recorded."""
-        ...
-
-    def process(
-        self,
-        records: Sequence[RecordLike],
-        batch_id: int,
-        context: dict[str, Any],
-        lake: LakeReader,
-    ) -> Processed: ...
 
 
 @dataclass
@@ -93,17 +60,20 @@ class MicroBatchRunner:
     def __init__(
         self,
         source: Source,
-        processor: Processor,
+        processor: Processor[Any],
         lake: Lake,
         job: str,
+        *,
         max_batch_records: int = 50_000,
+        sinks: Sequence[AlertSink] = (),
     ) -> None:
         self.source = source
+        self.sinks = list(sinks)
         self.processor = processor
         self.lake = lake
         self.job = job
         self.max_batch_records = max_batch_records
-        self.checkpoints = Checkpoints(lake, job)
+        self.checkpoints = Checkpoints(lake, job, processor.load_context)
 
     # Hook for crash tests: called after each table write of a batch.
     def after_write(self, plan: BatchPlan, table: str) -> None:
@@ -175,21 +145,23 @@ class MicroBatchRunner:
     def _execute(self, plan: BatchPlan, records: list[StreamRecord], replayed: bool) -> BatchReport:
         started = time.perf_counter()
         processed = self.processor.process(records, plan.batch_id, plan.context, self.lake)
-        written: dict[str, int] = {}
-        dead = self._dead_letters(plan, records, processed.rejected)
-        if self.lake.append(DEAD_LETTER_TABLE, dead, self.job, plan.batch_id):
-            written[DEAD_LETTER_TABLE] = dead.num_rows
-        self.after_write(plan, DEAD_LETTER_TABLE)
-        for spec in self.processor.outputs:
-            data = processed.tables[spec.name].cast(spec.schema)
-            if spec.key is None:
-                done = self.lake.append(spec.name, data, self.job, plan.batch_id)
-            else:
-                done = self.lake.upsert(spec.name, data, spec.key, self.job, plan.batch_id)
-            if done:
-                written[spec.name] = data.num_rows
-            self.after_write(plan, spec.name)
+        dead = rejected_records(
+            self.job, plan.batch_id, records, processed.rejected, datetime.now(UTC)
+        )
+        written = write_batch(
+            self.lake,
+            self.job,
+            plan.batch_id,
+            dead,
+            processed.tables,
+            self.processor.outputs,
+            after_write=lambda table: self.after_write(plan, table),
+        )
+        if self.sinks:
+            publish_batch(self.sinks, self.job, plan.batch_id, self.lake, processed.tables)
+            self.after_write(plan, "publish")
         self.checkpoints.commit(plan)
+        self.source.acknowledge(plan.positions())
         self.after_write(plan, "commit")
         seconds = time.perf_counter() - started
         log.info(
@@ -210,22 +182,3 @@ class MicroBatchRunner:
             seconds,
             processed.stats,
         )
-
-    def _dead_letters(
-        self, plan: BatchPlan, records: Sequence[StreamRecord], rejected: list[tuple[int, str]]
-    ) -> pa.Table:
-        now = datetime.now(UTC)
-        rows = [
-            {
-                "job": self.job,
-                "batch_id": plan.batch_id,
-                "shard_id": records[i].shard_id,
-                "sequence_number": records[i].sequence_number,
-                "payload": records[i].data,
-                "reason": reason,
-                "arrival_time": records[i].arrival_time,
-                "recorded_at": now,
-            }
-            for i, reason in rejected
-        ]
-        return pa.Table.from_pylist(rows, schema=DEAD_LETTER_SCHEMA)

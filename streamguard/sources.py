@@ -20,6 +20,11 @@ class Source(Protocol):
         self, shard: str, after: str | None, until: str | None, max_records: int
     ) -> list[StreamRecord]: ...
 
+    def acknowledge(self, positions: Mapping[str, str | None]) -> None:
+        """Told where the lake's committed progress is (e.g. Kafka group offsets for lag
+        tools); never read back as the position: the lake is the source of truth."""
+        ...
+
 
 class KinesisSource:
     """A Kinesis stream (local server or AWS; the client decides which)."""
@@ -36,6 +41,9 @@ class KinesisSource:
     ) -> list[StreamRecord]:
         return read_shard(self.client, self.stream, shard, after, until, max_records)
 
+    def acknowledge(self, positions: Mapping[str, str | None]) -> None:
+        return None  # Kinesis keeps no consumer position of ours
+
 
 SEQ_DIGITS = 20
 
@@ -44,6 +52,7 @@ class MemorySource:
     """An in-memory log with Kinesis-like sequence numbers: replays, benchmarks, tests."""
 
     def __init__(self, shards: Mapping[str, Sequence[bytes]]) -> None:
+        self.acknowledged: dict[str, str | None] = {}  # the last committed positions
         now = datetime.now(UTC)
         self._records = {
             shard: [
@@ -72,6 +81,9 @@ class MemorySource:
         start = 0 if after is None else int(after)
         stop = len(records) if until is None else min(int(until), len(records))
         return records[start : min(stop, start + max_records)]
+
+    def acknowledge(self, positions: Mapping[str, str | None]) -> None:
+        self.acknowledged = dict(positions)
 
 
 def hash_key(key: str) -> int:

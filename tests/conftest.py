@@ -1,4 +1,7 @@
-"""Shared fixtures: one real local Kinesis server (kinesalite) per test session."""
+"""Shared fixtures: one real local Kinesis server (kinesalite) and one Spark session per test run.
+
+A local Spark session takes about 6 s to start: every Spark suite shares this one.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +50,16 @@ def stream_name(kinesis: Any, request: pytest.FixtureRequest) -> Iterator[str]:
     ensure_stream(kinesis, name, shards=2)
     yield name
     delete_stream(kinesis, name)
+
+
+@pytest.fixture(scope="session")
+def spark() -> Iterator[Any]:
+    """The test run's one local Spark session (2 cores), stopped when the run ends."""
+    from streamguard.spark.session import spark_session
+
+    session = spark_session("streamguard-tests", master="local[2]")
+    yield session
+    session.stop()
 
 
 # --------------------------------------------------------------------------- fraud fixtures

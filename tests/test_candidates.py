@@ -10,12 +10,14 @@ import pandas as pd
 import pytest
 from test_registry import CUTOFF, DELAY, synthetic
 
-from models.registry import load_model, log_and_register, log_selection, mlflow_client, score
+from models.registry import load_model, log_and_register, mlflow_client
+from models.selection_log import log_selection
 from models.training import (
     CANDIDATES,
     CLASS_WEIGHTS,
     Selection,
     evaluate,
+    score,
     select_model,
     time_split,
     train,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +28,9 @@ SPARK_MASTER = "local[2]"
 
 
 @pytest.fixture
-def spark_resource() -> Iterator[SparkResource]:
-    resource = SparkResource(app_name="streamguard-tests", master=SPARK_MASTER)
-    yield resource
-    from pyspark.sql import SparkSession
-
-    session = SparkSession.getActiveSession()
-    if session is not None:
-        session.stop()
+def spark_resource(spark: Any) -> SparkResource:
+    """The resource; its session is the test run's shared one (same master, already started)."""
+    return SparkResource(app_name="streamguard-tests", master=SPARK_MASTER)
 
 
 def test_executor_is_validated_and_defaults_from_the_environment(

@@ -8,11 +8,20 @@ import pyarrow as pa
 import pytest
 
 from models.features import (
+    CUSTOMER_FEATURES,
+    CUSTOMER_STATE_SCHEMA,
+    ENTITIES,
+    EVENT_FEATURES,
     FEATURE_COLUMNS,
     FEATURE_SCHEMA,
+    FEATURES,
+    KEY_COLUMNS,
     KNOWN_FRAUD_SCHEMA,
+    TERMINAL_FEATURES,
+    TERMINAL_STATE_SCHEMA,
     FeatureState,
     compute_features,
+    feature_names,
     known_frauds,
     replay,
     time_chunks,
@@ -204,4 +213,64 @@ def test_empty_batch_and_time_chunks() -> None:
     assert [c.num_rows for c in chunks] == [1, 2]
     with pytest.raises(ValueError, match="sorted"):
         list(time_chunks(table([tx("a", 10), tx("b", 0)])))
-    assert len(FEATURE_COLUMNS) == len(set(FEATURE_COLUMNS))
+
+
+def test_every_feature_is_declared_once_with_its_entity() -> None:
+    names = [f.name for f in FEATURES]
+    assert names == FEATURE_COLUMNS and len(set(names)) == len(names)
+    assert {f.entity for f in FEATURES} <= set(ENTITIES)
+    assert all(f.description for f in FEATURES)
+    split = CUSTOMER_FEATURES + TERMINAL_FEATURES + EVENT_FEATURES
+    assert sorted(split) == sorted(FEATURE_COLUMNS) and len(split) == len(FEATURE_COLUMNS)
+    assert feature_names(*ENTITIES) == FEATURE_COLUMNS
+    assert FEATURE_SCHEMA.names == KEY_COLUMNS + FEATURE_COLUMNS
+    # The order is part of the model contract (FEATURE_VERSION): models read columns by position.
+    assert [
+        "amount",
+        "is_debit",
+        "balance_before",
+        "amount_balance_ratio",
+        "location_seen_before",
+        "n_locations_seen",
+        "seconds_since_prev",
+        *[f"{s}_{w}" for w in ("1h", "1d", "7d", "30d") for s in ("count", "mean_amount")],
+        "amount_to_mean_30d",
+        *[f"terminal_{s}_{w}" for w in ("1d", "7d", "30d") for s in ("tx_count", "fraud_rate")],
+        "channel_atm",
+        "channel_pos",
+        "channel_online",
+        "channel_wire",
+        "hour_of_day",
+    ] == FEATURE_COLUMNS
+    # The Spark executors' two parts: by customer (with the event features), by terminal.
+    assert feature_names("customer", "event") == [
+        c for c in FEATURE_COLUMNS if not c.startswith("terminal_")
+    ]
+    assert [c for c in FEATURE_COLUMNS if c.startswith("terminal_")] == TERMINAL_FEATURES
+    with pytest.raises(ValueError, match="unknown entities"):
+        feature_names("merchant")  # type: ignore[arg-type]
+
+
+def test_each_part_needs_only_its_entitys_state() -> None:
+    # What a by-key executor relies on: customer and event features from the customer state
+    # alone, terminal features from the terminal state and known frauds alone.
+    rows = [
+        tx(f"h{i}", i * 90, customer=f"c{i % 3}", terminal=f"k{i % 2}", location=f"L{i % 5}")
+        for i in range(9)
+    ]
+    frauds = pa.Table.from_pylist(
+        [{"terminal_id": "k1", "event_time": T0, "reported_at": T0 + timedelta(minutes=100)}],
+        schema=KNOWN_FRAUD_SCHEMA,
+    )
+    state = compute_features(table(rows[:6]), FeatureState.empty(), frauds).state
+    batch = table(rows[6:])
+    whole = compute_features(batch, state, frauds).features
+    by_customer = compute_features(
+        batch, FeatureState(state.customers, TERMINAL_STATE_SCHEMA.empty_table())
+    ).features
+    by_terminal = compute_features(
+        batch, FeatureState(CUSTOMER_STATE_SCHEMA.empty_table(), state.terminals), frauds
+    ).features
+    customer_part = feature_names("customer", "event")
+    assert by_customer.select(customer_part).equals(whole.select(customer_part))
+    assert by_terminal.select(TERMINAL_FEATURES).equals(whole.select(TERMINAL_FEATURES))

@@ -30,21 +30,23 @@ from assets.model import (
 )
 from assets.resources import HomeResource, MlflowResource
 from models.job import SCORES, SHADOW_SCORES
+from models.promotion import (
+    PREVIOUS_CHAMPION,
+    Evaluation,
+    evaluate_challenger,
+    load_holdout,
+    log_holdout,
+    move_champion,
+    register_challenger,
+    rollback,
+)
 from models.registry import (
     CHALLENGER,
     CHAMPION,
     MODEL_NAME,
-    PREVIOUS_CHAMPION,
-    Evaluation,
     alias_version,
-    evaluate_challenger,
-    load_holdout,
     log_and_register,
-    log_holdout,
     mlflow_client,
-    move_champion,
-    register_challenger,
-    rollback,
 )
 from models.schema import to_payload
 from models.simulate import Simulation, write_simulation

@@ -17,21 +17,19 @@ import skops.io
 from mlflow.models import Model
 
 from models.features import FEATURE_COLUMNS, FEATURE_VERSION, KEY_COLUMNS
+from models.promotion import PromotionDecision, promote_if_better
 from models.registry import (
     CHAMPION,
     MODEL_NAME,
     SKOPS_TRUSTED_TYPES,
     NoChampionError,
-    PromotionDecision,
     load_model,
     log_and_register,
     mlflow_client,
     pip_requirements,
-    promote_if_better,
     resolve_version,
-    score,
 )
-from models.training import TrainResult, time_split, train, training_frame
+from models.training import TrainResult, score, time_split, train, training_frame
 
 T0 = pd.Timestamp("2026-01-01", tz="UTC")
 CUTOFF = T0 + pd.Timedelta(days=45)

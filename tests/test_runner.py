@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from fraud_streams import BAD_RECORDS, troubled_stream
 from sklearn.dummy import DummyClassifier
 
 from models.features import FEATURE_COLUMNS
@@ -25,54 +25,19 @@ from models.job import (
 from models.registry import MODEL_NAME, LoadedModel
 from models.schema import to_payload
 from streamguard.checkpoint import BatchPlan
+from streamguard.commit import DEAD_LETTER_TABLE
 from streamguard.lake import Lake
 from streamguard.pipeline import scoring_runner
-from streamguard.runner import DEAD_LETTER_TABLE, CrashError, MicroBatchRunner
+from streamguard.runner import CrashError, MicroBatchRunner
 from streamguard.sources import SEQ_DIGITS, MemorySource
-
-BAD_RECORDS = [
-    (b"{not json", "not valid JSON"),
-    (json.dumps({"transaction_id": "x1", "amount": 3}).encode(), "missing required field"),
-    (
-        json.dumps(
-            {
-                "transaction_id": "x2",
-                "event_time": "2026-01-02T00:00:00Z",
-                "customer_id": "C1",
-                "terminal_id": "T1",
-                "amount": -5,
-                "kind": "debit",
-            }
-        ).encode(),
-        "amount must be a finite number > 0",
-    ),
-    (
-        json.dumps(
-            {
-                "transaction_id": "x3",
-                "event_time": "yesterday",
-                "customer_id": "C1",
-                "terminal_id": "T1",
-                "amount": 5,
-                "kind": "debit",
-            }
-        ).encode(),
-        "event_time is not an ISO-8601 timestamp",
-    ),
-]
 
 
 def stream_of(transactions: pa.Table, with_bad: bool = True) -> tuple[MemorySource, int]:
     rows = transactions.to_pylist()
-    payloads = [to_payload(r) for r in rows]
-    keys = [r["customer_id"] for r in rows]
     if with_bad:
-        for i, (payload, _) in enumerate(BAD_RECORDS):
-            at = (i + 1) * len(payloads) // (len(BAD_RECORDS) + 1)
-            payloads.insert(at, payload)
-            keys.insert(at, "bad")
-        payloads.append(payloads[10])  # a replayed producer record: same transaction id
-        keys.append(keys[10])
+        payloads, keys = troubled_stream(rows)
+    else:
+        payloads, keys = troubled_stream(rows, (), replay_of=None)
     return MemorySource.split(payloads, keys, n_shards=2), len(payloads)
 
 
@@ -205,7 +170,13 @@ def test_crash_at_any_point_then_rerun_gives_no_duplicate_and_no_gap(
         lake, source, None, max_batch_records=400, model=tiny_model, challenger=always_fraud
     )
     crashing = CrashingRunner(
-        source, template.processor, lake, template.job, 400, table=crash_after, batch=2
+        source,
+        template.processor,
+        lake,
+        template.job,
+        max_batch_records=400,
+        table=crash_after,
+        batch=2,
     )
     with pytest.raises(CrashError):
         crashing.run()
@@ -297,7 +268,7 @@ class Killed(MicroBatchRunner):
         if plan.batch_id == 2 and table == job["table"]:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real kill
 
-Killed(source, template.processor, template.lake, template.job, 400).run()
+Killed(source, template.processor, template.lake, template.job, max_batch_records=400).run()
 """
 
 

@@ -7,10 +7,8 @@ reads one file per trigger, so both engines see the same records in the same mic
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +16,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from fraud_streams import (
+    BAD_RECORDS,
+    assert_same_tables,
+    in_process_reference,
+    sorted_table,
+    troubled_stream,
+)
 from pyspark.sql import SparkSession
-from spark_batches import in_process_reference
 
 from models.features import FEATURE_COLUMNS, FeatureState, compute_features, known_frauds
 from models.job import (
@@ -28,13 +32,14 @@ from models.job import (
     FEATURES,
     SCORES,
     TERMINAL_STATE,
+    ScoringContext,
 )
-from models.registry import LoadedModel, score
-from models.schema import to_payload
+from models.registry import LoadedModel
 from models.simulate import Simulation
+from models.training import score
+from streamguard.commit import DEAD_LETTER_TABLE
 from streamguard.lake import Lake
 from streamguard.pipeline import load_labels
-from streamguard.runner import DEAD_LETTER_TABLE
 from streamguard.spark.fraud import (
     SPARK_BATCHES,
     SparkFraudReport,
@@ -42,33 +47,11 @@ from streamguard.spark.fraud import (
     run_fraud_on_spark,
     spark_features,
 )
-from streamguard.spark.session import spark_session
 
 pytestmark = pytest.mark.spark
 
 N_TX = 1_500
 BATCH_RECORDS = 300
-BAD = [
-    b"{not json",
-    json.dumps({"transaction_id": "x1", "amount": 3}).encode(),
-    json.dumps(
-        {
-            "transaction_id": "x2",
-            "event_time": "2026-01-02T00:00:00Z",
-            "customer_id": "C1",
-            "terminal_id": "T1",
-            "amount": -5,
-            "kind": "debit",
-        }
-    ).encode(),
-]
-
-
-@pytest.fixture(scope="module")
-def spark() -> Iterator[SparkSession]:
-    session = spark_session("streamguard-tests", master="local[2]")
-    yield session
-    session.stop()
 
 
 @dataclass
@@ -82,17 +65,12 @@ class Runs:
     checkpoint: Path
 
 
+BAD = [payload for payload, _ in BAD_RECORDS]
+
+
 def _payloads(sim: Simulation) -> tuple[list[bytes], list[str]]:
-    rows = sim.transactions.slice(0, N_TX).to_pylist()
-    payloads = [to_payload(r) for r in rows]
-    keys = [r["customer_id"] for r in rows]
-    for i, bad in enumerate(BAD):
-        at = (i + 1) * len(payloads) // (len(BAD) + 1)
-        payloads.insert(at, bad)
-        keys.insert(at, "bad")
-    payloads.append(payloads[10])  # a replayed producer record: an earlier transaction id
-    keys.append(keys[10])
-    return payloads, keys
+    """Simulated records, bad ones among them, and a replay of an earlier transaction id."""
+    return troubled_stream(sim.transactions.slice(0, N_TX).to_pylist(), BAD)
 
 
 @pytest.fixture(scope="module")
@@ -118,25 +96,6 @@ def runs(
     return Runs(local, lake, local_seconds, report, len(payloads), input_dir, checkpoint)
 
 
-def _sorted(lake: Lake, name: str, key: str, drop: set[str] | None = None) -> pa.Table:
-    table = lake.read(name)
-    keep = [c for c in table.column_names if c not in (drop or set())]
-    return table.select(keep).sort_by([(key, "ascending")])
-
-
-def _assert_same(a: pa.Table, b: pa.Table, tolerance: float = 0.0) -> None:
-    assert a.column_names == b.column_names and a.num_rows == b.num_rows
-    for name in a.column_names:
-        x, y = a[name].combine_chunks(), b[name].combine_chunks()
-        if pa.types.is_floating(x.type):
-            xs = x.to_numpy(zero_copy_only=False)
-            ys = y.to_numpy(zero_copy_only=False)
-            close = np.isclose(xs, ys, rtol=tolerance, atol=tolerance, equal_nan=True)
-            assert close.all(), f"{name}: {np.nanmax(np.abs(xs - ys))}"
-        else:
-            assert x.cast(y.type).equals(y), name
-
-
 def test_spark_job_matches_the_in_process_runner(runs: Runs, tiny_model: LoadedModel) -> None:
     local, lake, report = runs.local, runs.spark, runs.report
     n_batches = len(list(runs.input_dir.glob("*.jsonl")))
@@ -146,18 +105,19 @@ def test_spark_job_matches_the_in_process_runner(runs: Runs, tiny_model: LoadedM
     assert report.app_id.startswith("spark:")
     stamps = {"ingested_at", "scored_at", "created_at", "updated_at", "recorded_at"}
     # The feature vectors, the scores, the alerts: identical per transaction and batch.
-    _assert_same(
-        _sorted(local, FEATURES, "transaction_id"), _sorted(lake, FEATURES, "transaction_id")
+    assert_same_tables(
+        sorted_table(local, FEATURES, "transaction_id"),
+        sorted_table(lake, FEATURES, "transaction_id"),
     )
     # Scores: the same model on bit-identical vectors gives bit-identical scores (the feature
     # function accumulates per key, so grouping by key on executors changes no rounding).
-    local_scores = _sorted(local, SCORES, "transaction_id", stamps | {"score"})
-    spark_scores = _sorted(lake, SCORES, "transaction_id", stamps | {"score"})
-    _assert_same(local_scores, spark_scores)  # ids, rules, alerts, versions, batch ids
-    a = _sorted(local, SCORES, "transaction_id")["score"].to_numpy()
-    b = _sorted(lake, SCORES, "transaction_id")["score"].to_numpy()
+    local_scores = sorted_table(local, SCORES, "transaction_id", stamps | {"score"})
+    spark_scores = sorted_table(lake, SCORES, "transaction_id", stamps | {"score"})
+    assert_same_tables(local_scores, spark_scores)  # ids, rules, alerts, versions, batch ids
+    a = sorted_table(local, SCORES, "transaction_id")["score"].to_numpy()
+    b = sorted_table(lake, SCORES, "transaction_id")["score"].to_numpy()
     assert np.array_equal(a, b), f"{int((a != b).sum())} of {len(a)} scores differ"
-    spark_features = _sorted(lake, FEATURES, "transaction_id").to_pandas()
+    spark_features = sorted_table(lake, FEATURES, "transaction_id").to_pandas()
     rescored = score(tiny_model.model, spark_features)  # the Spark scores are the model's
     # All rows at once here, a batch at a time in the jobs: the logistic-regression member's
     # BLAS dot products may round in the last bit differently for another number of rows.
@@ -181,13 +141,13 @@ def test_spark_job_matches_the_in_process_runner(runs: Runs, tiny_model: LoadedM
     assert pc.max(rates).as_py() > 0
     assert lake.read(SCORES).num_rows == N_TX
     # State after the last batch: identical.
-    _assert_same(
-        _sorted(local, CUSTOMER_STATE, "customer_id", stamps),
-        _sorted(lake, CUSTOMER_STATE, "customer_id", stamps),
+    assert_same_tables(
+        sorted_table(local, CUSTOMER_STATE, "customer_id", stamps),
+        sorted_table(lake, CUSTOMER_STATE, "customer_id", stamps),
     )
-    _assert_same(
-        _sorted(local, TERMINAL_STATE, "terminal_id", stamps),
-        _sorted(lake, TERMINAL_STATE, "terminal_id", stamps),
+    assert_same_tables(
+        sorted_table(local, TERMINAL_STATE, "terminal_id", stamps),
+        sorted_table(lake, TERMINAL_STATE, "terminal_id", stamps),
     )
     # Dead letters: the same payloads, in the same batches, for the same reasons.
     cols = ["batch_id", "payload", "reason"]
@@ -199,7 +159,8 @@ def test_spark_job_matches_the_in_process_runner(runs: Runs, tiny_model: LoadedM
     # Each batch's context is recorded before its outputs (labels version included).
     audit = lake.read(SPARK_BATCHES)
     assert sorted(audit["batch_id"].to_pylist()) == list(range(n_batches))
-    assert set(audit["labels_version"].to_pylist()) == {lake.version("labels")}
+    contexts = [ScoringContext.from_json(t) for t in audit["context"].to_pylist()]
+    assert {c.labels_version for c in contexts} == {lake.version("labels")}
 
     n = report.n_records
     spark_s = sum(b.total_s for b in report.batches)
@@ -266,7 +227,7 @@ def test_lost_checkpoint_replays_are_dead_lettered_not_scored_twice(
     ids = lake.read(SCORES, columns=["transaction_id"])["transaction_id"]
     assert len(ids) == len(pc.unique(ids)) == runs.local.count(SCORES)
     features = ["transaction_id", *FEATURE_COLUMNS]
-    _assert_same(
+    assert_same_tables(
         runs.local.read(FEATURES, columns=features).sort_by("transaction_id"),
         lake.read(FEATURES, columns=features).sort_by("transaction_id"),
     )
@@ -291,7 +252,7 @@ def test_spark_features_equal_compute_features(
     frauds = known_frauds(small_sim.transactions, small_sim.labels)
     want = compute_features(tx.slice(700), state, frauds)
     got = spark_features(spark, tx.slice(700), state, frauds, buckets=buckets)
-    _assert_same(want.features, got.features)  # same rows, same order
+    assert_same_tables(want.features, got.features)  # same rows, same order
     assert got.state.customers.sort_by("customer_id").equals(
         want.state.customers.sort_by("customer_id")
     )

@@ -13,31 +13,34 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from fraud_streams import (
+    BAD_RECORDS,
+    assert_same_tables,
+    in_process_reference,
+    sorted_table,
+    troubled_stream,
+)
 from pyspark.sql import DataFrame, SparkSession
-from spark_batches import in_process_reference
 
 from models.job import ALERTS, CUSTOMER_STATE, FEATURES, SCORES, TERMINAL_STATE, TRANSACTIONS
 from models.registry import LoadedModel
-from models.schema import to_payload
 from models.simulate import Simulation
+from streamguard.commit import DEAD_LETTER_TABLE
 from streamguard.lake import Lake
 from streamguard.pipeline import load_labels
-from streamguard.runner import DEAD_LETTER_TABLE
 from streamguard.spark import fraud_state
 from streamguard.spark.fraud import SparkFraudReport, jsonl_source
 from streamguard.spark.fraud_state import SPARK_STORE_BATCHES, run_fraud_on_spark_state_store
-from streamguard.spark.session import spark_session
 
 pytestmark = pytest.mark.spark
 
@@ -45,17 +48,9 @@ N_TX = 1_200
 BATCH_RECORDS = 300
 BUCKETS = 4
 STAMPS = {"ingested_at", "scored_at", "created_at", "updated_at", "recorded_at"}
-BAD = [
-    b"{not json",
-    json.dumps({"transaction_id": "x1", "amount": 3}).encode(),
-]
 
 
-@pytest.fixture(scope="module")
-def spark() -> Iterator[SparkSession]:
-    session = spark_session("streamguard-tests", master="local[2]")
-    yield session
-    session.stop()
+BAD = [payload for payload, _ in BAD_RECORDS[:2]]
 
 
 def _payloads(sim: Simulation) -> tuple[list[bytes], list[str]]:
@@ -70,17 +65,7 @@ def _payloads(sim: Simulation) -> tuple[list[bytes], list[str]]:
         for j in range(0, len(positions) - 1, 7):
             a, b = positions[j], positions[j + 1]
             rows[a], rows[b] = rows[b], rows[a]
-    payloads = [to_payload(r) for r in rows]
-    keys = [r["customer_id"] for r in rows]
-    for i, bad in enumerate(BAD):
-        at = (i + 1) * len(payloads) // (len(BAD) + 1)
-        payloads.insert(at, bad)
-        keys.insert(at, "bad")
-    payloads.insert(41, payloads[40])  # a producer retry: the same record twice in a batch
-    keys.insert(41, keys[40])
-    payloads.append(payloads[10])  # a replayed record from an earlier batch
-    keys.append(keys[10])
-    return payloads, keys
+    return troubled_stream(rows, BAD, retry_at=40)
 
 
 @dataclass
@@ -119,26 +104,6 @@ def runs(
     return Runs(root, local, store, report, input_dir, n_batches, len(payloads))
 
 
-def _sorted(lake: Lake, name: str, key: str) -> pa.Table:
-    table = lake.read(name)
-    keep = [c for c in table.column_names if c not in STAMPS]
-    return table.select(keep).sort_by([(key, "ascending")])
-
-
-def _assert_same(a: pa.Table, b: pa.Table) -> None:
-    """Equal tables, floats bit for bit (NaN and null alike)."""
-    assert a.column_names == b.column_names and a.num_rows == b.num_rows
-    for name in a.column_names:
-        x, y = a[name].combine_chunks(), b[name].combine_chunks()
-        if pa.types.is_floating(x.type):
-            xs = x.to_numpy(zero_copy_only=False)
-            ys = y.to_numpy(zero_copy_only=False)
-            same = (xs == ys) | (np.isnan(xs) & np.isnan(ys))
-            assert same.all(), f"{name}: {int((~same).sum())} values differ"
-        else:
-            assert x.cast(y.type).equals(y), name
-
-
 def _assert_same_lake(want: Lake, got: Lake) -> None:
     """Every output table equal to the in-process runner's (row for row, batch ids included)."""
     for name, key in (
@@ -149,11 +114,11 @@ def _assert_same_lake(want: Lake, got: Lake) -> None:
         (CUSTOMER_STATE, "customer_id"),
         (TERMINAL_STATE, "terminal_id"),
     ):
-        a, b = _sorted(want, name, key), _sorted(got, name, key)
+        a, b = sorted_table(want, name, key, STAMPS), sorted_table(got, name, key, STAMPS)
         if name == TRANSACTIONS:  # lineage differs by design: file path and line vs shard
             a = a.drop_columns(["shard_id", "sequence_number"])
             b = b.drop_columns(["shard_id", "sequence_number"])
-        _assert_same(a, b)
+        assert_same_tables(a, b)
     cols = ["batch_id", "payload", "reason"]
     dead_want = want.read(DEAD_LETTER_TABLE, columns=cols).sort_by([("payload", "ascending")])
     dead_got = got.read(DEAD_LETTER_TABLE, columns=cols).sort_by([("payload", "ascending")])

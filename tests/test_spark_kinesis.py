@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ from streamguard.spark.kinesis_source import (
     register_kinesis_source,
     with_text,
 )
-from streamguard.spark.session import spark_session
 
 pytestmark = pytest.mark.spark
 
@@ -35,11 +34,10 @@ Row = tuple[str, str, str, str]  # shard_id, sequence_number, partition_key, pay
 
 
 @pytest.fixture(scope="module")
-def spark() -> Iterator[SparkSession]:
-    session = spark_session("streamguard-tests", master="local[2]")
-    register_kinesis_source(session)
-    yield session
-    session.stop()
+def spark(spark: SparkSession) -> SparkSession:
+    """The shared session, with the Kinesis source registered."""
+    register_kinesis_source(spark)
+    return spark
 
 
 def _produce(client: Any, stream: str, first: int, n: int) -> list[str]:

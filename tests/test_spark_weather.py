@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -33,7 +32,6 @@ from models.weather import (
     write_weather_files,
 )
 from streamguard.lake import Lake
-from streamguard.spark.session import spark_session
 from streamguard.spark.weather import (
     BATCHES,
     DEAD_LETTERS,
@@ -45,13 +43,6 @@ from streamguard.spark.weather import (
 )
 
 pytestmark = pytest.mark.spark
-
-
-@pytest.fixture(scope="module")
-def spark() -> Iterator[SparkSession]:
-    session = spark_session("streamguard-tests", master="local[2]")
-    yield session
-    session.stop()
 
 
 def _reading(station: str, time: str, temp: float, hum: float = 60.0, wind: float = 3.0) -> bytes:

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from test_registry import CUTOFF, DELAY, synthetic
 
-from models.job import ALERTS, SCORES, FraudScoringJob
+from models.job import ALERTS, SCORES, FraudScoringJob, ScoringContext
+from models.promotion import load_holdout
 from models.registry import (
     ALERT_DAILY_BUDGET_TAG,
     ALERT_THRESHOLD_TAG,
     MODEL_NAME,
+    alert_threshold,
     log_and_register,
     mlflow_client,
 )
@@ -65,7 +68,7 @@ def _register(uri: str, root: Path, threshold: float | None) -> str:
     return log_and_register(result, uri, root)
 
 
-def _alerts(job: FraudScoringJob, features: pa.Table) -> tuple[dict[str, Any], np.ndarray]:
+def _alerts(job: FraudScoringJob, features: pa.Table) -> tuple[ScoringContext, np.ndarray]:
     context = job.plan_context(_Lake())  # type: ignore[arg-type]
     tables = job.score(features, context, 0, datetime.now(UTC))
     alert = tables[SCORES]["alert"].to_numpy(zero_copy_only=False)
@@ -83,9 +86,9 @@ def test_the_stored_threshold_decides_which_transactions_alert(tmp_path: Path) -
 
     jobs = {v: FraudScoringJob(uri, alias=v) for v in (high, low, none)}
     results = {v: _alerts(job, features) for v, job in jobs.items()}
-    assert results[high][0]["alert_threshold"] == 0.9
-    assert results[low][0]["alert_threshold"] == 0.1
-    assert results[none][0]["alert_threshold"] is None
+    assert results[high][0].alert_threshold == 0.9
+    assert results[low][0].alert_threshold == 0.1
+    assert results[none][0].alert_threshold is None
 
     model = jobs[high]._model(high).model
     p = score(model, frame)
@@ -135,3 +138,32 @@ def test_train_challenger_stores_the_threshold_and_the_selection(
     parent = client.get_run(tags["selection_run_id"])
     assert parent.data.tags["winner"] == outcome.candidate
     assert outcome.alert_threshold is not None and 0.0 <= outcome.alert_threshold <= 1.0
+
+
+def test_train_challenger_without_fraud_in_the_holdout_keeps_no_threshold(
+    tmp_path: Path, small_sim: Simulation
+) -> None:
+    """The first days of a deployment: no fraud reported in the holdout, no daily budget.
+
+    F1 needs both classes, so no threshold can be chosen: the version keeps none (the scoring
+    policy's default applies) instead of training failing.
+    """
+    home = Home(tmp_path / "home").ensure()
+    write_simulation(small_sim, home.data)
+    labels = pq.read_table(home.data / "labels.parquet")
+    start = pc.min(small_sim.transactions["event_time"]).as_py()
+    early = labels.filter(pc.less(labels["reported_at"], pa.scalar(start + timedelta(days=5))))
+    pq.write_table(early, tmp_path / "early_labels.parquet")
+    outcome = train_challenger(
+        home,
+        history=home.data / "transactions.parquet",
+        labels=tmp_path / "early_labels.parquet",
+        label_delay_days=0,
+        daily_budget=None,
+    )
+    uri = home.mlflow_tracking_uri
+    assert load_holdout(uri, MODEL_NAME, outcome.version)["label"].nunique() == 1
+    assert outcome.alert_threshold is None
+    tags = mlflow_client(uri).get_model_version(MODEL_NAME, outcome.version).tags
+    assert ALERT_THRESHOLD_TAG not in tags and ALERT_DAILY_BUDGET_TAG not in tags
+    assert alert_threshold(uri, MODEL_NAME, outcome.version) is None

@@ -25,24 +25,28 @@ from pyspark.sql.streaming.stateful_processor import (
 
 from models.features import (
     CUSTOMER_STATE_SCHEMA,
-    FEATURE_COLUMNS,
     HISTORY_SECONDS,
     TERMINAL_STATE_SCHEMA,
     FeatureState,
     compute_features,
+    feature_names,
 )
-from models.schema import TIMESTAMP, TRANSACTION_SCHEMA, parse_records
+from models.schema import (
+    DUPLICATE_EARLIER,
+    DUPLICATE_IN_BATCH,
+    TIMESTAMP,
+    TRANSACTION_SCHEMA,
+    parse_records,
+)
 
-# As in streamguard.spark.fraud: terminal features need the terminal state and known frauds.
-TERMINAL_FEATURES = [c for c in FEATURE_COLUMNS if c.startswith("terminal_")]
-CUSTOMER_FEATURES = [c for c in FEATURE_COLUMNS if c not in TERMINAL_FEATURES]
+# What each side of a Spark batch computes, from the features' declared entities: terminal
+# features need the terminal state and the known frauds; the customer side computes the customer
+# features and the event's own (amount, channel, hour), which need no state.
+CUSTOMER_SIDE_FEATURES = feature_names("customer", "event")
 
 _US = 1_000_000
 HISTORY_US = HISTORY_SECONDS * _US
 REJECTED_KEY = ""  # grouping key of records the parser rejected (never a valid customer id)
-# Reasons, as the in-process runner words them (models.job._drop_duplicates).
-_DUP_IN_BATCH = "duplicate transaction_id within the batch"
-_DUP_EARLIER = "duplicate transaction_id: already processed in an earlier batch"
 
 # One stored customer (the map value; the map key is the customer id). Times: int64 microseconds.
 STORED_FIELDS = [
@@ -80,7 +84,7 @@ _TX_FIELDS = PARSED_COLUMNS[7:]  # the transaction itself, event time as microse
 # The processor's output: 'f' customer features of a transaction, 's' a customer's new state,
 # 'd' a record to dead-letter.
 # (The `amount` feature is the transaction's amount, carried once.)
-OUT_FEATURES = [c for c in CUSTOMER_FEATURES if c not in PARSED_COLUMNS]
+OUT_FEATURES = [c for c in CUSTOMER_SIDE_FEATURES if c not in PARSED_COLUMNS]
 OUT_FIELDS = [
     *PARSED_FIELDS[1:],
     *[(c, "double") for c in OUT_FEATURES],
@@ -211,7 +215,7 @@ class CustomerProcessor(StatefulProcessor):
         frame = frame.iloc[order].reset_index(drop=True)
         ids = frame["transaction_id"].to_numpy(dtype=object)
         first = ~pd.Series(ids).duplicated().to_numpy()
-        reasons: list[str | None] = [None if f else _DUP_IN_BATCH for f in first]
+        reasons: list[str | None] = [None if f else DUPLICATE_IN_BATCH for f in first]
         stored: dict[str, tuple[Any, ...]] = {}
         for customer in pd.unique(frame["customer_id"]):
             value = self.customers.getValue((customer,))
@@ -220,7 +224,7 @@ class CustomerProcessor(StatefulProcessor):
         seen = {c: set(v[STORED_COLUMNS.index("seen_ids")] or ()) for c, v in stored.items()}
         for i, (tid, customer) in enumerate(zip(ids, frame["customer_id"], strict=True)):
             if reasons[i] is None and tid in seen.get(customer, ()):
-                reasons[i] = _DUP_EARLIER
+                reasons[i] = DUPLICATE_EARLIER
         keep = np.array([r is None for r in reasons], dtype=bool)
         if not keep.all():
             bad = frame[~keep]

@@ -6,7 +6,7 @@ Kinesis source, or JSON-lines files for tests and backfills). Each micro-batch i
 the same code at every step:
 
 1. Parse and validate with `models.schema.parse_records`, drop duplicate transaction ids with the
-   job's own `_drop_duplicates`; rejected records go to `dead_letters` (the runner's schema).
+   job's own `drop_duplicates`; rejected records go to `dead_letters`.
 2. Features with `models.features.compute_features`, distributed: the valid transactions are
    cogrouped with the stored state, `groupBy("customer_id")` for the customer part and
    `groupBy("terminal_id")` for the terminal part, and each group runs `compute_features` with
@@ -20,11 +20,11 @@ the same code at every step:
    The groups use `applyInArrow`, the Arrow form of `applyInPandas` (same grouped-map operator):
    the state's list<timestamp> columns then reach `compute_features` exactly as the in-process
    runner gives them, with no pandas round trip.
-3. The two parts are joined on `transaction_id`; the batch is scored on the driver by
-   `FraudScoringJob.score` (model, rules, alert decision) and `shadow_score`, on pandas.
-4. Every table is written through `Lake.append/upsert` with the Delta app transaction
-   `(f"spark:{query_id}", batch_id)`, state last; a batch Spark replays after a crash skips the
-   tables that hold it, so each table gets it exactly once.
+3. The two parts are joined on `transaction_id`; `FraudScoringJob.assemble` scores the batch on
+   the driver (model, rules, alert decision, shadow scores) and makes every output table.
+4. `streamguard.commit.write_batch`, the commit path every executor shares, writes them with the
+   Delta app transaction `(f"spark:{query_id}", batch_id)`, state last; a batch Spark replays
+   after a crash skips the tables that hold it, so each table gets it exactly once.
 
 State lives in the same Delta `customer_state` / `terminal_state` tables as in-process, read at
 the start of the batch and upserted at its end, rather than in Spark's state store
@@ -36,9 +36,10 @@ inspection, backfills), not locked in a checkpoint. A state-store version would 
 (expiring idle customers for free) and no Delta round trip per batch (state co-located with the
 executors, no driver read and MERGE), at the cost of the above.
 
-The context a batch runs with (model versions, the `labels` table version, so a replay sees the
-labels the first attempt saw) is recorded in the `spark_batches` table before any output: the
-Spark counterpart of the runner's batch plan.
+The context a batch runs with (`models.job.ScoringContext`: model versions, the `labels` table
+version, the alert threshold) is recorded whole in the `spark_batches` table before any output,
+as the runner records it in its checkpoint, so a replay scores, sees labels and alerts exactly as
+the first attempt did.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -61,10 +61,10 @@ from pyspark.sql import functions as F
 
 from models.features import (
     CUSTOMER_STATE_SCHEMA,
-    FEATURE_COLUMNS,
     FEATURE_SCHEMA,
     KEY_COLUMNS,
     KNOWN_FRAUD_SCHEMA,
+    TERMINAL_FEATURES,
     TERMINAL_STATE_SCHEMA,
     FeatureResult,
     FeatureState,
@@ -72,22 +72,27 @@ from models.features import (
 )
 from models.job import (
     ALERTS,
-    CUSTOMER_STATE,
     OUTPUTS,
-    SHADOW_SCORES,
-    TERMINAL_STATE,
     TRANSACTIONS,
     TRANSACTIONS_TABLE_SCHEMA,
     FraudScoringJob,
-    _drop_duplicates,
-    _known_frauds,
-    _load_state,
+    ScoringContext,
+    load_state,
+    prepare,
+    reported_frauds,
 )
 from models.registry import CHAMPION, MODEL_NAME, LoadedModel
-from models.schema import TIMESTAMP, TRANSACTION_SCHEMA, parse_records
+from models.schema import TIMESTAMP, TRANSACTION_SCHEMA
+from streamguard.commit import (
+    DEAD_LETTER_SCHEMA,
+    DEAD_LETTER_TABLE,
+    batch_written,
+    rejected_records,
+    write_batch,
+)
 from streamguard.lake import Lake
 from streamguard.pipeline import SCORING_JOB, ensure_tables
-from streamguard.runner import DEAD_LETTER_SCHEMA, DEAD_LETTER_TABLE
+from streamguard.spark.customer_state import CUSTOMER_SIDE_FEATURES
 from streamguard.spark.kinesis_source import register_kinesis_source
 
 SPARK_BATCHES = "spark_batches"
@@ -97,10 +102,8 @@ SPARK_BATCH_SCHEMA = pa.schema(
         pa.field("batch_id", pa.int64(), nullable=False),
         pa.field("job", pa.string()),
         pa.field("n_records", pa.int64()),
-        pa.field("model_name", pa.string()),
-        pa.field("model_version", pa.string()),
-        pa.field("challenger_version", pa.string()),
-        pa.field("labels_version", pa.int64()),
+        # The batch's whole context (`ScoringContext.to_json`), as the runner's checkpoint has it.
+        pa.field("context", pa.string()),
         pa.field("planned_at", TIMESTAMP),
         # batch_id is the lake's batch id: spark_batch_id + a base fixed at the query's first
         # batch (see `lake_batch_base`).
@@ -110,8 +113,6 @@ SPARK_BATCH_SCHEMA = pa.schema(
 # The records a micro-batch hands to foreachBatch (the Kinesis source's columns).
 RECORD_COLUMNS = ("shard_id", "sequence_number", "data", "arrival_time")
 
-TERMINAL_FEATURES = [c for c in FEATURE_COLUMNS if c.startswith("terminal_")]
-CUSTOMER_FEATURES = [c for c in FEATURE_COLUMNS if c not in TERMINAL_FEATURES]
 
 _TX_DDL = (
     "_seq bigint, transaction_id string, event_time timestamp, customer_id string, "
@@ -140,7 +141,7 @@ def _part_schema(features: list[str], state: pa.Schema) -> pa.Schema:
     )
 
 
-_CUSTOMER_PART = _part_schema(CUSTOMER_FEATURES, CUSTOMER_STATE_SCHEMA)
+_CUSTOMER_PART = _part_schema(CUSTOMER_SIDE_FEATURES, CUSTOMER_STATE_SCHEMA)
 _TERMINAL_PART = _part_schema(TERMINAL_FEATURES, TERMINAL_STATE_SCHEMA)
 
 
@@ -233,7 +234,7 @@ def spark_features(
         tx_df.groupBy(_group(tx_df, "customer_id", buckets))
         .cogroup(c_df.groupBy(_group(c_df, "customer_id", buckets)))
         .applyInArrow(
-            partial(_part, CUSTOMER_FEATURES, _CUSTOMER_PART, True, None), _ddl(_CUSTOMER_PART)
+            partial(_part, CUSTOMER_SIDE_FEATURES, _CUSTOMER_PART, True, None), _ddl(_CUSTOMER_PART)
         )
         .withColumn("kind", F.concat(F.lit("c"), "kind"))
     )
@@ -254,7 +255,7 @@ def spark_features(
 
     base = tx.select(["_seq", *KEY_COLUMNS])
     joined = (
-        base.join(of("cf").select(["transaction_id", *CUSTOMER_FEATURES]), "transaction_id")
+        base.join(of("cf").select(["transaction_id", *CUSTOMER_SIDE_FEATURES]), "transaction_id")
         .join(of("tf").select(["transaction_id", *TERMINAL_FEATURES]), "transaction_id")
         .sort_by("_seq")
     )
@@ -411,32 +412,43 @@ def plan_batch(
     lake: Lake,
     plans: str,
     job: FraudScoringJob,
+    *,
     app_id: str,
     job_name: str,
     batch_id: int,
     spark_batch_id: int,
-    n: int,
-) -> dict[str, Any]:
-    """The batch's context: recorded in `plans` on the first attempt, read on replays."""
+    n_records: int,
+) -> ScoringContext:
+    """The batch's context: recorded whole in `plans` on the first attempt, read on replays."""
     filt = (pc.field("app_id") == app_id) & (pc.field("batch_id") == batch_id)
-    done = lake.read(plans, filter=filt, schema=SPARK_BATCH_SCHEMA)
-    keys = ("model_name", "model_version", "challenger_version", "labels_version")
+    done = lake.read(plans, columns=["context"], filter=filt, schema=SPARK_BATCH_SCHEMA)
     if done.num_rows:
-        row = done.to_pylist()[0]
-        return {k: row[k] for k in keys}
+        return job.load_context(done["context"][0].as_py())
     context = job.plan_context(lake)
-    row = {"app_id": app_id, "batch_id": batch_id, "job": job_name, "n_records": n}
-    row |= {k: context[k] for k in keys}
-    row |= {"planned_at": datetime.now(UTC), "spark_batch_id": spark_batch_id}
+    row = {
+        "app_id": app_id,
+        "batch_id": batch_id,
+        "job": job_name,
+        "n_records": n_records,
+        "context": context.to_json(),
+        "planned_at": datetime.now(UTC),
+        "spark_batch_id": spark_batch_id,
+    }
     lake.append(plans, pa.Table.from_pylist([row], SPARK_BATCH_SCHEMA), app_id, batch_id)
     return context
 
 
-def _stamp(table: pa.Table, batch_id: int, now: datetime) -> pa.Table:
-    n = table.num_rows
-    return table.append_column(
-        "batch_id", pa.array(np.full(n, batch_id), pa.int64())
-    ).append_column("updated_at", pa.array([now] * n, TIMESTAMP))
+def planned_model_versions(lake: Lake, plans: str, app_id: str, batch_ids: list[int]) -> list[str]:
+    """The champion versions a Spark query's batches were planned with (run metadata)."""
+    if not batch_ids:
+        return []
+    rows = lake.read(
+        plans,
+        columns=["context"],
+        filter=(pc.field("app_id") == app_id) & pc.field("batch_id").isin(batch_ids),
+        schema=SPARK_BATCH_SCHEMA,
+    )
+    return sorted({ScoringContext.from_json(t).model_version for t in rows["context"].to_pylist()})
 
 
 @dataclass
@@ -451,7 +463,7 @@ class _BatchContext:
 
 
 def _process_batch(batch: DataFrame, spark_batch_id: int, app_id: str, ctx: _BatchContext) -> None:
-    """One micro-batch, as `FraudScoringJob.process` + the runner's writes would do it."""
+    """One micro-batch: the runner's plan, parse and writes, with the features on Spark."""
     started = time.perf_counter()
     lake, job = ctx.lake, ctx.job
     if app_id not in ctx.bases:
@@ -463,73 +475,38 @@ def _process_batch(batch: DataFrame, spark_batch_id: int, app_id: str, ctx: _Bat
     ctx.report.batches.append(timing)
     t = time.perf_counter()
     timing.collect_s = t - started
-    last = lake.transaction_version(TERMINAL_STATE, app_id)  # written last: batch fully done
-    if not records or (last is not None and last >= batch_id):
+    if not records or batch_written(lake, app_id, batch_id, OUTPUTS):
         timing.skipped = True
         timing.total_s = time.perf_counter() - started
         return
     context = plan_batch(
-        lake, SPARK_BATCHES, job, app_id, ctx.job_name, batch_id, spark_batch_id, len(records)
+        lake,
+        SPARK_BATCHES,
+        job,
+        app_id=app_id,
+        job_name=ctx.job_name,
+        batch_id=batch_id,
+        spark_batch_id=spark_batch_id,
+        n_records=len(records),
     )
     now = datetime.now(UTC)
-    parsed = parse_records([r.data for r in records])
-    rejected = [(r.index, r.reason) for r in parsed.rejected]
-    valid, dupes = _drop_duplicates(parsed.valid, lake, batch_id)
-    rejected.extend(dupes)
-    index = valid["record_index"].to_numpy()
-    valid = valid.drop_columns(["record_index"])
-    n = valid.num_rows
-    transactions = (
-        valid.append_column("batch_id", pa.array(np.full(n, batch_id), pa.int64()))
-        .append_column("shard_id", pa.array([records[i].shard_id for i in index], pa.string()))
-        .append_column(
-            "sequence_number", pa.array([records[i].sequence_number for i in index], pa.string())
-        )
-        .append_column("ingested_at", pa.array([now] * n, TIMESTAMP))
-    )
-    state = _load_state(lake, valid)
-    frauds = _known_frauds(lake, valid, batch_id, context.get("labels_version"))
+    valid, transactions, rejected = prepare(records, batch_id, lake, now)
+    state = load_state(lake, valid)
+    frauds = reported_frauds(lake, valid, batch_id, context.labels_version)
     t2 = time.perf_counter()
     timing.prepare_s = t2 - t
     result = spark_features(ctx.spark, valid, state, frauds, ctx.buckets)
     t3 = time.perf_counter()
     timing.features_s = t3 - t2
-    tables = job.score(result.features, context, batch_id, now)
-    tables[SHADOW_SCORES] = job.shadow_score(result.features, context, batch_id, now)
-    tables[TRANSACTIONS] = transactions
-    tables[CUSTOMER_STATE] = _stamp(result.state.customers, batch_id, now)
-    tables[TERMINAL_STATE] = _stamp(result.state.terminals, batch_id, now)
+    tables = job.assemble(result.features, result.state, transactions, context, batch_id, now)
     t4 = time.perf_counter()
     timing.score_s = t4 - t3
-    dead = pa.Table.from_pylist(
-        [
-            {
-                "job": ctx.job_name,
-                "batch_id": batch_id,
-                "shard_id": records[i].shard_id,
-                "sequence_number": records[i].sequence_number,
-                "payload": records[i].data,
-                "reason": reason,
-                "arrival_time": records[i].arrival_time,
-                "recorded_at": now,
-            }
-            for i, reason in sorted(rejected)
-        ],
-        schema=DEAD_LETTER_SCHEMA,
-    )
-    written = ctx.report.rows_written
-    if lake.append(DEAD_LETTER_TABLE, dead, app_id, batch_id):
-        written[DEAD_LETTER_TABLE] = written.get(DEAD_LETTER_TABLE, 0) + dead.num_rows
-    for spec in OUTPUTS:  # state last: a replay reads the state from before the batch
-        data = tables[spec.name].cast(spec.schema)
-        if spec.key is None:
-            done = lake.append(spec.name, data, app_id, batch_id)
-        else:
-            done = lake.upsert(spec.name, data, spec.key, app_id, batch_id)
-        if done:
-            written[spec.name] = written.get(spec.name, 0) + data.num_rows
+    dead = rejected_records(ctx.job_name, batch_id, records, rejected, now)
+    written = write_batch(lake, app_id, batch_id, dead, tables, OUTPUTS)
+    for name, rows in written.items():
+        ctx.report.rows_written[name] = ctx.report.rows_written.get(name, 0) + rows
     timing.write_s = time.perf_counter() - t4
-    timing.valid, timing.rejected = n, len(rejected)
+    timing.valid, timing.rejected = valid.num_rows, len(rejected)
     timing.alerts = tables[ALERTS].num_rows
     timing.total_s = time.perf_counter() - started
 

@@ -67,7 +67,7 @@ updated within the TTL, so it expires the same customers. `customer_ttl=None`: n
 Duplicates: a repeated transaction id of the same customer (a producer retry, the usual case) is
 rejected inside the processor before it touches the state (within the batch, or against the ids
 kept for the last 30 days of the customer's event time), with the in-process runner's reasons. The
-driver then applies the runner's own check (`_drop_duplicates`: across customers within the batch,
+driver then applies the runner's own check (`drop_duplicates`: across customers within the batch,
 and against Delta `transactions` for earlier batches), so no transaction id is ever scored twice;
 a duplicate only that check catches (the same id on another customer, or a replay of a record
 older than the kept window) is dead-lettered but has already updated its customer's state.
@@ -93,7 +93,7 @@ from pyspark.sql import functions as F
 from models.features import (
     CUSTOMER_STATE_SCHEMA,
     FEATURE_SCHEMA,
-    TERMINAL_STATE_SCHEMA,
+    TERMINAL_FEATURES,
     FeatureState,
     compute_features,
 )
@@ -101,21 +101,20 @@ from models.job import (
     ALERTS,
     CUSTOMER_STATE,
     OUTPUTS,
-    SHADOW_SCORES,
-    TERMINAL_STATE,
-    TERMINAL_STATE_TABLE_SCHEMA,
     TRANSACTIONS,
     FraudScoringJob,
-    _drop_duplicates,
-    _known_frauds,
+    drop_duplicates,
+    load_terminal_state,
+    reported_frauds,
+    with_lineage,
 )
 from models.registry import CHAMPION, MODEL_NAME, LoadedModel
 from models.schema import TIMESTAMP, TRANSACTION_SCHEMA
+from streamguard.commit import batch_written, dead_letter_table, write_batch
 from streamguard.lake import Lake
 from streamguard.pipeline import SCORING_JOB, ensure_tables
-from streamguard.runner import DEAD_LETTER_SCHEMA, DEAD_LETTER_TABLE
 from streamguard.spark.customer_state import (
-    CUSTOMER_FEATURES,
+    CUSTOMER_SIDE_FEATURES,
     HISTORY_US,
     OUT_COLUMNS,
     OUT_DDL,
@@ -123,7 +122,6 @@ from streamguard.spark.customer_state import (
     PARSED_FIELDS,
     REJECTED_KEY,
     STORED_DDL,
-    TERMINAL_FEATURES,
     CustomerProcessor,
     arrival_order,
     parse_partition,
@@ -132,7 +130,6 @@ from streamguard.spark.fraud import (
     SPARK_BATCH_SCHEMA,
     BatchTiming,
     SparkFraudReport,
-    _stamp,
     lake_batch_base,
     plan_batch,
     run_available_now,
@@ -186,21 +183,18 @@ class _StoreContext:
 
 
 def _dead_letters(rows: pa.Table, job_name: str, batch_id: int, now: datetime) -> pa.Table:
-    n = rows.num_rows
     order = arrival_order(rows["shard_id"].to_pylist(), rows["sequence_number"].to_pylist())
     rows = rows.take(pa.array(order, pa.int64()))
-    return pa.table(
-        {
-            "job": pa.array([job_name] * n, pa.string()),
-            "batch_id": pa.array(np.full(n, batch_id), pa.int64()),
-            "shard_id": rows["shard_id"],
-            "sequence_number": rows["sequence_number"],
-            "payload": rows["data"],
-            "reason": rows["reason"],
-            "arrival_time": _times(rows["arrival_us"]),
-            "recorded_at": pa.array([now] * n, TIMESTAMP),
-        }
-    ).cast(DEAD_LETTER_SCHEMA)
+    return dead_letter_table(
+        job_name,
+        batch_id,
+        shard_ids=rows["shard_id"],
+        sequence_numbers=rows["sequence_number"],
+        payloads=rows["data"],
+        reasons=rows["reason"],
+        arrival_times=_times(rows["arrival_us"]),
+        recorded_at=now,
+    )
 
 
 def _process_store_batch(
@@ -222,13 +216,19 @@ def _process_store_batch(
     ctx.report.batches.append(timing)
     t = time.perf_counter()
     timing.features_s = t - started  # parse + the customer part, inside the operator
-    last = lake.transaction_version(TERMINAL_STATE, app_id)  # written last: batch fully done
-    if n_records == 0 or (last is not None and last >= batch_id):
+    if n_records == 0 or batch_written(lake, app_id, batch_id, OUTPUTS):
         timing.skipped = True
         timing.total_s = time.perf_counter() - started
         return
     context = plan_batch(
-        lake, SPARK_STORE_BATCHES, job, app_id, ctx.job_name, batch_id, spark_batch_id, n_records
+        lake,
+        SPARK_STORE_BATCHES,
+        job,
+        app_id=app_id,
+        job_name=ctx.job_name,
+        batch_id=batch_id,
+        spark_batch_id=spark_batch_id,
+        n_records=n_records,
     )
     now = datetime.now(UTC)
     order = arrival_order(feats["shard_id"].to_pylist(), feats["sequence_number"].to_pylist())
@@ -241,7 +241,7 @@ def _process_store_batch(
     )
     valid = _one_chunk(valid.select(TRANSACTION_SCHEMA.names).cast(TRANSACTION_SCHEMA))
     valid = valid.append_column("record_index", pa.array(np.arange(feats.num_rows), pa.int64()))
-    valid, dupes = _drop_duplicates(valid, lake, batch_id)  # across customers, earlier batches
+    valid, dupes = drop_duplicates(valid, lake, batch_id)  # across customers, earlier batches
     kept = valid["record_index"].combine_chunks()
     valid = valid.drop_columns(["record_index"])
     if dupes:
@@ -251,53 +251,31 @@ def _process_store_batch(
         )
         dead = pa.concat_tables([dead, caught])
     feats = feats.take(kept)
-    n = valid.num_rows
-    transactions = (
-        valid.append_column("batch_id", pa.array(np.full(n, batch_id), pa.int64()))
-        .append_column("shard_id", feats["shard_id"])
-        .append_column("sequence_number", feats["sequence_number"])
-        .append_column("ingested_at", pa.array([now] * n, TIMESTAMP))
-    )
-    terminals = lake.read(
-        TERMINAL_STATE,
-        columns=TERMINAL_STATE_SCHEMA.names,
-        filter=pc.field("terminal_id").isin(pc.unique(valid["terminal_id"])),
-        schema=TERMINAL_STATE_TABLE_SCHEMA,
-    ).cast(TERMINAL_STATE_SCHEMA)
-    frauds = _known_frauds(lake, valid, batch_id, context.get("labels_version"))
+    transactions = with_lineage(valid, batch_id, feats["shard_id"], feats["sequence_number"], now)
+    terminals = load_terminal_state(lake, valid)
+    frauds = reported_frauds(lake, valid, batch_id, context.labels_version)
     t2 = time.perf_counter()
     timing.prepare_s = t2 - t
     terminal = compute_features(
         valid, FeatureState(CUSTOMER_STATE_SCHEMA.empty_table(), terminals), frauds
     )
     parts = {c: valid[c] for c in ("transaction_id", "event_time", "customer_id", "terminal_id")}
-    parts |= {c: feats[c] for c in CUSTOMER_FEATURES}
+    parts |= {c: feats[c] for c in CUSTOMER_SIDE_FEATURES}
     parts |= {c: terminal.features[c] for c in TERMINAL_FEATURES}
     features = pa.table({c: parts[c] for c in FEATURE_SCHEMA.names}).cast(FEATURE_SCHEMA)
     t3 = time.perf_counter()
     timing.features_s += t3 - t2
-    tables = job.score(features, context, batch_id, now)
-    tables[SHADOW_SCORES] = job.shadow_score(features, context, batch_id, now)
-    tables[TRANSACTIONS] = transactions
-    states = rows.filter(pc.equal(kind, "s"))
-    tables[CUSTOMER_STATE] = _stamp(_customer_state(states), batch_id, now)
-    tables[TERMINAL_STATE] = _stamp(terminal.state.terminals, batch_id, now)
+    states = _customer_state(rows.filter(pc.equal(kind, "s")))
+    new_state = FeatureState(states, terminal.state.terminals)
+    tables = job.assemble(features, new_state, transactions, context, batch_id, now)
     t4 = time.perf_counter()
     timing.score_s = t4 - t3
     letters = _dead_letters(dead, ctx.job_name, batch_id, now)
-    written = ctx.report.rows_written
-    if lake.append(DEAD_LETTER_TABLE, letters, app_id, batch_id):
-        written[DEAD_LETTER_TABLE] = written.get(DEAD_LETTER_TABLE, 0) + letters.num_rows
-    for spec in OUTPUTS:  # state last: a replay reads the terminal state from before the batch
-        data = tables[spec.name].cast(spec.schema)
-        if spec.key is None:
-            done = lake.append(spec.name, data, app_id, batch_id)
-        else:
-            done = lake.upsert(spec.name, data, spec.key, app_id, batch_id)
-        if done:
-            written[spec.name] = written.get(spec.name, 0) + data.num_rows
+    written = write_batch(lake, app_id, batch_id, letters, tables, OUTPUTS)
+    for name, count in written.items():
+        ctx.report.rows_written[name] = ctx.report.rows_written.get(name, 0) + count
     timing.write_s = time.perf_counter() - t4
-    timing.valid, timing.rejected = n, letters.num_rows
+    timing.valid, timing.rejected = valid.num_rows, letters.num_rows
     timing.alerts = tables[ALERTS].num_rows
     timing.total_s = time.perf_counter() - started
 

@@ -1,0 +1,123 @@
+"""Model selection in MLflow: one parent run per selection, one child run per candidate.
+
+Kept apart from registering (`models.registry`): a selection is evidence for how the trained
+family was chosen, read by people comparing candidates, and never loaded to score.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+from mlflow.entities import Metric, Param, RunTag
+
+from models.features import FEATURE_VERSION
+from models.registry import (
+    EXPERIMENT,
+    MODEL_NAME,
+    ensure_experiment,
+    iso_time,
+    mlflow_client,
+    utc_now,
+)
+from models.training import Selection
+
+__all__ = ["log_selection"]
+
+
+def log_selection(
+    selection: Selection,
+    tracking_uri: str,
+    artifact_root: Path,
+    experiment: str = EXPERIMENT,
+    name: str = MODEL_NAME,
+) -> str:
+    """Log a model selection: one parent run, one child run per (candidate, class weighting).
+
+    Children carry the candidate's parameters and validation metrics and the tag
+    `mlflow.parentRunId`; the parent the ranking, the winner and the validation window. Returns
+    the parent run id (recorded on the version trained from the winner).
+    """
+    client = mlflow_client(tracking_uri)
+    experiment_id = ensure_experiment(client, experiment, Path(artifact_root))
+    winner = selection.winner
+    parent = client.create_run(
+        experiment_id,
+        run_name=f"select-{pd.Timestamp(selection.validation_end or utc_now()):%Y%m%dT%H%M}",
+        tags={"model_name": name, "feature_version": FEATURE_VERSION, "kind": "model_selection"},
+    )
+    parent_id = str(parent.info.run_id)
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    try:
+        for rank, result in enumerate(selection.ranking, start=1):
+            child = client.create_run(
+                experiment_id,
+                run_name=result.name.replace("/", "-"),
+                tags={
+                    "mlflow.parentRunId": parent_id,
+                    "model_name": name,
+                    "candidate": result.candidate,
+                    "class_weight": str(result.class_weight),
+                    "rank": str(rank),
+                },
+            )
+            child_id = str(child.info.run_id)
+            metrics = {
+                **{
+                    f"validation_{k}": float(v)
+                    for k, v in result.metrics.items()
+                    if math.isfinite(float(v))
+                },
+                "fit_seconds": result.fit_seconds,
+            }
+            client.log_batch(
+                child_id,
+                metrics=[Metric(k, v, now_ms, 0) for k, v in metrics.items()],
+                params=[
+                    Param(k, str(v)[:6000])
+                    for k, v in {
+                        "candidate": result.candidate,
+                        "class_weight": str(result.class_weight),
+                        **result.params,
+                    }.items()
+                ],
+            )
+            client.set_terminated(child_id, "FINISHED")
+        ranking = [
+            {"candidate": r.candidate, "class_weight": r.class_weight, **r.metrics}
+            for r in selection.ranking
+        ]
+        client.log_batch(
+            parent_id,
+            metrics=[
+                Metric(f"winner_validation_{selection.metric}", v, now_ms, 0)
+                for v in [float(winner.metrics.get(selection.metric, math.nan))]
+                if math.isfinite(v)
+            ]
+            + [Metric("selection_seconds", selection.seconds, now_ms, 0)],
+            params=[
+                Param(k, v)
+                for k, v in {
+                    "metric": selection.metric,
+                    "n_candidates": str(len(selection.ranking)),
+                    "n_train": str(selection.n_train),
+                    "n_validation": str(selection.n_validation),
+                    "train_end": iso_time(selection.train_end),
+                    "validation_start": iso_time(selection.validation_start),
+                    "validation_end": iso_time(selection.validation_end),
+                }.items()
+            ],
+            tags=[
+                RunTag("winner", winner.candidate),
+                RunTag("winner_class_weight", str(winner.class_weight)),
+                RunTag("ranking", json.dumps(ranking, default=str)[:5000]),
+            ],
+        )
+    except BaseException:
+        client.set_terminated(parent_id, "FAILED")
+        raise
+    client.set_terminated(parent_id, "FINISHED")
+    return parent_id

@@ -1,0 +1,154 @@
+"""Test helpers shared by the fraud engine suites (in-process runner, both Spark modes).
+
+One stream with every kind of trouble (bad records, repeats), one way to compare tables exactly,
+and the in-process runner's batches written as files for a Spark query to read one per trigger.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from models.job import TRANSACTIONS
+from models.registry import LoadedModel
+from models.schema import to_payload
+from streamguard.commit import DEAD_LETTER_TABLE
+from streamguard.lake import Lake
+from streamguard.pipeline import load_labels, scoring_runner
+from streamguard.sources import MemorySource
+
+# Records that break the contract, and the reason each is dead-lettered with.
+BAD_RECORDS: list[tuple[bytes, str]] = [
+    (b"{not json", "not valid JSON"),
+    (json.dumps({"transaction_id": "x1", "amount": 3}).encode(), "missing required field"),
+    (
+        json.dumps(
+            {
+                "transaction_id": "x2",
+                "event_time": "2026-01-02T00:00:00Z",
+                "customer_id": "C1",
+                "terminal_id": "T1",
+                "amount": -5,
+                "kind": "debit",
+            }
+        ).encode(),
+        "amount must be a finite number > 0",
+    ),
+    (
+        json.dumps(
+            {
+                "transaction_id": "x3",
+                "event_time": "yesterday",
+                "customer_id": "C1",
+                "terminal_id": "T1",
+                "amount": 5,
+                "kind": "debit",
+            }
+        ).encode(),
+        "event_time is not an ISO-8601 timestamp",
+    ),
+]
+
+
+def troubled_stream(
+    rows: Sequence[dict[str, Any]],
+    bad: Sequence[bytes] = tuple(p for p, _ in BAD_RECORDS),
+    *,
+    replay_of: int | None = 10,
+    retry_at: int | None = None,
+) -> tuple[list[bytes], list[str]]:
+    """Payloads and partition keys of `rows` with `bad` records spread evenly among them.
+
+    `replay_of`: that record again at the end (a replay from an earlier batch); `retry_at`: that
+    record twice in a row (a producer retry within one batch).
+    """
+    payloads = [to_payload(r) for r in rows]
+    keys = [r["customer_id"] for r in rows]
+    for i, record in enumerate(bad):
+        at = (i + 1) * len(payloads) // (len(bad) + 1)
+        payloads.insert(at, record)
+        keys.insert(at, "bad")
+    if retry_at is not None:
+        payloads.insert(retry_at + 1, payloads[retry_at])
+        keys.insert(retry_at + 1, keys[retry_at])
+    if replay_of is not None:
+        payloads.append(payloads[replay_of])
+        keys.append(keys[replay_of])
+    return payloads, keys
+
+
+def assert_same_tables(a: pa.Table, b: pa.Table, tolerance: float = 0.0) -> None:
+    """Equal tables; floats bit for bit unless `tolerance` (NaN and null alike)."""
+    assert a.column_names == b.column_names and a.num_rows == b.num_rows
+    for name in a.column_names:
+        x, y = a[name].combine_chunks(), b[name].combine_chunks()
+        if pa.types.is_floating(x.type):
+            xs = x.to_numpy(zero_copy_only=False)
+            ys = y.to_numpy(zero_copy_only=False)
+            same = np.isclose(xs, ys, rtol=tolerance, atol=tolerance, equal_nan=True)
+            if tolerance == 0.0:
+                same = (xs == ys) | (np.isnan(xs) & np.isnan(ys))
+            assert same.all(), f"{name}: {int((~same).sum())} values differ"
+        else:
+            assert x.cast(y.type).equals(y), name
+
+
+def sorted_table(lake: Lake, name: str, key: str, drop: set[str] | None = None) -> pa.Table:
+    """A table without the columns in `drop`, in `key` order (engines write rows in any order)."""
+    table = lake.read(name)
+    keep = [c for c in table.column_names if c not in (drop or set())]
+    return table.select(keep).sort_by([(key, "ascending")])
+
+
+def batch_files(lake: Lake, source: MemorySource, out: Path) -> int:
+    """One file per in-process batch, its records in the order the runner read them."""
+    data = {
+        (r.shard_id, r.sequence_number): r.data
+        for shard in source.shards()
+        for r in source.read(shard, None, None, 1 << 30)
+    }
+    placed = pa.concat_tables(
+        [
+            lake.read(TRANSACTIONS, columns=["batch_id", "shard_id", "sequence_number"]),
+            lake.read(DEAD_LETTER_TABLE, columns=["batch_id", "shard_id", "sequence_number"]),
+        ]
+    ).to_pylist()
+    batches: dict[int, list[tuple[str, int]]] = {}
+    for r in placed:
+        batches.setdefault(r["batch_id"], []).append((r["shard_id"], int(r["sequence_number"])))
+    out.mkdir(parents=True)
+    base = time.time() - 1_000
+    for batch_id, keys in sorted(batches.items()):
+        path = out / f"batch-{batch_id:05d}.jsonl"
+        lines = [data[(shard, str(seq).zfill(20))] for shard, seq in sorted(keys)]
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        os.utime(path, (base + batch_id, base + batch_id))  # the file source orders by mtime
+    return len(batches)
+
+
+def in_process_reference(
+    root: Path,
+    payloads: Sequence[bytes],
+    keys: Sequence[str],
+    labels: pa.Table,
+    model: LoadedModel,
+    batch_records: int,
+) -> tuple[Lake, Path, int]:
+    """The in-process runner over the records (2 shards), and its batches as files.
+
+    Returns (its lake, the folder of batch files, the number of batches): the reference a Spark
+    job fed from that folder, one file per trigger, must reproduce.
+    """
+    source = MemorySource.split(payloads, keys, n_shards=2)
+    local = Lake(root / "local")
+    load_labels(local, labels)
+    scoring_runner(local, source, None, max_batch_records=batch_records, model=model).run()
+    input_dir = root / "input"
+    return local, input_dir, batch_files(local, source, input_dir)

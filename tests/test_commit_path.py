@@ -1,0 +1,102 @@
+"""The one commit path: every executor records a batch's context whole and replays with it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from models.job import LABELS, FraudScoringJob, ScoringContext
+from models.registry import ALERT_THRESHOLD_TAG, LoadedModel
+from models.schema import LABEL_SCHEMA
+from streamguard.checkpoint import BatchPlan, Checkpoints, ShardRange
+from streamguard.lake import Lake
+from streamguard.pipeline import SCORING_JOB, ensure_tables
+from streamguard.spark.fraud import SPARK_BATCH_SCHEMA, SPARK_BATCHES, plan_batch
+from streamguard.spark.fraud_state import SPARK_STORE_BATCHES
+
+
+def _job(model: LoadedModel, threshold: float) -> FraudScoringJob:
+    tagged = LoadedModel(model.model, model.name, "7", tags={ALERT_THRESHOLD_TAG: repr(threshold)})
+    return FraudScoringJob(None, model=tagged)
+
+
+Replay = Callable[[FraudScoringJob], ScoringContext]
+
+
+def _in_process(lake: Lake, job: FraudScoringJob) -> Replay:
+    checkpoints = Checkpoints(lake, SCORING_JOB, job.load_context)
+    plan = BatchPlan(SCORING_JOB, 0, {"s": ShardRange(None, "1", 1)}, job.plan_context(lake))
+    checkpoints.write_plan(plan)
+
+    def replay(later: FraudScoringJob) -> ScoringContext:
+        last = Checkpoints(lake, SCORING_JOB, later.load_context).last_plan()
+        assert last is not None and isinstance(last.context, ScoringContext)
+        return last.context
+
+    return replay
+
+
+def _spark(plans: str) -> Callable[[Lake, FraudScoringJob], Replay]:
+    def first(lake: Lake, job: FraudScoringJob) -> Replay:
+        lake.ensure(plans, SPARK_BATCH_SCHEMA)
+
+        def plan(with_job: FraudScoringJob) -> ScoringContext:
+            return plan_batch(
+                lake,
+                plans,
+                with_job,
+                app_id="spark:q",
+                job_name=SCORING_JOB,
+                batch_id=3,
+                spark_batch_id=0,
+                n_records=5,
+            )
+
+        plan(job)
+        return plan
+
+    return first
+
+
+@pytest.mark.parametrize(
+    "executor",
+    [_in_process, _spark(SPARK_BATCHES), _spark(SPARK_STORE_BATCHES)],
+    ids=["in_process", "spark_delta_state", "spark_state_store"],
+)
+def test_a_replayed_batch_runs_with_the_whole_planned_context(
+    tmp_path: Path,
+    tiny_model: LoadedModel,
+    executor: Callable[[Lake, FraudScoringJob], Replay],
+) -> None:
+    """Regression: the Spark plan tables kept 4 of the 5 keys, so a replay lost the threshold."""
+    lake = Lake(tmp_path / "lake")
+    ensure_tables(lake)
+    first = _job(tiny_model, 0.37)
+    planned = first.plan_context(lake)
+    replay = executor(lake, first)
+    # Between the attempts new labels arrive and the version's threshold is retuned.
+    label = {"transaction_id": "t1", "is_fraud": True, "reported_at": datetime.now(UTC)}
+    lake.append(LABELS, pa.Table.from_pylist([label], LABEL_SCHEMA), "labels", 0)
+    later = _job(tiny_model, 0.9)
+    assert later.plan_context(lake).alert_threshold == 0.9
+    again = replay(later)
+    assert again == planned
+    assert again.alert_threshold == 0.37
+    assert again.labels_version is not None and again.labels_version < (lake.version(LABELS) or 0)
+    assert later.policy_for(again).threshold == 0.37
+
+
+def test_a_recorded_context_with_unknown_or_missing_keys_is_refused() -> None:
+    ok = ScoringContext("fraud_model", "3", "4", 2, 0.25)
+    assert ScoringContext.from_json(ok.to_json()) == ok
+    # A plan from before shadow scoring and thresholds: replayed without them.
+    old = ScoringContext.from_json('{"model_name": "fraud_model", "model_version": "3"}')
+    assert old.challenger_version is None and old.alert_threshold is None
+    with pytest.raises(ValueError, match="unknown keys"):
+        ScoringContext.from_json('{"model_version": "3", "threshold": 0.1}')
+    with pytest.raises(ValueError, match="no model_version"):
+        ScoringContext.from_json('{"model_name": "fraud_model"}')
