@@ -1,4 +1,11 @@
-"""The code location: merges each area's small definitions. Nothing else lives here."""
+"""The code location: merges each area's small definitions with the deployment's resources.
+
+Loaded lazily (`dagster.definitions`): the deployment (`STREAMGUARD_DEPLOYMENT`, default
+`local`) and the variables its resources name are read when Dagster loads the code location,
+never when this module is imported.
+"""
+
+import os
 
 import dagster as dg
 
@@ -8,11 +15,11 @@ from assets import (
     maintenance,
     model,
     monitoring,
-    resources,
     scoring,
     sensors,
     weather,
 )
+from assets.resources import deployment_resources
 
 AREAS = (
     model.defs,
@@ -25,4 +32,9 @@ AREAS = (
     backtest.defs,
 )
 
-defs = dg.Definitions.merge(resources.defs, *AREAS)
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    deployment = os.environ.get("STREAMGUARD_DEPLOYMENT", "local")
+    resources = deployment_resources(deployment)  # type: ignore[arg-type]  # validated there
+    return dg.Definitions.merge(dg.Definitions(resources=resources), *AREAS)

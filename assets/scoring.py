@@ -1,4 +1,4 @@
-"""The micro-batch scoring job: Kinesis -> features -> model + rules -> Delta tables."""
+"""The micro-batch scoring job: Kinesis or Kafka -> features -> model + rules -> Delta tables."""
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -11,6 +11,7 @@ from assets.resources import (
     IN_PROCESS,
     SPARK_STATE_STORE,
     HomeResource,
+    KafkaResource,
     KinesisResource,
     MlflowResource,
     SparkResource,
@@ -25,9 +26,9 @@ from models.job import (
     TERMINAL_STATE,
     TRANSACTIONS,
 )
-from streamguard.commit import DEAD_LETTER_TABLE
-from streamguard.pipeline import scoring_runner
-from streamguard.sources import KinesisSource
+from streamguard.commit import DEAD_LETTER_TABLE, AlertSink
+from streamguard.pipeline import scoring_job_name, scoring_runner
+from streamguard.sources import KinesisSource, Source
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -45,7 +46,15 @@ TABLES = {
 }
 
 
+SOURCES = ("kinesis", "kafka")
+
+
 class ScoringConfig(dg.Config):
+    source: str = Field(
+        default="kinesis",
+        description="Which stream this run reads: kinesis (the Kinesis resource's stream) or "
+        "kafka (the Kafka resource's topic). Each has its own checkpoint",
+    )
     until: dict[str, str] = Field(
         default_factory=dict,
         description="Inclusive end sequence number per shard (set by the sensor); "
@@ -73,6 +82,13 @@ class ScoringConfig(dg.Config):
     def _known_executor(cls, value: str) -> str:
         return check_executor(value)
 
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {value!r}")
+        return value
+
 
 @dataclass
 class _Outcome:
@@ -85,11 +101,32 @@ class _Outcome:
     detail: str = ""
 
 
+def _alert_sinks(kafka: KafkaResource, job: str) -> list[AlertSink]:
+    """Alerts go to the Kafka alerts topic whenever a cluster is configured (any source)."""
+    if not (kafka.enabled and kafka.alerts_topic):
+        return []
+    from streamguard.alerts import KafkaAlertSink
+
+    return [KafkaAlertSink(kafka.config(), kafka.alerts_topic, job=job)]
+
+
 def _run_in_process(
-    home: HomeResource, kinesis: KinesisResource, mlflow: MlflowResource, config: ScoringConfig
+    home: HomeResource,
+    kinesis: KinesisResource,
+    kafka: KafkaResource,
+    mlflow: MlflowResource,
+    config: ScoringConfig,
 ) -> _Outcome:
     lake = home.lake()
-    source = KinesisSource(kinesis.client(), kinesis.stream_name)
+    source: Source
+    if config.source == "kafka":
+        from streamguard.kafka import KafkaSource
+
+        source = KafkaSource(kafka.config(), kafka.topic)
+        job = scoring_job_name("kafka", kafka.topic)
+    else:
+        source = KinesisSource(kinesis.client(), kinesis.stream_name)
+        job = scoring_job_name("kinesis", kinesis.stream_name)
     runner = scoring_runner(
         lake,
         source,
@@ -97,21 +134,29 @@ def _run_in_process(
         max_batch_records=config.max_batch_records,
         model_name=mlflow.model_name,
         alias=mlflow.alias,
+        job=job,
+        sinks=_alert_sinks(kafka, job),
     )
-    report = runner.run(until=config.until or None)
+    try:
+        report = runner.run(until=config.until or None)
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
     versions = sorted({str(b.stats.get("model_version", "")) for b in report.batches} - {""})
     return _Outcome(
         rows={name: report.rows(name) for name in TABLES},
         batches=len(report.batches),
         records=report.n_records,
         versions=versions,
-        detail=f"positions {report.positions}",
+        detail=f"{job}: positions {report.positions}",
     )
 
 
 def _run_on_spark(
     home: HomeResource,
     kinesis: KinesisResource,
+    kafka: KafkaResource,
     mlflow: MlflowResource,
     spark: SparkResource,
     config: ScoringConfig,
@@ -148,6 +193,7 @@ def _run_on_spark(
         tracking_uri=mlflow.uri(place),
         model_name=mlflow.model_name,
         alias=mlflow.alias,
+        sinks=_alert_sinks(kafka, "spark_store" if store else "spark"),
     )
     scored = [b.batch_id for b in report.batches if not b.skipped]
     versions = planned_model_versions(lake, plans_table, report.app_id, scored)
@@ -172,14 +218,17 @@ def score_transactions(
     config: ScoringConfig,
     home: HomeResource,
     kinesis: KinesisResource,
+    kafka: KafkaResource,
     mlflow: MlflowResource,
     spark: SparkResource,
 ) -> Iterator[dg.MaterializeResult]:
-    """Score the stream from the checkpoint exactly once, in process or on Spark (config)."""
+    """Score a stream from its checkpoint exactly once, in process or on Spark (config)."""
     if config.executor == IN_PROCESS:
-        outcome = _run_in_process(home, kinesis, mlflow, config)
+        outcome = _run_in_process(home, kinesis, kafka, mlflow, config)
+    elif config.source == "kafka":
+        raise dg.Failure("Kafka on Spark is not available yet: run Kafka topics in_process")
     else:
-        outcome = _run_on_spark(home, kinesis, mlflow, spark, config)
+        outcome = _run_on_spark(home, kinesis, kafka, mlflow, spark, config)
     lake = home.lake()
     context.log.info(
         f"{config.executor}: {outcome.batches} batch(es), {outcome.records} records, "
@@ -196,6 +245,7 @@ def score_transactions(
                 "delta_version": dg.MetadataValue.int(lake.version(name) or 0),
                 "model_versions": dg.MetadataValue.text(", ".join(outcome.versions) or "-"),
                 "executor": dg.MetadataValue.text(config.executor),
+                "source": dg.MetadataValue.text(config.source),
                 "path": dg.MetadataValue.path(str(lake.path(name))),
             },
         )

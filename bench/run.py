@@ -75,7 +75,9 @@ def bench_memory(sim_tx: pa.Table, model: LoadedModel, batch: int, work: Path) -
         state = state.updated(result.state)
     out["features_only_tx_per_s"] = sim_tx.num_rows / (time.perf_counter() - started)
 
-    runner = scoring_runner(Lake(work / "lake-memory"), source, None, batch, model=model)
+    runner = scoring_runner(
+        Lake(work / "lake-memory"), source, None, max_batch_records=batch, model=model
+    )
     started = time.perf_counter()
     report = runner.run()
     seconds = time.perf_counter() - started
@@ -97,7 +99,11 @@ def bench_kinesis(sim_tx: pa.Table, model: LoadedModel, batch: int, work: Path, 
         produce_transactions(client, "bench", subset, progress=False)
         produce_s = time.perf_counter() - started
         runner = scoring_runner(
-            Lake(work / "lake-kinesis"), KinesisSource(client, "bench"), None, batch, model=model
+            Lake(work / "lake-kinesis"),
+            KinesisSource(client, "bench"),
+            None,
+            max_batch_records=batch,
+            model=model,
         )
         started = time.perf_counter()
         report = runner.run()
@@ -133,7 +139,9 @@ def bench_spark(
         path.write_bytes(b"\n".join(records[offset : offset + batch]) + b"\n")
         os.utime(path, ns=(i * 1_000_000_000, i * 1_000_000_000))
     local = MemorySource.split(records, [r[1] for r in transaction_records(subset)], n_shards=1)
-    runner = scoring_runner(Lake(work / "lake-local-small"), local, None, batch, model=model)
+    runner = scoring_runner(
+        Lake(work / "lake-local-small"), local, None, max_batch_records=batch, model=model
+    )
     started = time.perf_counter()
     runner.run()
     local_s = time.perf_counter() - started

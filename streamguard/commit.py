@@ -139,23 +139,25 @@ def batch_written(lake: Lake, app_id: str, batch_id: int, outputs: Sequence[Tabl
     return last is not None and last >= batch_id
 
 
-def publish_batch(
-    sinks: Sequence[AlertSink],
-    app_id: str,
-    batch_id: int,
-    lake: Lake,
-    tables: Mapping[str, pa.Table] | None = None,
-) -> dict[str, int]:
-    """Hand the batch's rows to each sink (after the lake has them, before the batch commits).
+def next_batch_id(lake: Lake, tables: Sequence[str]) -> int:
+    """One past the highest batch id in `tables`: the lake's one batch numbering.
 
-    `tables`: the batch's rows as just made; None when the batch was written by an earlier
-    attempt, and then its rows are read back from the lake. Sinks skip what they already have.
+    Every job and engine writing to the same lake takes its batch ids from here, so a batch id
+    names one batch of one job: "rows of earlier batches" and "this batch's rows" mean the same
+    to all of them, whichever stream or engine wrote them.
     """
-    sent: dict[str, int] = {}
+    highest = [lake.max_value(name, "batch_id") for name in tables]
+    return max((h for h in highest if h is not None), default=-1) + 1
+
+
+def publish_batch(sinks: Sequence[AlertSink], app_id: str, batch_id: int, lake: Lake) -> int:
+    """Hand the batch's rows to each sink after the lake has them, before the batch commits.
+
+    The rows are read back from the lake, never taken from the attempt at hand: a replayed
+    batch whose tables an earlier attempt wrote must publish what the lake holds.
+    """
+    sent = 0
     for sink in sinks:
-        if tables is not None:
-            rows = tables[sink.table]
-        else:
-            rows = lake.read(sink.table, filter=pc.field("batch_id") == batch_id)
-        sent[sink.table] = sent.get(sink.table, 0) + sink.publish(app_id, batch_id, rows)
+        rows = lake.read(sink.table, filter=pc.field("batch_id") == batch_id)
+        sent += sink.publish(app_id, batch_id, rows)
     return sent

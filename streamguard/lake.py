@@ -88,6 +88,25 @@ class Lake:
             return 0
         return int(_dataset(table).count_rows())
 
+    def max_value(self, name: str, column: str) -> int | None:
+        """The largest value of an integer column (None: no table or no rows).
+
+        From the files' statistics in the Delta log when every file has them (no data read);
+        else from the column itself.
+        """
+        table = self.table(name)
+        if table is None:
+            return None
+        actions = pa.table(table.get_add_actions(flatten=True))
+        if actions.num_rows == 0:
+            return None
+        stat = f"max.{column}"
+        if stat in actions.column_names and actions[stat].null_count == 0:
+            return int(pc.max(actions[stat]).as_py())
+        values = _dataset(table).to_table(columns=[column])[column]
+        top = pc.max(values).as_py() if len(values) else None
+        return None if top is None else int(top)
+
     def transaction_version(self, name: str, app_id: str) -> int | None:
         """The last batch `app_id` committed to this table, from the Delta log itself."""
         table = self.table(name)

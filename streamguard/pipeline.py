@@ -6,6 +6,7 @@ so there is one way to build a scoring runner.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -50,7 +51,7 @@ from models.training import (
     training_frame,
 )
 from streamguard.checkpoint import CHECKPOINT_SCHEMA, CHECKPOINT_TABLE
-from streamguard.commit import DEAD_LETTER_SCHEMA, DEAD_LETTER_TABLE
+from streamguard.commit import DEAD_LETTER_SCHEMA, DEAD_LETTER_TABLE, AlertSink
 from streamguard.config import Home
 from streamguard.lake import Lake
 from streamguard.runner import MicroBatchRunner
@@ -58,6 +59,14 @@ from streamguard.sources import Source
 
 SCORING_JOB = "fraud_scoring"
 MIN_FEATURE_LOG_ROWS = 5_000  # below this, training replays the history file instead
+
+
+def scoring_job_name(source: str, stream: str) -> str:
+    """The checkpoint key of one stream's scoring: each stream has its own, in the same lake.
+
+    The Kinesis stream keeps the original name, so existing checkpoints go on.
+    """
+    return SCORING_JOB if source == "kinesis" else f"{SCORING_JOB}:{source}:{stream}"
 
 
 def ensure_tables(lake: Lake) -> None:
@@ -73,6 +82,7 @@ def scoring_runner(
     lake: Lake,
     source: Source,
     tracking_uri: str | None,
+    *,
     max_batch_records: int = 50_000,
     model_name: str = MODEL_NAME,
     alias: str = CHAMPION,
@@ -80,17 +90,20 @@ def scoring_runner(
     job: str = SCORING_JOB,
     challenger: LoadedModel | None = None,
     shadow: bool = True,
+    sinks: Sequence[AlertSink] = (),
 ) -> MicroBatchRunner:
     """A runner that scores `source` with the model behind `alias` (or a given loaded model).
 
     With `shadow`, the `challenger` (the given model, else the registry's alias) is also scored
-    into `shadow_scores`.
+    into `shadow_scores`. `sinks` get each batch's alerts once it is in the lake (e.g. Kafka).
     """
     ensure_tables(lake)
     processor = FraudScoringJob(
         tracking_uri, model_name, alias, model=model, challenger=challenger, shadow=shadow
     )
-    return MicroBatchRunner(source, processor, lake, job, max_batch_records=max_batch_records)
+    return MicroBatchRunner(
+        source, processor, lake, job, max_batch_records=max_batch_records, sinks=sinks
+    )
 
 
 def read_labels(path: Path) -> pa.Table:

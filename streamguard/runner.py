@@ -18,8 +18,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from models.protocols import Processor
-from streamguard.checkpoint import BatchPlan, Checkpoints, ShardRange
-from streamguard.commit import AlertSink, publish_batch, rejected_records, write_batch
+from streamguard.checkpoint import CHECKPOINT_TABLE, BatchPlan, Checkpoints, ShardRange
+from streamguard.commit import (
+    DEAD_LETTER_TABLE,
+    AlertSink,
+    next_batch_id,
+    publish_batch,
+    rejected_records,
+    write_batch,
+)
 from streamguard.kinesis import StreamRecord
 from streamguard.lake import Lake
 from streamguard.sources import Source
@@ -74,6 +81,12 @@ class MicroBatchRunner:
         self.job = job
         self.max_batch_records = max_batch_records
         self.checkpoints = Checkpoints(lake, job, processor.load_context)
+        # Where the lake's batch ids are: every job's plans, and every table a batch writes.
+        self._numbered = [
+            CHECKPOINT_TABLE,
+            DEAD_LETTER_TABLE,
+            *(o.name for o in processor.outputs),
+        ]
 
     # Hook for crash tests: called after each table write of a batch.
     def after_write(self, plan: BatchPlan, table: str) -> None:
@@ -123,7 +136,7 @@ class MicroBatchRunner:
             records.extend(got)
         if not records:
             return None, []
-        batch_id = 0 if last is None else last.batch_id + 1
+        batch_id = next_batch_id(self.lake, self._numbered)
         context = self.processor.plan_context(self.lake)
         return BatchPlan(self.job, batch_id, ranges, context), records
 
@@ -158,7 +171,7 @@ class MicroBatchRunner:
             after_write=lambda table: self.after_write(plan, table),
         )
         if self.sinks:
-            publish_batch(self.sinks, self.job, plan.batch_id, self.lake, processed.tables)
+            publish_batch(self.sinks, self.job, plan.batch_id, self.lake)
             self.after_write(plan, "publish")
         self.checkpoints.commit(plan)
         self.source.acknowledge(plan.positions())

@@ -1,4 +1,5 @@
-"""Shared fixtures: one real local Kinesis server (kinesalite) and one Spark session per test run.
+"""Shared fixtures: one real local Kinesis server (kinesalite), one Kafka broker (noida-db) and
+one Spark session per test run.
 
 A local Spark session takes about 6 s to start: every Spark suite shares this one.
 """
@@ -50,6 +51,39 @@ def stream_name(kinesis: Any, request: pytest.FixtureRequest) -> Iterator[str]:
     ensure_stream(kinesis, name, shards=2)
     yield name
     delete_stream(kinesis, name)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Kafka-protocol broker (noida-db) on a free loopback port for the test run."""
+    from streamguard.local_kafka import local_kafka
+
+    with local_kafka(tmp_path_factory.mktemp("kafka")) as bootstrap:
+        yield bootstrap
+
+
+@pytest.fixture
+def kafka_config(kafka_bootstrap: str) -> Any:
+    """The librdkafka client config for the test broker."""
+    from streamguard.kafka import KafkaSettings, client_config
+
+    return client_config(KafkaSettings(kafka_bootstrap))
+
+
+def new_topic(config: Any, request: pytest.FixtureRequest, partitions: int = 2) -> str:
+    """A fresh topic named after the test."""
+    from streamguard.kafka import ensure_topic
+
+    base = re.sub(r"[^a-zA-Z0-9_.-]+", "-", request.node.name)[:80]
+    name = f"{base}-{uuid.uuid4().hex[:8]}"
+    assert ensure_topic(config, name, partitions) == partitions
+    return name
+
+
+@pytest.fixture
+def topic(kafka_config: Any, request: pytest.FixtureRequest) -> str:
+    """A fresh 2-partition topic for this test."""
+    return new_topic(kafka_config, request)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,13 @@ import pyarrow.compute as pc
 
 from assets.checks import DEAD_LETTER_RATE, SCORES_IN_UNIT_INTERVAL, SCORES_UNIQUE_TRANSACTION
 from assets.definitions import AREAS, defs
-from assets.resources import HomeResource, KinesisResource, MlflowResource, SparkResource
+from assets.resources import (
+    HomeResource,
+    KafkaResource,
+    KinesisResource,
+    MlflowResource,
+    SparkResource,
+)
 from assets.sensors import kinesis_transactions_sensor
 from models.simulate import Simulation
 from streamguard.config import Home
@@ -25,9 +31,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_definitions_hold_the_platform_objects() -> None:
-    dg.Definitions.validate_loadable(defs)
-    repo = defs.get_repository_def()
+    loaded = defs()
+    dg.Definitions.validate_loadable(loaded)
+    repo = loaded.get_repository_def()
     assert repo.has_sensor_def("kinesis_transactions_sensor")
+    assert repo.has_sensor_def("kafka_transactions_sensor")
     assert repo.has_schedule_def("retrain_fraud_model")
     assert {"score_transactions_job", "retrain_fraud_model_job"} <= set(repo.job_names)
     keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
@@ -98,6 +106,7 @@ def test_sensor_triggered_run_scores_the_stream_and_passes_the_checks(
             resources={
                 "home": HomeResource(root=str(tmp_path / "home")),
                 "kinesis": kinesis_resource,
+                "kafka": KafkaResource(),  # no cluster: no alerts topic
                 "mlflow": MlflowResource(tracking_uri=champion_home.mlflow_tracking_uri),
                 "spark": SparkResource(),  # built lazily; the scoring job never asks for it
             }

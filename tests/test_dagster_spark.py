@@ -12,7 +12,14 @@ import pytest
 
 from assets.checks import DEAD_LETTER_RATE, SCORES_IN_UNIT_INTERVAL, SCORES_UNIQUE_TRANSACTION
 from assets.definitions import AREAS
-from assets.resources import HomeResource, KinesisResource, MlflowResource, SparkResource
+from assets.resources import (
+    HomeResource,
+    KafkaResource,
+    KinesisResource,
+    MlflowResource,
+    SparkResource,
+    deployment_resources,
+)
 from assets.scoring import TABLES, ScoringConfig
 from assets.sensors import kinesis_transactions_sensor
 from models.simulate import Simulation
@@ -33,7 +40,7 @@ def spark_resource(spark: Any) -> SparkResource:
     return SparkResource(app_name="streamguard-tests", master=SPARK_MASTER)
 
 
-def test_executor_is_validated_and_defaults_from_the_environment(
+def test_executor_is_validated_and_comes_from_the_deployment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert ScoringConfig().executor == "in_process"
@@ -41,15 +48,19 @@ def test_executor_is_validated_and_defaults_from_the_environment(
     assert ScoringConfig(executor="spark_state_store").executor == "spark_state_store"
     with pytest.raises(pydantic.ValidationError, match="executor must be one of"):
         ScoringConfig(executor="flink")
-    monkeypatch.delenv("STREAMGUARD_EXECUTOR", raising=False)
-    resource = KinesisResource()
-    assert resource.executor_name == "in_process"
-    monkeypatch.setenv("STREAMGUARD_EXECUTOR", "spark")  # read when used, not at import
-    assert resource.executor_name == "spark"
-    assert KinesisResource(executor="in_process").executor_name == "in_process"
+    assert KinesisResource().executor_name == "in_process"
+    assert deployment_resources("local", {})["kinesis"].executor_name == "in_process"  # type: ignore[attr-defined]
+    # Set in the environment: an EnvVar, resolved when a run or sensor uses the resource.
+    monkeypatch.setenv("STREAMGUARD_EXECUTOR", "spark")
+    kinesis = deployment_resources("local")["kinesis"]
+    with dg.build_resources({"kinesis": kinesis}) as built:
+        assert built.kinesis.executor_name == "spark"
     monkeypatch.setenv("STREAMGUARD_EXECUTOR", "flink")
-    with pytest.raises(ValueError, match="executor must be one of"):
-        _ = resource.executor_name
+    with (
+        dg.build_resources({"kinesis": kinesis}) as built,
+        pytest.raises(ValueError, match="executor must be one of"),
+    ):
+        _ = built.kinesis.executor_name
 
 
 def _metadata(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
@@ -89,6 +100,7 @@ def test_sensor_with_spark_executor_runs_the_job_on_spark_exactly_once(
             resources={
                 "home": HomeResource(root=str(home)),
                 "kinesis": resource,
+                "kafka": KafkaResource(),  # no cluster: no alerts topic
                 "mlflow": MlflowResource(tracking_uri=champion_home.mlflow_tracking_uri),
                 "spark": spark_resource,
             }

@@ -195,7 +195,7 @@ def _ran(result: dg.ExecuteInProcessResult) -> set[str]:
 
 
 def test_definitions_hold_the_gate_and_the_rollback_job() -> None:
-    repo = defs.get_repository_def()
+    repo = defs().get_repository_def()
     assert {"retrain_fraud_model_job", "rollback_fraud_model_job"} <= set(repo.job_names)
     assert CHALLENGER_BEATS_CHAMPION in {k.name for k in repo.asset_graph.asset_check_keys}
     retrain = repo.get_job("retrain_fraud_model_job")

@@ -227,7 +227,8 @@ def test_sensor_before_any_labels_table(tmp_path: Path) -> None:
 
 
 def test_monitoring_defs_merge_with_the_code_location() -> None:
-    merged = dg.Definitions.merge(resources.defs, *AREAS, monitoring.defs)
+    local = dg.Definitions(resources=resources.deployment_resources("local"))
+    merged = dg.Definitions.merge(local, *AREAS, monitoring.defs)
     dg.Definitions.validate_loadable(merged)
     repo = merged.get_repository_def()
     assert repo.has_sensor_def("retrain_on_new_labels_or_drift")

@@ -47,7 +47,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -73,8 +73,6 @@ from models.features import (
 from models.job import (
     ALERTS,
     OUTPUTS,
-    TRANSACTIONS,
-    TRANSACTIONS_TABLE_SCHEMA,
     FraudScoringJob,
     ScoringContext,
     load_state,
@@ -83,10 +81,13 @@ from models.job import (
 )
 from models.registry import CHAMPION, MODEL_NAME, LoadedModel
 from models.schema import TIMESTAMP, TRANSACTION_SCHEMA
+from streamguard.checkpoint import CHECKPOINT_TABLE
 from streamguard.commit import (
-    DEAD_LETTER_SCHEMA,
     DEAD_LETTER_TABLE,
+    AlertSink,
     batch_written,
+    next_batch_id,
+    publish_batch,
     rejected_records,
     write_batch,
 )
@@ -374,20 +375,6 @@ def _sort_key(record: _Record) -> tuple[str, int]:
         return record.shard_id, 0
 
 
-def _next_batch_id(lake: Lake, plans: str) -> int:
-    """One past the highest batch id any engine wrote (the lake's batch numbering)."""
-    highest = -1
-    for name, schema in (
-        (TRANSACTIONS, TRANSACTIONS_TABLE_SCHEMA),
-        (DEAD_LETTER_TABLE, DEAD_LETTER_SCHEMA),
-        (plans, SPARK_BATCH_SCHEMA),
-    ):
-        ids = lake.read(name, columns=["batch_id"], schema=schema)["batch_id"]
-        if len(ids):
-            highest = max(highest, int(pc.max(ids).as_py()))
-    return highest + 1
-
-
 def lake_batch_base(lake: Lake, plans: str, app_id: str, spark_batch_id: int) -> int:
     """Lake batch id minus Spark batch id for this query: recorded, else fixed now.
 
@@ -405,7 +392,8 @@ def lake_batch_base(lake: Lake, plans: str, app_id: str, spark_batch_id: int) ->
     if done.num_rows:
         row = done.slice(0, 1).to_pylist()[0]
         return int(row["batch_id"]) - int(row["spark_batch_id"])
-    return _next_batch_id(lake, plans) - spark_batch_id
+    numbered = [plans, CHECKPOINT_TABLE, DEAD_LETTER_TABLE, *(o.name for o in OUTPUTS)]
+    return next_batch_id(lake, numbered) - spark_batch_id
 
 
 def plan_batch(
@@ -459,6 +447,7 @@ class _BatchContext:
     job_name: str
     report: SparkFraudReport
     buckets: int | None
+    sinks: list[AlertSink] = field(default_factory=list)  # alerts published once each
     bases: dict[str, int] = field(default_factory=dict)  # app id -> lake batch id base
 
 
@@ -476,6 +465,8 @@ def _process_batch(batch: DataFrame, spark_batch_id: int, app_id: str, ctx: _Bat
     t = time.perf_counter()
     timing.collect_s = t - started
     if not records or batch_written(lake, app_id, batch_id, OUTPUTS):
+        if ctx.sinks and batch_written(lake, app_id, batch_id, OUTPUTS):
+            publish_batch(ctx.sinks, app_id, batch_id, lake)  # a crash came before publishing
         timing.skipped = True
         timing.total_s = time.perf_counter() - started
         return
@@ -503,6 +494,7 @@ def _process_batch(batch: DataFrame, spark_batch_id: int, app_id: str, ctx: _Bat
     timing.score_s = t4 - t3
     dead = rejected_records(ctx.job_name, batch_id, records, rejected, now)
     written = write_batch(lake, app_id, batch_id, dead, tables, OUTPUTS)
+    publish_batch(ctx.sinks, app_id, batch_id, lake)
     for name, rows in written.items():
         ctx.report.rows_written[name] = ctx.report.rows_written.get(name, 0) + rows
     timing.write_s = time.perf_counter() - t4
@@ -561,6 +553,7 @@ def run_fraud_on_spark(
     shadow: bool = True,
     job: str = SCORING_JOB,
     buckets: int | None = None,
+    sinks: Sequence[AlertSink] = (),
 ) -> SparkFraudReport:
     """Score every record not yet seen (`availableNow`), then stop; return what happened.
 
@@ -568,6 +561,7 @@ def run_fraud_on_spark(
     function building one. The checkpoint remembers the offsets, so a rerun picks up only new
     records, and a batch Spark replays writes nothing twice (app id `spark:<query id>`).
     `buckets`: see `spark_features` (None: one group per customer and per terminal).
+    `sinks` get each batch's alerts once the lake has them, exactly once (e.g. Kafka).
     """
     started = time.monotonic()
     checkpoint = Path(checkpoint)
@@ -579,7 +573,7 @@ def run_fraud_on_spark(
         tracking_uri, model_name, alias, model=model, challenger=challenger, shadow=shadow
     )
     report = SparkFraudReport(app_id="")
-    ctx = _BatchContext(spark, lake, scoring, job, report, buckets)
+    ctx = _BatchContext(spark, lake, scoring, job, report, buckets, list(sinks))
     report.app_id = run_available_now(
         frame,
         f"fraud_scoring_{checkpoint.name}",

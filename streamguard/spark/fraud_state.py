@@ -77,7 +77,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -110,7 +110,13 @@ from models.job import (
 )
 from models.registry import CHAMPION, MODEL_NAME, LoadedModel
 from models.schema import TIMESTAMP, TRANSACTION_SCHEMA
-from streamguard.commit import batch_written, dead_letter_table, write_batch
+from streamguard.commit import (
+    AlertSink,
+    batch_written,
+    dead_letter_table,
+    publish_batch,
+    write_batch,
+)
 from streamguard.lake import Lake
 from streamguard.pipeline import SCORING_JOB, ensure_tables
 from streamguard.spark.customer_state import (
@@ -180,6 +186,7 @@ class _StoreContext:
     job_name: str
     report: SparkFraudReport
     bases: dict[str, int]
+    sinks: list[AlertSink]
 
 
 def _dead_letters(rows: pa.Table, job_name: str, batch_id: int, now: datetime) -> pa.Table:
@@ -217,6 +224,8 @@ def _process_store_batch(
     t = time.perf_counter()
     timing.features_s = t - started  # parse + the customer part, inside the operator
     if n_records == 0 or batch_written(lake, app_id, batch_id, OUTPUTS):
+        if ctx.sinks and batch_written(lake, app_id, batch_id, OUTPUTS):
+            publish_batch(ctx.sinks, app_id, batch_id, lake)  # a crash came before publishing
         timing.skipped = True
         timing.total_s = time.perf_counter() - started
         return
@@ -272,6 +281,7 @@ def _process_store_batch(
     timing.score_s = t4 - t3
     letters = _dead_letters(dead, ctx.job_name, batch_id, now)
     written = write_batch(lake, app_id, batch_id, letters, tables, OUTPUTS)
+    publish_batch(ctx.sinks, app_id, batch_id, lake)
     for name, count in written.items():
         ctx.report.rows_written[name] = ctx.report.rows_written.get(name, 0) + count
     timing.write_s = time.perf_counter() - t4
@@ -450,6 +460,7 @@ def run_fraud_on_spark_state_store(
     job: str = SCORING_JOB,
     buckets: int | None = None,
     customer_ttl: timedelta | None = DEFAULT_CUSTOMER_TTL,
+    sinks: Sequence[AlertSink] = (),
 ) -> SparkFraudReport:
     """`run_fraud_on_spark` with the customer state in the state store: TTL, no Delta state read.
 
@@ -477,7 +488,7 @@ def run_fraud_on_spark_state_store(
             tracking_uri, model_name, alias, model=model, challenger=challenger, shadow=shadow
         )
         report = SparkFraudReport(app_id="")
-        ctx = _StoreContext(lake, scoring, job, report, {})
+        ctx = _StoreContext(lake, scoring, job, report, {}, list(sinks))
         initial = initial_state(session, lake, checkpoint, customer_ttl, buckets)
         rows = customer_features_stream(frame, initial, customer_ttl, buckets)
         report.app_id = run_available_now(
