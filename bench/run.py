@@ -116,6 +116,43 @@ def bench_kinesis(sim_tx: pa.Table, model: LoadedModel, batch: int, work: Path, 
     }
 
 
+def bench_kafka(sim_tx: pa.Table, model: LoadedModel, batch: int, work: Path, n: int) -> dict:
+    """Produce to a local Kafka broker, then score the topic: source + runner end to end, once
+    without and once with the alerts published back to Kafka (transactional, per batch)."""
+    from streamguard.alerts import KafkaAlertSink
+    from streamguard.kafka import KafkaSettings, KafkaSource, client_config, ensure_topic
+    from streamguard.kafka import produce_records as produce_to_kafka
+    from streamguard.local_kafka import local_kafka
+
+    subset = sim_tx.slice(0, n)
+    records = list(transaction_records(subset))
+    out: dict = {"records": n}
+    with local_kafka(work / "kafka") as bootstrap:
+        config = client_config(KafkaSettings(bootstrap))
+        ensure_topic(config, "bench", 2)
+        started = time.perf_counter()
+        produce_to_kafka(config, "bench", records)
+        out["produce_tx_per_s"] = n / (time.perf_counter() - started)
+        for name, sinks in (
+            ("kafka_tx_per_s", []),
+            ("kafka_with_alerts_tx_per_s", [KafkaAlertSink(config, "bench-alerts", job="b")]),
+        ):
+            with KafkaSource(config, "bench") as source:
+                runner = scoring_runner(
+                    Lake(work / f"lake-{name}"),
+                    source,
+                    None,
+                    max_batch_records=batch,
+                    model=model,
+                    sinks=sinks,
+                )
+                started = time.perf_counter()
+                report = runner.run()
+                out[name] = report.n_records / (time.perf_counter() - started)
+            out["alerts"] = report.rows("alerts")
+    return out
+
+
 def bench_spark(
     sim_tx: pa.Table, trained: tuple[LoadedModel, TrainResult], batch: int, work: Path, n: int
 ) -> dict:
@@ -328,6 +365,11 @@ def main() -> int:
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     parser.add_argument(
+        "--only-sources",
+        action="store_true",
+        help="only the runner in memory, through Kinesis and through Kafka; prints, no file",
+    )
+    parser.add_argument(
         "--only-spark",
         action="store_true",
         help="only the Spark comparison (Delta state, state store, in-process); prints, no file",
@@ -355,6 +397,11 @@ def main() -> int:
         print(f"in-memory runner: {memory['runner_tx_per_s']:,.0f} tx/s", flush=True)
         kin = bench_kinesis(sim.transactions, model, args.batch, work, args.kinesis_records)
         print(f"kinesis runner: {kin['kinesis_tx_per_s']:,.0f} tx/s", flush=True)
+        kafka = bench_kafka(sim.transactions, model, args.batch, work, args.kinesis_records)
+        print(f"kafka runner: {kafka['kafka_tx_per_s']:,.0f} tx/s", flush=True)
+        if args.only_sources:
+            print(json.dumps({"memory": memory, "kinesis": kin, "kafka": kafka}, indent=1))
+            return 0
         spark = bench_spark(
             sim.transactions, (model, train_result), args.spark_batch, work, args.spark_records
         )
@@ -363,9 +410,11 @@ def main() -> int:
     results.update(
         runner_tx_per_s=memory["runner_tx_per_s"],
         kinesis_tx_per_s=kin["kinesis_tx_per_s"],
+        kafka_tx_per_s=kafka["kafka_tx_per_s"],
         sensor_event_to_alert_s=latency["sensor_event_to_alert_s"],
         memory=memory,
         kinesis=kin,
+        kafka=kafka,
         spark=spark,
         sensor=latency,
         peak_rss_mib=peak_rss_mib(),
@@ -383,6 +432,16 @@ def main() -> int:
             f"{kin['kinesis_tx_per_s'] / memory['features_only_tx_per_s']:.2f}",
         ),
         (
+            "runner, local Kafka",
+            f"{kafka['kafka_tx_per_s']:,.0f} tx/s",
+            f"{kafka['kafka_tx_per_s'] / memory['features_only_tx_per_s']:.2f}",
+        ),
+        (
+            "runner, local Kafka + alerts to Kafka",
+            f"{kafka['kafka_with_alerts_tx_per_s']:,.0f} tx/s",
+            f"{kafka['kafka_with_alerts_tx_per_s'] / memory['features_only_tx_per_s']:.2f}",
+        ),
+        (
             f"in-process, first {spark['records']:,} (batches of {args.spark_batch:,})",
             f"{spark['in_process_tx_per_s']:,.0f} tx/s",
             "-",
@@ -396,6 +455,7 @@ def main() -> int:
         ("Spark per micro-batch", f"{spark['spark_per_batch_s']:.2f} s", "-"),
         *spark_state_store_rows(spark),
         ("produce to local Kinesis", f"{kin['produce_tx_per_s']:,.0f} tx/s", "-"),
+        ("produce to local Kafka", f"{kafka['produce_tx_per_s']:,.0f} tx/s", "-"),
         ("per micro-batch", f"{memory['per_batch_seconds']:.2f} s / {args.batch:,} records", "-"),
         (
             "sensor event -> scored (daemon)",

@@ -1,18 +1,31 @@
-"""The `streamguard` command line: generate data, run local Kinesis, produce, score, train, demo."""
+"""The `streamguard` command line: generate data, run local brokers, produce, score, train, demo."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from streamguard.config import Home
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from streamguard.commit import AlertSink
+    from streamguard.kafka import ClientConfig
+    from streamguard.local_server import LocalServer
+    from streamguard.sources import Source
+
+Handler = Callable[[argparse.Namespace], int]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,6 +35,55 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class UsageError(ValueError):
+    """Arguments that parse one by one but not together: reported as a parse error (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One `add_argument` call, declared with the command that takes it."""
+
+    flags: tuple[str, ...]
+    options: dict[str, Any]
+
+
+def arg(*flags: str, **options: Any) -> Arg:
+    """An argument of a command: `add_argument`'s parameters, as they are."""
+    return Arg(flags, options)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    summary: str
+    arguments: tuple[Arg, ...]
+    run: Handler
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, summary: str, *arguments: Arg) -> Callable[[Handler], Handler]:
+    """Declare the decorated handler as `streamguard NAME`, taking `arguments`:
+
+        @command("rollback", "move the champion alias back ...", arg("--to", help=...), MODEL)
+        def _cmd_rollback(args: argparse.Namespace) -> int: ...
+
+    `build_parser` makes the subcommands in the order they are declared. A handler returns the
+    exit code. It raises `UsageError` for arguments that parse but do not go together (exit 2,
+    one line, as argparse's own errors), any other exception for a failure (exit 1, one line;
+    `--verbose` logs the traceback).
+    """
+
+    def register(run: Handler) -> Handler:
+        if name in COMMANDS:
+            raise ValueError(f"command {name!r} is declared twice")
+        COMMANDS[name] = Command(name, summary, arguments, run)
+        return run
+
+    return register
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number <= 0:
@@ -29,6 +91,125 @@ def _positive(value: str) -> int:
     return number
 
 
+def _date(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a date YYYY-MM-DD, got {value!r}") from None
+
+
+# --------------------------------------------------------------------------- shared arguments
+
+ENDPOINT = arg(
+    "--endpoint", default=None, help="Kinesis endpoint (default: AWS_ENDPOINT_URL_KINESIS)"
+)
+KAFKA = arg(
+    "--kafka",
+    metavar="BOOTSTRAP",
+    default=None,
+    help="Kafka bootstrap servers: a Kafka topic instead of a Kinesis stream (plain; other "
+    "security from STREAMGUARD_KAFKA_SECURITY and its variables)",
+)
+SERVER_ACTION = arg("action", choices=["start", "stop", "status"])
+SERVER_PORT = arg("--port", type=_positive, default=None, help="port (default: a free one)")
+
+# The options of every command that writes into a stream: a Kinesis stream by default, a Kafka
+# topic with --kafka. Defaults of None say whether an option was given (see `_target`).
+STREAM_TARGET = (
+    arg("--stream", default=None, help="stream name (created if missing)"),
+    arg("--shards", type=_positive, default=None, help="shards if created (default 2)"),
+    arg("--rate", type=int, default=0, help="records per second (default: as fast as possible)"),
+    ENDPOINT,
+    KAFKA,
+    arg("--topic", default=None, help="Kafka topic (created if missing), with --kafka"),
+    arg("--partitions", type=_positive, default=None, help="partitions if created (default 2)"),
+)
+DEFAULT_SHARDS = 2
+
+# Per kind of target: what it is (for messages), and the options that belong to it alone, the
+# one that names the stream or topic first. Naming one with the other kind is a usage error.
+TARGETS = {
+    "kinesis": ("a Kinesis stream, not with --kafka", ("--stream", "--shards", "--endpoint")),
+    "kafka": (
+        "a Kafka topic, with --kafka BOOTSTRAP",
+        ("--topic", "--partitions", "--alerts-topic"),
+    ),
+}
+
+# Kafka settings besides the bootstrap come from the environment, under the names the Dagster
+# deployment reads them from (`assets.resources.SETTINGS`): secrets stay off the command line.
+KAFKA_ENV = {
+    "security": "STREAMGUARD_KAFKA_SECURITY",
+    "username": "STREAMGUARD_KAFKA_USERNAME",
+    "password": "STREAMGUARD_KAFKA_PASSWORD",
+    "scram_mechanism": "STREAMGUARD_KAFKA_SCRAM_MECHANISM",
+    "region": "AWS_REGION",
+    "connection_string": "STREAMGUARD_EVENT_HUBS_CONNECTION_STRING",
+    "api_key": "STREAMGUARD_KAFKA_API_KEY",
+    "api_secret": "STREAMGUARD_KAFKA_API_SECRET",
+}
+
+
+def _option(args: argparse.Namespace, flag: str) -> Any:
+    return getattr(args, flag.lstrip("-").replace("-", "_"), None)
+
+
+def _target(args: argparse.Namespace) -> str:
+    """Which target the options name: "kafka" with --kafka, else "kinesis"; a UsageError when
+    they mix the two or lack the stream or topic."""
+    kind, other = ("kafka", "kinesis") if args.kafka is not None else ("kinesis", "kafka")
+    what, options = TARGETS[other]
+    mixed = [flag for flag in options if _option(args, flag) is not None]
+    if mixed:
+        raise UsageError(f"{mixed[0]} is for {what}")
+    name = TARGETS[kind][1][0]
+    if not _option(args, name):
+        raise UsageError(f"the following arguments are required: {name}")
+    return kind
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from streamguard.kinesis import kinesis_client
+
+    return kinesis_client(args.endpoint)
+
+
+def _kafka_config(bootstrap: str) -> ClientConfig:
+    """The client config for `bootstrap`, with the security settings of the environment (plain
+    when none); read here, when a command needs them, never at import."""
+    from streamguard.kafka import KafkaSettings, client_config
+
+    given = {field: os.environ[var] for field, var in KAFKA_ENV.items() if os.environ.get(var)}
+    try:
+        settings = KafkaSettings(bootstrap=bootstrap, **cast(dict[str, Any], given))
+    except ValueError as exc:  # its messages name fields, never their values
+        named = [var for field, var in KAFKA_ENV.items() if field in str(exc)]
+        raise ValueError(f"{exc} (from {', '.join(named)})" if named else str(exc)) from None
+    return client_config(settings)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@command(
+    "generate",
+    "write a seeded synthetic dataset: transactions + labels (default) or weather",
+    arg(
+        "dataset",
+        nargs="?",
+        choices=["transactions", "weather"],
+        default="transactions",
+        help="what to generate (default transactions)",
+    ),
+    arg("--stations", type=_positive, default=20, help="weather stations (default 20)"),
+    arg("--hours", type=_positive, default=6, help="weather hours (default 6)"),
+    arg("--files", type=_positive, default=4, help="weather files (default 4)"),
+    arg("--days", type=_positive, default=60, help="simulated days (default 60)"),
+    arg("--customers", type=_positive, default=1000, help="customers (default 1000)"),
+    arg("--terminals", type=_positive, default=None, help="terminals (default customers/5)"),
+    arg("--seed", type=int, default=7, help="random seed (default 7)"),
+    arg("--out", required=True, help="output folder"),
+)
 def _cmd_generate(args: argparse.Namespace) -> int:
     from models.simulate import simulate, write_simulation
 
@@ -51,70 +232,139 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(args: argparse.Namespace) -> Any:
-    from streamguard.kinesis import kinesis_client
-
-    return kinesis_client(args.endpoint)
+Send = Callable[["pa.Table", bool], int]
 
 
-def _cmd_produce(args: argparse.Namespace) -> int:
-    import pyarrow.parquet as pq
+def _writer(kind: str, args: argparse.Namespace) -> tuple[str, Send]:
+    """The stream or topic `produce` writes to, created if missing: its name for messages, and
+    a sender of (rows, whether to show a progress bar) returning how many were acknowledged."""
+    if kind == "kafka":
+        from streamguard import kafka
+
+        config, topic = _kafka_config(args.kafka), args.topic
+        kafka.ensure_topic(config, topic, args.partitions or DEFAULT_SHARDS)
+        return f"topic {topic}", lambda rows, _bar: kafka.produce_transactions(config, topic, rows)
 
     from streamguard.kinesis import ensure_stream, produce_transactions
 
+    client, stream = _client(args), args.stream
+    ensure_stream(client, stream, shards=args.shards or DEFAULT_SHARDS)
+    return stream, lambda rows, bar: produce_transactions(client, stream, rows, progress=bar)
+
+
+@command(
+    "produce",
+    "put a transactions Parquet file into a Kinesis stream or Kafka topic",
+    arg("path", help="transactions.parquet"),
+    *STREAM_TARGET,
+)
+def _cmd_produce(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from streamguard.progress import ProgressLine
+
+    kind = _target(args)
     path = Path(args.path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     table = pq.read_table(path)
-    client = _client(args)
-    ensure_stream(client, args.stream, shards=args.shards)
+    name, send = _writer(kind, args)
     started = time.perf_counter()
     if args.rate:
         sent = 0
         step = max(1, args.rate)
+        progress = ProgressLine("produced", table.num_rows)
         for offset in range(0, table.num_rows, step):
             tick = time.perf_counter()
-            sent += produce_transactions(
-                client, args.stream, table.slice(offset, step), progress=False
-            )
-            time.sleep(max(0.0, 1.0 - (time.perf_counter() - tick)))
-            print(f"\rproduced {sent:,}/{table.num_rows:,}", end="", flush=True)
-        print()
+            sent += send(table.slice(offset, step), False)
+            progress.update(sent)
+            if offset + step < table.num_rows:
+                time.sleep(max(0.0, 1.0 - (time.perf_counter() - tick)))
+        progress.close()
     else:
-        sent = produce_transactions(client, args.stream, table)
+        sent = send(table, True)
     seconds = time.perf_counter() - started
-    print(f"produced {sent:,} records to {args.stream} in {seconds:.1f}s ({sent / seconds:,.0f}/s)")
+    print(f"produced {sent:,} records to {name} in {seconds:.1f}s ({sent / seconds:,.0f}/s)")
     return 0
 
 
-def _cmd_kinesis(args: argparse.Namespace) -> int:
-    from streamguard.local_kinesis import LocalKinesis
+# One handler for both local servers (`args.command` says which); declared kinesis first.
+@command("kafka", "start or stop the local Kafka-protocol broker", SERVER_ACTION, SERVER_PORT)
+@command("kinesis", "start or stop the local Kinesis-compatible server", SERVER_ACTION, SERVER_PORT)
+def _cmd_local_server(args: argparse.Namespace) -> int:
+    """`start` prints the address, `stop` stops it, `status` prints the address or exits 1."""
+    home = Home.from_env().ensure()
+    server: LocalServer
+    if args.command == "kafka":
+        from streamguard.local_kafka import LocalKafka
 
-    server = LocalKinesis(Home.from_env().ensure().kinesis, port=args.port)
+        server = LocalKafka(home.kafka, port=args.port)
+    else:
+        from streamguard.local_kinesis import LocalKinesis
+
+        server = LocalKinesis(home.kinesis, port=args.port)
     if args.action == "start":
         print(server.start())
     elif args.action == "stop":
         server.stop()
         print("stopped")
     else:
-        print(server.endpoint if server.running() else "not running")
-        return 0 if server.running() else 1
+        state = server.status()
+        print(state.address if state.running else "not running")
+        return 0 if state.running else 1
     return 0
 
 
+@command(
+    "score",
+    "score a stream from its checkpoint to its end, in process",
+    arg("--stream", default=None, help="stream name"),
+    arg("--max-batch", type=_positive, default=50_000, help="records per micro-batch"),
+    ENDPOINT,
+    KAFKA,
+    arg("--topic", default=None, help="Kafka topic to score, with --kafka"),
+    arg(
+        "--alerts-topic",
+        default=None,
+        help="Kafka topic every alert is published to, with --kafka (default fraud-alerts; "
+        "empty: none)",
+    ),
+)
 def _cmd_score(args: argparse.Namespace) -> int:
     from streamguard.lake import Lake
-    from streamguard.pipeline import scoring_runner
-    from streamguard.sources import KinesisSource
+    from streamguard.pipeline import scoring_job_name, scoring_runner
 
+    kind = _target(args)
     home = Home.from_env().ensure()
-    runner = scoring_runner(
-        Lake(home.lake),
-        KinesisSource(_client(args), args.stream),
-        home.mlflow_tracking_uri,
-        max_batch_records=args.max_batch,
-    )
-    report = runner.run()
+    source: Source
+    sinks: list[AlertSink] = []
+    with contextlib.ExitStack() as stack:
+        if kind == "kafka":
+            from streamguard.alerts import DEFAULT_ALERTS_TOPIC, KafkaAlertSink
+            from streamguard.kafka import KafkaSource
+
+            config = _kafka_config(args.kafka)
+            job = scoring_job_name(kind, args.topic)
+            source = stack.enter_context(KafkaSource(config, args.topic))
+            alerts = DEFAULT_ALERTS_TOPIC if args.alerts_topic is None else args.alerts_topic
+            if alerts:
+                sink = KafkaAlertSink(config, alerts, job=job)
+                stack.callback(sink.close)
+                sinks.append(sink)
+        else:
+            from streamguard.sources import KinesisSource
+
+            job = scoring_job_name(kind, args.stream)
+            source = KinesisSource(_client(args), args.stream)
+        runner = scoring_runner(
+            Lake(home.lake),
+            source,
+            home.mlflow_tracking_uri,
+            max_batch_records=args.max_batch,
+            job=job,
+            sinks=sinks,
+        )
+        report = runner.run()
     print(
         f"{len(report.batches)} batch(es), {report.n_records:,} records, "
         f"{report.rows('alerts'):,} alerts; positions {report.positions}"
@@ -122,6 +372,16 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(
+    "train",
+    "train a model, register it and promote it if it is better",
+    arg(
+        "--history", default=None, help="transactions Parquet to replay (default: the feature log)"
+    ),
+    arg("--labels", default=None, help="labels Parquet to load first"),
+    arg("--train-days", type=_positive, default=None, help="days of history to train on"),
+    arg("--label-delay-days", type=int, default=7, help="days labels need to arrive (default 7)"),
+)
 def _cmd_train(args: argparse.Namespace) -> int:
     from streamguard.pipeline import train_and_promote
 
@@ -147,6 +407,15 @@ def _print_change(change: Any) -> None:
         )
 
 
+MODEL = arg("--model", default="fraud_model", help="registered model name")
+
+
+@command(
+    "rollback",
+    "move the champion alias back to the previous champion (or --to)",
+    arg("--to", default=None, help="version to restore (default: the previous one)"),
+    MODEL,
+)
 def _cmd_rollback(args: argparse.Namespace) -> int:
     from models.promotion import rollback
 
@@ -155,6 +424,13 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(
+    "promote",
+    "make a registered version the champion by hand",
+    arg("--version", required=True, help="version number to promote"),
+    arg("--reason", default=None, help="why (recorded with the change)"),
+    MODEL,
+)
 def _cmd_promote(args: argparse.Namespace) -> int:
     from models.promotion import move_champion
 
@@ -165,6 +441,29 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+DAYS = arg("--days", type=_positive, default=60, help="simulated days (default 60)")
+CUSTOMERS = arg("--customers", type=_positive, default=1000, help="customers (default 1000)")
+TRAIN_DAYS = arg(
+    "--train-days", type=_positive, default=21, help="days of history to train on (default 21)"
+)
+
+
+@command(
+    "demo",
+    "the whole platform end to end on local components",
+    DAYS,
+    CUSTOMERS,
+    arg("--seed", type=int, default=7, help="random seed (default 7)"),
+    TRAIN_DAYS,
+    arg("--timeout", type=_positive, default=900, help="seconds to wait for the stream to drain"),
+    arg(
+        "--source",
+        choices=["kinesis", "kafka"],
+        default="kinesis",
+        help="where the transactions arrive: local Kinesis or the local Kafka broker, which also "
+        "gets the alerts (default kinesis)",
+    ),
+)
 def _cmd_demo(args: argparse.Namespace) -> int:
     from streamguard.demo import run_demo
 
@@ -175,11 +474,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         train_days=args.train_days,
         timeout=args.timeout,
+        source=args.source,
     )
     print(summary.render())
     return 0 if summary.ok else 1
 
 
+@command(
+    "dev",
+    "local Kinesis + Dagster UI + a producer trickling transactions",
+    arg("--rate", type=_positive, default=200, help="records per second (default 200)"),
+    DAYS,
+    CUSTOMERS,
+    arg("--port", type=_positive, default=3000, help="Dagster UI port (default 3000)"),
+    TRAIN_DAYS,
+)
 def _cmd_dev(args: argparse.Namespace) -> int:
     from streamguard.demo import run_dev
 
@@ -194,13 +503,32 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
-def _date(value: str) -> date:
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a date YYYY-MM-DD, got {value!r}") from None
-
-
+@command(
+    "backtest",
+    "train a week, skip the label delay, test the next week; model vs a baseline",
+    arg("--transactions", required=True, help="transactions Parquet or CSV (may hold is_fraud)"),
+    arg("--labels", default=None, help="labels Parquet or CSV (default: is_fraud in transactions)"),
+    arg("--train-start", type=_date, required=True, help="first training day, YYYY-MM-DD (UTC)"),
+    arg("--train-days", type=_positive, default=7, help="days (default 7)"),
+    arg(
+        "--delay-days",
+        type=int,
+        default=7,
+        help="days between training and test; also the report delay of labels without one "
+        "(default 7)",
+    ),
+    arg("--test-days", type=_positive, default=7, help="days (default 7)"),
+    arg("--k", type=_positive, default=100, help="cards checked a day (default 100)"),
+    arg("--budget", type=_positive, default=None, help="transaction alerts a day (default: k)"),
+    arg(
+        "--model",
+        default=None,
+        help="model family tested against the baseline: blend (the default model), "
+        "hist_gradient_boosting, logistic_regression or random_forest",
+    ),
+    arg("--output", required=True, help="metrics JSON file"),
+    arg("--predictions", default=None, help="test scores as Parquet (optional)"),
+)
 def _cmd_backtest(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
@@ -247,6 +575,12 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(
+    "replay",
+    "push a dataset into a Kinesis stream or Kafka topic in event-time order, optionally paced",
+    arg("dataset", help="transactions Parquet or CSV"),
+    *STREAM_TARGET,
+)
 def _cmd_replay(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -255,6 +589,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from models.backtest import read_dataset
     from models.schema import TRANSACTION_SCHEMA
 
+    _target(args)  # a usage error before the dataset is read
     table = read_dataset(args.dataset)
     missing = [name for name in TRANSACTION_SCHEMA.names if name not in table.column_names]
     if missing:
@@ -265,169 +600,22 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="streamguard-replay-") as tmp:
         ordered = Path(tmp) / "transactions.parquet"
         pq.write_table(table, ordered)
-        produce = argparse.Namespace(
-            path=str(ordered),
-            stream=args.stream,
-            shards=args.shards,
-            rate=args.rate,
-            endpoint=args.endpoint,
-        )
-        return _cmd_produce(produce)
+        return _cmd_produce(argparse.Namespace(**{**vars(args), "path": str(ordered)}))
 
 
-def _stream_target(parser: argparse.ArgumentParser) -> None:
-    """The options of every command that writes into a stream."""
-    parser.add_argument("--stream", required=True, help="stream name (created if missing)")
-    parser.add_argument("--shards", type=_positive, default=2, help="shards if created (default 2)")
-    parser.add_argument(
-        "--rate", type=int, default=0, help="records per second (default: as fast as possible)"
-    )
-    parser.add_argument(
-        "--endpoint", default=None, help="Kinesis endpoint (default: AWS_ENDPOINT_URL_KINESIS)"
-    )
+# --------------------------------------------------------------------------- entry point
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every declared command, in the order of their declarations."""
     parser = _Parser(prog="streamguard", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    gen = sub.add_parser(
-        "generate",
-        help="write a seeded synthetic dataset: transactions + labels (default) or weather",
-    )
-    gen.add_argument(
-        "dataset", nargs="?", choices=["transactions", "weather"], default="transactions",
-        help="what to generate (default transactions)",
-    )  # fmt: skip
-    gen.add_argument("--stations", type=_positive, default=20, help="weather stations (default 20)")
-    gen.add_argument("--hours", type=_positive, default=6, help="weather hours (default 6)")
-    gen.add_argument("--files", type=_positive, default=4, help="weather files (default 4)")
-    gen.add_argument("--days", type=_positive, default=60, help="simulated days (default 60)")
-    gen.add_argument("--customers", type=_positive, default=1000, help="customers (default 1000)")
-    gen.add_argument(
-        "--terminals", type=_positive, default=None, help="terminals (default customers/5)"
-    )
-    gen.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
-    gen.add_argument("--out", required=True, help="output folder")
-    gen.set_defaults(func=_cmd_generate)
-
-    prod = sub.add_parser("produce", help="put a transactions Parquet file into a Kinesis stream")
-    prod.add_argument("path", help="transactions.parquet")
-    _stream_target(prod)
-    prod.set_defaults(func=_cmd_produce)
-
-    kin = sub.add_parser("kinesis", help="start or stop the local Kinesis-compatible server")
-    kin.add_argument("action", choices=["start", "stop", "status"])
-    kin.add_argument("--port", type=_positive, default=None, help="port (default: a free one)")
-    kin.set_defaults(func=_cmd_kinesis)
-
-    score = sub.add_parser(
-        "score", help="score a stream from its checkpoint to its end, in process"
-    )
-    score.add_argument("--stream", required=True, help="stream name")
-    score.add_argument(
-        "--max-batch", type=_positive, default=50_000, help="records per micro-batch"
-    )
-    score.add_argument(
-        "--endpoint", default=None, help="Kinesis endpoint (default: AWS_ENDPOINT_URL_KINESIS)"
-    )
-    score.set_defaults(func=_cmd_score)
-
-    train = sub.add_parser(
-        "train", help="train a model, register it and promote it if it is better"
-    )
-    train.add_argument(
-        "--history", default=None, help="transactions Parquet to replay (default: the feature log)"
-    )
-    train.add_argument("--labels", default=None, help="labels Parquet to load first")
-    train.add_argument(
-        "--train-days", type=_positive, default=None, help="days of history to train on"
-    )
-    train.add_argument(
-        "--label-delay-days", type=int, default=7, help="days labels need to arrive (default 7)"
-    )
-    train.set_defaults(func=_cmd_train)
-
-    roll = sub.add_parser(
-        "rollback", help="move the champion alias back to the previous champion (or --to)"
-    )
-    roll.add_argument("--to", default=None, help="version to restore (default: the previous one)")
-    roll.add_argument("--model", default="fraud_model", help="registered model name")
-    roll.set_defaults(func=_cmd_rollback)
-
-    prom = sub.add_parser("promote", help="make a registered version the champion by hand")
-    prom.add_argument("--version", required=True, help="version number to promote")
-    prom.add_argument("--reason", default=None, help="why (recorded with the change)")
-    prom.add_argument("--model", default="fraud_model", help="registered model name")
-    prom.set_defaults(func=_cmd_promote)
-
-    demo = sub.add_parser("demo", help="the whole platform end to end on local components")
-    demo.add_argument("--days", type=_positive, default=60, help="simulated days (default 60)")
-    demo.add_argument("--customers", type=_positive, default=1000, help="customers (default 1000)")
-    demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
-    demo.add_argument(
-        "--train-days", type=_positive, default=21, help="days of history to train on (default 21)"
-    )
-    demo.add_argument(
-        "--timeout", type=_positive, default=900, help="seconds to wait for the stream to drain"
-    )
-    demo.set_defaults(func=_cmd_demo)
-
-    dev = sub.add_parser(
-        "dev", help="local Kinesis + Dagster UI + a producer trickling transactions"
-    )
-    dev.add_argument("--rate", type=_positive, default=200, help="records per second (default 200)")
-    dev.add_argument("--days", type=_positive, default=60, help="simulated days (default 60)")
-    dev.add_argument("--customers", type=_positive, default=1000, help="customers (default 1000)")
-    dev.add_argument("--port", type=_positive, default=3000, help="Dagster UI port (default 3000)")
-    dev.add_argument(
-        "--train-days", type=_positive, default=21, help="days of history to train on (default 21)"
-    )
-    dev.set_defaults(func=_cmd_dev)
-
-    back = sub.add_parser(
-        "backtest",
-        help="train a week, skip the label delay, test the next week; model vs a baseline",
-    )
-    back.add_argument(
-        "--transactions", required=True, help="transactions Parquet or CSV (may hold is_fraud)"
-    )
-    back.add_argument(
-        "--labels", default=None, help="labels Parquet or CSV (default: is_fraud in transactions)"
-    )
-    back.add_argument(
-        "--train-start", type=_date, required=True, help="first training day, YYYY-MM-DD (UTC)"
-    )
-    back.add_argument("--train-days", type=_positive, default=7, help="days (default 7)")
-    back.add_argument(
-        "--delay-days",
-        type=int,
-        default=7,
-        help="days between training and test; also the report delay of labels without one "
-        "(default 7)",
-    )
-    back.add_argument("--test-days", type=_positive, default=7, help="days (default 7)")
-    back.add_argument("--k", type=_positive, default=100, help="cards checked a day (default 100)")
-    back.add_argument(
-        "--budget", type=_positive, default=None, help="transaction alerts a day (default: k)"
-    )
-    back.add_argument(
-        "--model",
-        default=None,
-        help="model family tested against the baseline: blend (the default model), "
-        "hist_gradient_boosting, logistic_regression or random_forest",
-    )
-    back.add_argument("--output", required=True, help="metrics JSON file")
-    back.add_argument("--predictions", default=None, help="test scores as Parquet (optional)")
-    back.set_defaults(func=_cmd_backtest)
-
-    rep = sub.add_parser(
-        "replay", help="push a dataset into a Kinesis stream in event-time order, optionally paced"
-    )
-    rep.add_argument("dataset", help="transactions Parquet or CSV")
-    _stream_target(rep)
-    rep.set_defaults(func=_cmd_replay)
+    for cmd in COMMANDS.values():
+        command_parser = sub.add_parser(cmd.name, help=cmd.summary)
+        for argument in cmd.arguments:
+            command_parser.add_argument(*argument.flags, **argument.options)
+        command_parser.set_defaults(func=cmd.run, usage_error=command_parser.error)
     return parser
 
 
@@ -455,6 +643,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
+    except UsageError as exc:
+        usage_error: Callable[[str], NoReturn] = args.usage_error
+        usage_error(str(exc))  # one line, exit 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -47,6 +47,10 @@ class Home:
         return self.root / "kinesis"
 
     @property
+    def kafka(self) -> Path:
+        return self.root / "kafka"
+
+    @property
     def data(self) -> Path:
         return self.root / "data"
 
@@ -55,6 +59,7 @@ class Home:
         return self.root / "checkpoints"
 
     def ensure(self) -> Home:
-        for path in (self.lake, self.mlflow_artifacts, self.dagster, self.kinesis, self.data):
+        dirs = (self.lake, self.mlflow_artifacts, self.dagster, self.kinesis, self.kafka, self.data)
+        for path in dirs:
             path.mkdir(parents=True, exist_ok=True)
         return self

@@ -1,8 +1,10 @@
 """`make demo`: the whole platform, headless, on local components.
 
-Local Kinesis, a generated history, a trained champion, then the real Dagster daemon evaluating
-the sensor and launching scoring runs until the stream is drained. Dagster is driven through its
-own command line, the way an operator would, so this module never imports the Dagster layer.
+Local Kinesis (and with `source="kafka"` a local Kafka broker, whose topic then carries the
+transactions and gets the alerts back), a generated history, a trained champion, then the real
+Dagster daemon evaluating the sensors and launching scoring runs until the stream is drained.
+Dagster is driven through its own command line, the way an operator would, so this module never
+imports the Dagster layer.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from models.simulate import Simulation
 
 STREAM = "transactions"
+ALERTS_TOPIC = "fraud-alerts"
 SCORING_JOB_NAME = "score_transactions_job"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +46,9 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def dagster_env(home: Home, endpoint: str | None) -> dict[str, str]:
+def dagster_env(
+    home: Home, endpoint: str | None, kafka_bootstrap: str | None = None
+) -> dict[str, str]:
     """Environment for Dagster processes: the same home, its own DAGSTER_HOME with our config."""
     home.ensure()
     config = REPO_ROOT / "platform" / "dagster.yaml"
@@ -58,6 +63,10 @@ def dagster_env(home: Home, endpoint: str | None) -> dict[str, str]:
     )
     if endpoint:
         env["AWS_ENDPOINT_URL_KINESIS"] = endpoint
+    if kafka_bootstrap:
+        env["STREAMGUARD_KAFKA_BOOTSTRAP"] = kafka_bootstrap
+        env["STREAMGUARD_KAFKA_TOPIC"] = STREAM
+        env["STREAMGUARD_ALERTS_TOPIC"] = ALERTS_TOPIC
     return env
 
 
@@ -135,6 +144,8 @@ def train_champion(home: Home, env: dict[str, str], train_days: int) -> None:
 class DemoSummary:
     transactions: int = 0
     produced: int = 0
+    source: str = "kinesis"
+    alerts_published: int | None = None  # on the Kafka alerts topic (Kafka demo)
     scored: int = 0
     dead_letters: int = 0
     alerts: int = 0
@@ -157,17 +168,25 @@ class DemoSummary:
 
     @property
     def ok(self) -> bool:
-        return not self.problems and self.scored + self.dead_letters == self.produced
+        published = self.alerts_published in (None, self.alerts)
+        return not self.problems and published and self.scored + self.dead_letters == self.produced
 
     def render(self) -> str:
         runs = ", ".join(f"{k.lower()} {v}" for k, v in sorted(self.runs.items())) or "none"
         lines = [
             "streamguard demo summary",
             f"  transactions generated   {self.transactions:,}",
-            f"  produced to Kinesis      {self.produced:,}",
+            f"  produced to {self.source.capitalize():<13}{self.produced:,}",
             f"  scored                   {self.scored:,}",
             f"  dead letters             {self.dead_letters:,}",
             f"  alerts                   {self.alerts:,}",
+            *(
+                []
+                if self.alerts_published is None
+                else [
+                    f"  alerts published         {self.alerts_published:,} (topic {ALERTS_TOPIC})"
+                ]
+            ),
             f"  frauds among scored      {self.frauds:,}",
             f"  alert precision          {self.precision:.3f}",
             f"  alert recall             {self.recall:.3f}",
@@ -183,7 +202,7 @@ class DemoSummary:
 
 def _reset(home: Home) -> None:
     """A demo starts from a clean lake, registry and run history (the stream is new too)."""
-    for path in (home.lake, home.mlflow, home.dagster, home.data):
+    for path in (home.lake, home.mlflow, home.dagster, home.data, home.kafka):
         shutil.rmtree(path, ignore_errors=True)
     home.ensure()
 
@@ -192,29 +211,60 @@ def _step(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
+@dataclass
+class Platform:
+    """What `local_platform` started: the Dagster environment and the producer's target."""
+
+    env: dict[str, str]
+    kinesis: Any  # a boto3 Kinesis client
+    kafka: dict[str, Any] | None  # the librdkafka config when the demo runs on Kafka
+
+    def produce(self, transactions: pa.Table, progress: bool = True) -> int:
+        """Put transactions on the demo's stream: the Kafka topic, else the Kinesis stream."""
+        if self.kafka is not None:
+            from streamguard.kafka import produce_transactions as to_kafka
+
+            return to_kafka(self.kafka, STREAM, transactions)
+        from streamguard.kinesis import produce_transactions as to_kinesis
+
+        return to_kinesis(self.kinesis, STREAM, transactions, progress=progress)
+
+
 @contextmanager
 def local_platform(
-    home: Home, days: int, customers: int, seed: int
-) -> Iterator[tuple[dict[str, str], Any, Simulation]]:
-    """Clean state, local Kinesis with a fresh stream, generated data; the server stops on exit."""
+    home: Home, days: int, customers: int, seed: int, source: str = "kinesis"
+) -> Iterator[tuple[Platform, Simulation]]:
+    """Clean state, local Kinesis with a fresh stream (and with `source="kafka"` a local Kafka
+    broker with the topic), generated data; the servers stop on exit."""
     from models.simulate import simulate, write_simulation
     from streamguard.kinesis import delete_stream, ensure_stream, kinesis_client
     from streamguard.local_kinesis import LocalKinesis
 
+    if source not in ("kinesis", "kafka"):
+        raise ValueError(f"source must be kinesis or kafka, got {source!r}")
     _reset(home)
     server = LocalKinesis(home.kinesis)
     endpoint = server.start()
     _step(f"local Kinesis at {endpoint}")
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(server.stop)
         client = kinesis_client(endpoint)
         delete_stream(client, STREAM)
         ensure_stream(client, STREAM, shards=2)
+        kafka: dict[str, Any] | None = None
+        bootstrap = None
+        if source == "kafka":
+            from streamguard.kafka import KafkaSettings, client_config, ensure_topic
+            from streamguard.local_kafka import local_kafka
+
+            bootstrap = stack.enter_context(local_kafka(home.kafka))
+            kafka = client_config(KafkaSettings(bootstrap))
+            ensure_topic(kafka, STREAM, 2)
+            _step(f"local Kafka at {bootstrap}, topic {STREAM!r}")
         sim = simulate(days=days, customers=customers, seed=seed)
         write_simulation(sim, home.data)
         _step(f"generated {sim.transactions.num_rows:,} transactions over {days} days")
-        yield dagster_env(home, endpoint), client, sim
-    finally:
-        server.stop()
+        yield Platform(dagster_env(home, endpoint, bootstrap), client, kafka), sim
 
 
 def run_demo(
@@ -224,17 +274,17 @@ def run_demo(
     seed: int = 7,
     train_days: int = 21,
     timeout: float = 900,
+    source: str = "kinesis",
 ) -> DemoSummary:
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-    from streamguard.kinesis import produce_transactions
-
     started = time.perf_counter()
-    summary = DemoSummary()
-    with local_platform(home, days, customers, seed) as (env, client, sim):
+    summary = DemoSummary(source=source)
+    with local_platform(home, days, customers, seed, source) as (platform, sim):
+        env = platform.env
         summary.transactions = sim.transactions.num_rows
-        summary.produced = produce_transactions(client, STREAM, sim.transactions)
-        _step(f"produced {summary.produced:,} records to stream {STREAM!r}")
+        summary.produced = platform.produce(sim.transactions)
+        _step(f"produced {summary.produced:,} records to {source} {STREAM!r}")
 
         _step(f"training on the first {train_days} days and registering the champion")
         train_champion(home, env, train_days)
@@ -286,8 +336,45 @@ def run_demo(
                 if count:
                     summary.runs[status.value] = count
         _summarise(summary, lake, sim.transactions, train_days)
+        if platform.kafka is not None:
+            summary.alerts_published = count_committed(platform.kafka, ALERTS_TOPIC)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def count_committed(config: dict[str, Any], topic: str) -> int:
+    """Messages on a topic as a read_committed consumer (case management) sees them."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer(
+        {
+            **config,
+            "group.id": "streamguard-demo-count",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return 0
+        consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+        ended: set[int] = set()
+        count = 0
+        deadline = time.monotonic() + 60
+        while len(ended) < len(meta.partitions) and time.monotonic() < deadline:
+            message = consumer.poll(1.0)
+            if message is None:
+                continue
+            error = message.error()
+            if error is not None and error.code() == KafkaError._PARTITION_EOF:
+                ended.add(int(message.partition() or 0))
+            elif error is None:
+                count += 1
+        return count
+    finally:
+        consumer.close()
 
 
 def _summarise(summary: DemoSummary, lake: Lake, transactions: pa.Table, train_days: int) -> None:
@@ -326,10 +413,9 @@ def run_dev(
 
     Starts from a clean state like the demo; Ctrl-C stops every process it started.
     """
-    from streamguard.kinesis import produce_transactions
-
     try:
-        with local_platform(home, days, customers, seed) as (env, client, sim):
+        with local_platform(home, days, customers, seed) as (platform, sim):
+            env = platform.env
             _step("training the first champion")
             train_champion(home, env, train_days)
             log = home.dagster / "dagster-dev.log"
@@ -344,9 +430,7 @@ def run_dev(
                 produced = ProgressLine("[dev] produced", table.num_rows)
                 for offset in range(0, table.num_rows, rate):
                     tick = time.monotonic()
-                    sent += produce_transactions(
-                        client, STREAM, table.slice(offset, rate), progress=False
-                    )
+                    sent += platform.produce(table.slice(offset, rate), progress=False)
                     produced.update(sent)
                     if dev.poll() is not None:
                         raise RuntimeError(f"dagster dev exited: see {log}")

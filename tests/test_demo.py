@@ -40,6 +40,22 @@ def test_demo_drains_the_stream_through_sensor_runs_twice_in_a_row(tmp_path: Pat
     assert not list((tmp_path / "home" / "kinesis").glob("server.json"))  # server stopped
 
 
+@pytest.mark.slow
+def test_demo_on_kafka_scores_the_topic_and_publishes_every_alert(tmp_path: Path) -> None:
+    env = dict(os.environ, STREAMGUARD_HOME=str(tmp_path / "home"))
+    args = [CLI, "demo", "--source", "kafka", "--days", "16", "--customers", "120",
+            "--train-days", "10", "--timeout", "400"]  # fmt: skip
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    produced = summary_value(out, "produced to Kafka")
+    assert produced > 1000 and summary_value(out, "scored") == produced
+    alerts = summary_value(out, "alerts")
+    assert alerts > 0 and summary_value(out, "alerts published") == alerts
+    assert "PROBLEM" not in out
+    assert not list((tmp_path / "home" / "kafka").glob("server.json"))  # broker stopped
+
+
 def _free_port() -> int:
     import socket
 

@@ -15,6 +15,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 import streamguard.local_kinesis as local_kinesis
+import streamguard.local_server as local_server
 from models.schema import TRANSACTION_SCHEMA, to_payload
 from streamguard.kinesis import (
     MAX_BATCH_BYTES,
@@ -351,7 +352,7 @@ def test_local_kinesis_lifecycle(
 
     second.stop()  # stops it whoever started it
     assert not (state / "server.json").exists()
-    assert not local_kinesis._alive(pid)
+    assert not local_server._alive(pid)
     assert not answers(endpoint)
     assert not first.running()
     second.stop()  # not running: no error
@@ -367,7 +368,7 @@ def test_local_kinesis_lifecycle(
         with LocalKinesis(state) as reused:  # a reused server outlives this block
             assert reused.endpoint == again.endpoint
         assert again.running()
-    assert new_pid is not None and not local_kinesis._alive(new_pid)
+    assert new_pid is not None and not local_server._alive(new_pid)
     assert "listening on http://127.0.0.1" in (state / "server.log").read_text()
 
 
@@ -375,7 +376,7 @@ def test_local_kinesis_port_and_errors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     request.addfinalizer(LocalKinesis(tmp_path / "b").stop)
-    port = local_kinesis._free_port()
+    port = local_server._free_port()
     server = LocalKinesis(tmp_path / "a", port=port, persist=False)
     try:
         assert server.start() == f"http://127.0.0.1:{port}"
