@@ -133,10 +133,8 @@ def bench_kafka(sim_tx: pa.Table, model: LoadedModel, batch: int, work: Path, n:
         started = time.perf_counter()
         produce_to_kafka(config, "bench", records)
         out["produce_tx_per_s"] = n / (time.perf_counter() - started)
-        for name, sinks in (
-            ("kafka_tx_per_s", []),
-            ("kafka_with_alerts_tx_per_s", [KafkaAlertSink(config, "bench-alerts", job="b")]),
-        ):
+        alerts = KafkaAlertSink(config, "bench-alerts", job="bench")
+        for name, sinks in (("kafka_tx_per_s", []), ("kafka_with_alerts_tx_per_s", [alerts])):
             with KafkaSource(config, "bench") as source:
                 runner = scoring_runner(
                     Lake(work / f"lake-{name}"),
@@ -150,6 +148,7 @@ def bench_kafka(sim_tx: pa.Table, model: LoadedModel, batch: int, work: Path, n:
                 report = runner.run()
                 out[name] = report.n_records / (time.perf_counter() - started)
             out["alerts"] = report.rows("alerts")
+        alerts.close()  # before the broker stops
     return out
 
 

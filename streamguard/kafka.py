@@ -66,6 +66,10 @@ SOURCE_CONSUMER: dict[str, Any] = {
     "enable.auto.offset.store": False,
     "auto.offset.reset": "error",
     "enable.partition.eof": True,  # how a read learns that only markers were left
+    # A read never waits for new data, but a fetch at a partition's end waits this long on
+    # brokers that honour it (Apache Kafka, MSK, tansu: ~1 s per partition switch at the
+    # default 500 ms, measured on tansu); the runner reads up to a known end, so keep it short.
+    "fetch.wait.max.ms": 10,
 }
 
 # Exactly one copy per record, in order per key, on every cluster that has idempotence.
