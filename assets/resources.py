@@ -13,6 +13,7 @@ import dagster as dg
 from pydantic import Field
 
 from streamguard.config import DEFAULT_HOME, Home
+from streamguard.kafka import KAFKA_ENV
 from streamguard.lake import Lake
 
 if TYPE_CHECKING:
@@ -183,14 +184,8 @@ SETTINGS: dict[str, dict[str, tuple[str, Any]]] = {
     "kafka": {
         "bootstrap": ("STREAMGUARD_KAFKA_BOOTSTRAP", ""),
         "topic": ("STREAMGUARD_KAFKA_TOPIC", "transactions"),
-        "security": ("STREAMGUARD_KAFKA_SECURITY", "plain"),
-        "username": ("STREAMGUARD_KAFKA_USERNAME", None),
-        "password": ("STREAMGUARD_KAFKA_PASSWORD", None),
-        "scram_mechanism": ("STREAMGUARD_KAFKA_SCRAM_MECHANISM", "SCRAM-SHA-512"),
-        "region": ("AWS_REGION", None),
-        "connection_string": ("STREAMGUARD_EVENT_HUBS_CONNECTION_STRING", None),
-        "api_key": ("STREAMGUARD_KAFKA_API_KEY", None),
-        "api_secret": ("STREAMGUARD_KAFKA_API_SECRET", None),
+        # Security settings: the names every entry point reads (streamguard.kafka.KAFKA_ENV).
+        **{field: (variable, None) for field, variable in KAFKA_ENV.items()},
         "alerts_topic": ("STREAMGUARD_ALERTS_TOPIC", "fraud-alerts"),
         "executor": ("STREAMGUARD_KAFKA_EXECUTOR", IN_PROCESS),
     },

@@ -1,6 +1,7 @@
 """The micro-batch scoring job: Kinesis or Kafka -> features -> model + rules -> Delta tables."""
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -101,13 +102,20 @@ class _Outcome:
     detail: str = ""
 
 
-def _alert_sinks(kafka: KafkaResource, job: str) -> list[AlertSink]:
-    """Alerts go to the Kafka alerts topic whenever a cluster is configured (any source)."""
+@contextmanager
+def _alert_sinks(kafka: KafkaResource, job: str) -> Iterator[list[AlertSink]]:
+    """Alerts go to the Kafka alerts topic whenever a cluster is configured (any source); the
+    producer is closed when the run ends."""
     if not (kafka.enabled and kafka.alerts_topic):
-        return []
+        yield []
+        return
     from streamguard.alerts import KafkaAlertSink
 
-    return [KafkaAlertSink(kafka.config(), kafka.alerts_topic, job=job)]
+    sink = KafkaAlertSink(kafka.config(), kafka.alerts_topic, job=job)
+    try:
+        yield [sink]
+    finally:
+        sink.close()
 
 
 def _run_in_process(
@@ -127,22 +135,23 @@ def _run_in_process(
     else:
         source = KinesisSource(kinesis.client(), kinesis.stream_name)
         job = scoring_job_name("kinesis", kinesis.stream_name)
-    runner = scoring_runner(
-        lake,
-        source,
-        mlflow.uri(home.home()),
-        max_batch_records=config.max_batch_records,
-        model_name=mlflow.model_name,
-        alias=mlflow.alias,
-        job=job,
-        sinks=_alert_sinks(kafka, job),
-    )
-    try:
-        report = runner.run(until=config.until or None)
-    finally:
-        close = getattr(source, "close", None)
-        if close is not None:
-            close()
+    with _alert_sinks(kafka, job) as sinks:
+        runner = scoring_runner(
+            lake,
+            source,
+            mlflow.uri(home.home()),
+            max_batch_records=config.max_batch_records,
+            model_name=mlflow.model_name,
+            alias=mlflow.alias,
+            job=job,
+            sinks=sinks,
+        )
+        try:
+            report = runner.run(until=config.until or None)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
     versions = sorted({str(b.stats.get("model_version", "")) for b in report.batches} - {""})
     return _Outcome(
         rows={name: report.rows(name) for name in TABLES},
@@ -169,32 +178,46 @@ def _run_on_spark(
     )
     from streamguard.spark.fraud_state import SPARK_STORE_BATCHES, run_fraud_on_spark_state_store
 
-    place, lake, stream = home.home(), home.lake(), kinesis.stream_name
+    place, lake = home.home(), home.lake()
     store = config.executor == SPARK_STATE_STORE
     run = run_fraud_on_spark_state_store if store else run_fraud_on_spark
     plans_table = SPARK_STORE_BATCHES if store else SPARK_BATCHES
-    endpoint = kinesis.endpoint_url
+    until = config.until or None
 
     def source(session: "SparkSession") -> "DataFrame":
+        if config.source == "kafka":
+            from streamguard.spark.kafka_source import settings_records
+
+            return settings_records(
+                session,
+                kafka.settings(),
+                kafka.topic,
+                max_records_per_partition=config.max_batch_records,
+                until=until,
+            )
         return kinesis_records(
             session,
-            stream,
-            endpoint,
+            kinesis.stream_name,
+            kinesis.endpoint_url,
             config.max_batch_records,
             region=kinesis.region_name,
-            until=config.until or None,
+            until=until,
         )
 
-    report = run(
-        spark.session(),
-        source,
-        lake,
-        place.checkpoints / ("fraud_spark_store" if store else "fraud_spark") / stream,
-        tracking_uri=mlflow.uri(place),
-        model_name=mlflow.model_name,
-        alias=mlflow.alias,
-        sinks=_alert_sinks(kafka, "spark_store" if store else "spark"),
-    )
+    # One checkpoint per stream and engine (Kinesis streams keep their original folder name).
+    stream = kinesis.stream_name if config.source == "kinesis" else f"kafka-{kafka.topic}"
+
+    with _alert_sinks(kafka, "spark_store" if store else "spark") as sinks:
+        report = run(
+            spark.session(),
+            source,
+            lake,
+            place.checkpoints / ("fraud_spark_store" if store else "fraud_spark") / stream,
+            tracking_uri=mlflow.uri(place),
+            model_name=mlflow.model_name,
+            alias=mlflow.alias,
+            sinks=sinks,
+        )
     scored = [b.batch_id for b in report.batches if not b.skipped]
     versions = planned_model_versions(lake, plans_table, report.app_id, scored)
     return _Outcome(
@@ -225,8 +248,6 @@ def score_transactions(
     """Score a stream from its checkpoint exactly once, in process or on Spark (config)."""
     if config.executor == IN_PROCESS:
         outcome = _run_in_process(home, kinesis, kafka, mlflow, config)
-    elif config.source == "kafka":
-        raise dg.Failure("Kafka on Spark is not available yet: run Kafka topics in_process")
     else:
         outcome = _run_on_spark(home, kinesis, kafka, mlflow, spark, config)
     lake = home.lake()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import signal
 import sys
 import time
@@ -13,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from streamguard.config import Home
 
@@ -138,16 +137,6 @@ TARGETS = {
 
 # Kafka settings besides the bootstrap come from the environment, under the names the Dagster
 # deployment reads them from (`assets.resources.SETTINGS`): secrets stay off the command line.
-KAFKA_ENV = {
-    "security": "STREAMGUARD_KAFKA_SECURITY",
-    "username": "STREAMGUARD_KAFKA_USERNAME",
-    "password": "STREAMGUARD_KAFKA_PASSWORD",
-    "scram_mechanism": "STREAMGUARD_KAFKA_SCRAM_MECHANISM",
-    "region": "AWS_REGION",
-    "connection_string": "STREAMGUARD_EVENT_HUBS_CONNECTION_STRING",
-    "api_key": "STREAMGUARD_KAFKA_API_KEY",
-    "api_secret": "STREAMGUARD_KAFKA_API_SECRET",
-}
 
 
 def _option(args: argparse.Namespace, flag: str) -> Any:
@@ -177,15 +166,9 @@ def _client(args: argparse.Namespace) -> Any:
 def _kafka_config(bootstrap: str) -> ClientConfig:
     """The client config for `bootstrap`, with the security settings of the environment (plain
     when none); read here, when a command needs them, never at import."""
-    from streamguard.kafka import KafkaSettings, client_config
+    from streamguard.kafka import client_config, settings_from_env
 
-    given = {field: os.environ[var] for field, var in KAFKA_ENV.items() if os.environ.get(var)}
-    try:
-        settings = KafkaSettings(bootstrap=bootstrap, **cast(dict[str, Any], given))
-    except ValueError as exc:  # its messages name fields, never their values
-        named = [var for field, var in KAFKA_ENV.items() if field in str(exc)]
-        raise ValueError(f"{exc} (from {', '.join(named)})" if named else str(exc)) from None
-    return client_config(settings)
+    return client_config(settings_from_env(bootstrap))
 
 
 # --------------------------------------------------------------------------- commands

@@ -11,6 +11,7 @@ are never read back as the position (the lake's checkpoints are).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -159,6 +160,33 @@ class KafkaSettings:
         return f"KafkaSettings({shown})"
 
     __str__ = __repr__
+
+
+# Where each security setting comes from in the environment: the CLI, the Dagster deployment
+# (`assets.resources.SETTINGS`) and the Spark source read the same names, so one set of variables
+# configures a cluster everywhere, and secrets stay off command lines and run config.
+KAFKA_ENV: dict[str, str] = {
+    "security": "STREAMGUARD_KAFKA_SECURITY",
+    "username": "STREAMGUARD_KAFKA_USERNAME",
+    "password": "STREAMGUARD_KAFKA_PASSWORD",
+    "scram_mechanism": "STREAMGUARD_KAFKA_SCRAM_MECHANISM",
+    "region": "AWS_REGION",
+    "connection_string": "STREAMGUARD_EVENT_HUBS_CONNECTION_STRING",
+    "api_key": "STREAMGUARD_KAFKA_API_KEY",
+    "api_secret": "STREAMGUARD_KAFKA_API_SECRET",
+}
+
+
+def settings_from_env(bootstrap: str, environ: Mapping[str, str] | None = None) -> KafkaSettings:
+    """`KafkaSettings` for `bootstrap` with the security settings of the environment (plain when
+    none), read when called. An incomplete setting names the variables, never their values."""
+    env = os.environ if environ is None else environ
+    given: dict[str, Any] = {field: env[var] for field, var in KAFKA_ENV.items() if env.get(var)}
+    try:
+        return KafkaSettings(bootstrap=bootstrap, **given)
+    except ValueError as exc:  # its messages name fields, never their values
+        named = [var for field, var in KAFKA_ENV.items() if field in str(exc)]
+        raise ValueError(f"{exc} (from {', '.join(named)})" if named else str(exc)) from None
 
 
 def event_hubs_bootstrap(connection_string: str) -> str:

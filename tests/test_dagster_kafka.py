@@ -157,3 +157,51 @@ def test_kafka_and_kinesis_in_one_deployment_each_scored_once_with_alerts_publis
     published = read_topic(kafka_config, alerts_topic)
     alerts = lake.read("alerts", columns=["transaction_id"])["transaction_id"].to_pylist()
     assert alerts and sorted(m["alert_id"] for m in published) == sorted(alerts)
+
+
+@pytest.mark.spark
+def test_kafka_sensor_with_spark_executor_scores_exactly_the_planned_range(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    kafka_config: Any,
+    request: pytest.FixtureRequest,
+    small_sim: Simulation,
+    champion_home: Home,
+    spark: Any,
+) -> None:
+    topic = new_topic(kafka_config, request, partitions=2)
+    alerts_topic = new_topic(kafka_config, request, partitions=1)
+    kafka = KafkaResource(
+        bootstrap=kafka_bootstrap, topic=topic, alerts_topic=alerts_topic, executor="spark"
+    )
+    produce_transactions(kafka_config, topic, small_sim.transactions.slice(0, 400))
+    run, context = _kafka_sensor(None, kafka)
+    assert isinstance(run, dg.RunRequest)
+    assert run.run_config["ops"]["score_transactions"]["config"]["executor"] == "spark"
+    produce_transactions(kafka_config, topic, small_sim.transactions.slice(400, 100))  # late
+    home = tmp_path / "home"
+    defs = dg.Definitions.merge(
+        *AREAS,
+        dg.Definitions(
+            resources={
+                "home": HomeResource(root=str(home)),
+                "kinesis": KinesisResource(),
+                "kafka": kafka,
+                "mlflow": MlflowResource(tracking_uri=champion_home.mlflow_tracking_uri),
+                "spark": SparkResource(app_name="streamguard-tests", master="local[2]"),
+            }
+        ),
+    )
+    job = defs.resolve_job_def("score_transactions_job")
+    lake = Lake(home / "lake")
+    with dg.instance_for_test() as instance:
+        assert job.execute_in_process(run_config=run.run_config, instance=instance).success
+        assert lake.count("transactions") == 400  # the planned range, not the late records
+        assert (home / "checkpoints" / "fraud_spark" / f"kafka-{topic}").is_dir()
+        later, _ = _kafka_sensor(context.cursor, kafka)
+        assert isinstance(later, dg.RunRequest)
+        assert job.execute_in_process(run_config=later.run_config, instance=instance).success
+    assert lake.count("transactions") == 500 and lake.count("scores") == 500
+    published = read_topic(kafka_config, alerts_topic)
+    alerts = lake.read("alerts", columns=["transaction_id"])["transaction_id"].to_pylist()
+    assert sorted(m["alert_id"] for m in published) == sorted(alerts)

@@ -108,7 +108,7 @@ class KinesisOptions:
         if position.upper() in (TRIM_HORIZON, LATEST):
             position = position.upper()
         else:
-            _parse_positions(position)  # fail at load(), not at the first batch
+            parse_positions(position)  # fail at load(), not at the first batch
         ending = options.get("endingPosition")
         return cls(
             stream=stream,
@@ -116,11 +116,11 @@ class KinesisOptions:
             region=options.get("region") or None,
             max_records_per_shard=max_records,
             starting_position=position,
-            ending_position=_parse_positions(ending, "endingPosition") if ending else None,
+            ending_position=parse_positions(ending, "endingPosition") if ending else None,
         )
 
 
-def _parse_positions(text: str, option: str = "startingPosition") -> Offset:
+def parse_positions(text: str, option: str = "startingPosition") -> Offset:
     """A JSON object {shard id: sequence number or null}: startingPosition, endingPosition or
     an offset."""
     try:
@@ -143,7 +143,7 @@ def _seq(value: str) -> int:
     return int(value)
 
 
-def _bounded(start: Mapping[str, str | None], end: Offset, ending: Offset) -> Offset:
+def bounded_offsets(start: Mapping[str, str | None], end: Offset, ending: Offset) -> Offset:
     """`end` (the stream's end) cut at `ending` per shard, never before `start`."""
     target: Offset = {}
     for sid, last in end.items():
@@ -196,7 +196,8 @@ def _ordered(shards: Sequence[ShardInfo]) -> list[ShardInfo]:
     return sorted(shards, key=lambda s: s.shard_id)
 
 
-def _to_batch(records: Sequence[StreamRecord]) -> pa.RecordBatch:
+def records_batch(records: Sequence[StreamRecord]) -> pa.RecordBatch:
+    """Stream records as one Arrow batch of the sources' SCHEMA (Kinesis and Kafka alike)."""
     return pa.RecordBatch.from_arrays(
         [
             pa.array([r.shard_id for r in records], pa.string()),
@@ -260,7 +261,7 @@ class KinesisStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
                 s.shard_id: _scan(self.client, stream, s.shard_id, None, None, None)[0]
                 for s in shards
             }
-        given = _parse_positions(position)
+        given = parse_positions(position)
         return {s.shard_id: given.get(s.shard_id) for s in shards}
 
     def getDefaultReadLimit(self) -> ReadLimit:
@@ -286,7 +287,7 @@ class KinesisStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
             self._target, self._target_done = step.end, step.done
             ending = self.options.ending_position
             if ending is not None:
-                self._target = _bounded(start, step.end, ending)
+                self._target = bounded_offsets(start, step.end, ending)
                 self._target_done = {s for s in step.done if self._target[s] == step.end[s]}
             elif cap is None or (step.most_read <= cap and not step.child_with_parent):
                 return dict(step.end)  # the first batch is the whole run: no second read
@@ -369,7 +370,7 @@ class KinesisStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
                     f"shard {partition.shard_id} of {self.options.stream!r} ended at {after} "
                     f"before {partition.until}: records past retention or a different stream"
                 )
-            yield _to_batch(records)
+            yield records_batch(records)
             after = records[-1].sequence_number
 
 
