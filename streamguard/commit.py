@@ -139,14 +139,16 @@ def batch_written(lake: Lake, app_id: str, batch_id: int, outputs: Sequence[Tabl
     return last is not None and last >= batch_id
 
 
-def next_batch_id(lake: Lake, tables: Sequence[str]) -> int:
-    """One past the highest batch id in `tables`: the lake's one batch numbering.
+def next_batch_id(lake: Lake) -> int:
+    """One past the highest batch id in the lake: the lake's one batch numbering.
 
     Every job and engine writing to the same lake takes its batch ids from here, so a batch id
     names one batch of one job: "rows of earlier batches" and "this batch's rows" mean the same
-    to all of them, whichever stream or engine wrote them.
+    to all of them, whichever stream or engine wrote them. Every plan table records a batch's id
+    before anything else is written, so the Delta log's file statistics of the lake's tables
+    (no data read) always hold the highest one.
     """
-    highest = [lake.max_value(name, "batch_id") for name in tables]
+    highest = [lake.max_value(name, "batch_id", stats_only=True) for name in lake.names()]
     return max((h for h in highest if h is not None), default=-1) + 1
 
 

@@ -88,11 +88,17 @@ class Lake:
             return 0
         return int(_dataset(table).count_rows())
 
-    def max_value(self, name: str, column: str) -> int | None:
-        """The largest value of an integer column (None: no table or no rows).
+    def names(self) -> list[str]:
+        """The Delta tables under the lake's folder."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / "_delta_log").is_dir())
+
+    def max_value(self, name: str, column: str, *, stats_only: bool = False) -> int | None:
+        """The largest value of an integer column (None: no table, no rows, or no such column).
 
         From the files' statistics in the Delta log when every file has them (no data read);
-        else from the column itself.
+        else from the column itself, unless `stats_only`.
         """
         table = self.table(name)
         if table is None:
@@ -103,6 +109,8 @@ class Lake:
         stat = f"max.{column}"
         if stat in actions.column_names and actions[stat].null_count == 0:
             return int(pc.max(actions[stat]).as_py())
+        if stats_only or column not in table.schema().to_arrow().names:
+            return None
         values = _dataset(table).to_table(columns=[column])[column]
         top = pc.max(values).as_py() if len(values) else None
         return None if top is None else int(top)

@@ -18,9 +18,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from models.protocols import Processor
-from streamguard.checkpoint import CHECKPOINT_TABLE, BatchPlan, Checkpoints, ShardRange
+from streamguard.checkpoint import BatchPlan, Checkpoints, ShardRange
 from streamguard.commit import (
-    DEAD_LETTER_TABLE,
     AlertSink,
     next_batch_id,
     publish_batch,
@@ -81,12 +80,6 @@ class MicroBatchRunner:
         self.job = job
         self.max_batch_records = max_batch_records
         self.checkpoints = Checkpoints(lake, job, processor.load_context)
-        # Where the lake's batch ids are: every job's plans, and every table a batch writes.
-        self._numbered = [
-            CHECKPOINT_TABLE,
-            DEAD_LETTER_TABLE,
-            *(o.name for o in processor.outputs),
-        ]
 
     # Hook for crash tests: called after each table write of a batch.
     def after_write(self, plan: BatchPlan, table: str) -> None:
@@ -136,7 +129,7 @@ class MicroBatchRunner:
             records.extend(got)
         if not records:
             return None, []
-        batch_id = next_batch_id(self.lake, self._numbered)
+        batch_id = next_batch_id(self.lake)
         context = self.processor.plan_context(self.lake)
         return BatchPlan(self.job, batch_id, ranges, context), records
 

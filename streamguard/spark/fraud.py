@@ -81,9 +81,7 @@ from models.job import (
 )
 from models.registry import CHAMPION, MODEL_NAME, LoadedModel
 from models.schema import TIMESTAMP, TRANSACTION_SCHEMA
-from streamguard.checkpoint import CHECKPOINT_TABLE
 from streamguard.commit import (
-    DEAD_LETTER_TABLE,
     AlertSink,
     batch_written,
     next_batch_id,
@@ -106,8 +104,7 @@ SPARK_BATCH_SCHEMA = pa.schema(
         # The batch's whole context (`ScoringContext.to_json`), as the runner's checkpoint has it.
         pa.field("context", pa.string()),
         pa.field("planned_at", TIMESTAMP),
-        # batch_id is the lake's batch id: spark_batch_id + a base fixed at the query's first
-        # batch (see `lake_batch_base`).
+        # batch_id is the lake's batch id, recorded for Spark's batch id (`lake_batch_id`).
         pa.field("spark_batch_id", pa.int64(), nullable=False),
     ]
 )
@@ -375,25 +372,23 @@ def _sort_key(record: _Record) -> tuple[str, int]:
         return record.shard_id, 0
 
 
-def lake_batch_base(lake: Lake, plans: str, app_id: str, spark_batch_id: int) -> int:
-    """Lake batch id minus Spark batch id for this query: recorded, else fixed now.
+def lake_batch_id(lake: Lake, plans: str, app_id: str, spark_batch_id: int) -> int:
+    """The lake's batch id of a Spark micro-batch: the one recorded with its plan (a replay),
+    else the next of the lake's numbering (`next_batch_id`).
 
-    A new checkpoint (lost, or deleted on purpose) restarts Spark's batch ids at 0; the lake's
-    must go on, or the "earlier batch" reads (duplicate ids, known frauds) would miss what the
-    query already wrote. So the base is fixed at the query's first planned batch from the lake's
-    numbering, and recorded with every batch in `plans`, so restarts of the same query agree.
+    Spark's own batch ids restart at 0 with a new checkpoint and know nothing of other jobs
+    writing the lake; the lake's ids go on across both, so "earlier batch" reads (duplicate ids,
+    known frauds) and a batch's rows mean the same whichever engine or stream wrote them.
     """
     done = lake.read(
         plans,
-        columns=["batch_id", "spark_batch_id"],
-        filter=pc.field("app_id") == app_id,
+        columns=["batch_id"],
+        filter=(pc.field("app_id") == app_id) & (pc.field("spark_batch_id") == spark_batch_id),
         schema=SPARK_BATCH_SCHEMA,
     )
     if done.num_rows:
-        row = done.slice(0, 1).to_pylist()[0]
-        return int(row["batch_id"]) - int(row["spark_batch_id"])
-    numbered = [plans, CHECKPOINT_TABLE, DEAD_LETTER_TABLE, *(o.name for o in OUTPUTS)]
-    return next_batch_id(lake, numbered) - spark_batch_id
+        return int(done["batch_id"][0].as_py())
+    return next_batch_id(lake)
 
 
 def plan_batch(
@@ -448,16 +443,13 @@ class _BatchContext:
     report: SparkFraudReport
     buckets: int | None
     sinks: list[AlertSink] = field(default_factory=list)  # alerts published once each
-    bases: dict[str, int] = field(default_factory=dict)  # app id -> lake batch id base
 
 
 def _process_batch(batch: DataFrame, spark_batch_id: int, app_id: str, ctx: _BatchContext) -> None:
     """One micro-batch: the runner's plan, parse and writes, with the features on Spark."""
     started = time.perf_counter()
     lake, job = ctx.lake, ctx.job
-    if app_id not in ctx.bases:
-        ctx.bases[app_id] = lake_batch_base(lake, SPARK_BATCHES, app_id, spark_batch_id)
-    batch_id = ctx.bases[app_id] + spark_batch_id
+    batch_id = lake_batch_id(lake, SPARK_BATCHES, app_id, spark_batch_id)
     raw = batch.select(*RECORD_COLUMNS).toArrow().to_pylist()
     records = sorted((_Record(**r) for r in raw), key=_sort_key)
     timing = BatchTiming(batch_id, len(records))

@@ -54,10 +54,10 @@ Exactly once: the state store is versioned with the batch; Spark replays an unco
 against the previous version (and with the batch's recorded processing time, so the TTL decides the
 same), and every table is written with a Delta app transaction `(f"spark-store:{query id}",
 batch_id)`, `terminal_state` last, so a replay writes only the tables still missing the batch.
-Batch ids in the tables are the query's batch ids plus a base fixed at the query's first batch
-(recorded in `spark_store_batches` with the batch's context): after a lost checkpoint the new query
-continues the lake's batch numbering instead of restarting at 0, so "earlier batch" reads
-(duplicates, known frauds) stay right.
+Batch ids in the tables are the lake's (`lake_batch_id`: the next of the lake's numbering,
+recorded in `spark_store_batches` with the Spark batch id and the batch's context): after a lost
+checkpoint the new query continues the lake's numbering instead of restarting at 0, so "earlier
+batch" reads (duplicates, known frauds) stay right.
 
 TTL semantics: an entry not updated for `customer_ttl` of processing time (batch timestamps) is
 gone: the customer's next transaction is judged as a first one (no balance, no locations, no
@@ -136,7 +136,7 @@ from streamguard.spark.fraud import (
     SPARK_BATCH_SCHEMA,
     BatchTiming,
     SparkFraudReport,
-    lake_batch_base,
+    lake_batch_id,
     plan_batch,
     run_available_now,
 )
@@ -185,7 +185,6 @@ class _StoreContext:
     job: FraudScoringJob
     job_name: str
     report: SparkFraudReport
-    bases: dict[str, int]
     sinks: list[AlertSink]
 
 
@@ -216,9 +215,7 @@ def _process_store_batch(
     feats = rows.filter(pc.equal(kind, "f"))
     dead = rows.filter(pc.equal(kind, "d"))
     n_records = feats.num_rows + dead.num_rows
-    if app_id not in ctx.bases:
-        ctx.bases[app_id] = lake_batch_base(lake, SPARK_STORE_BATCHES, app_id, spark_batch_id)
-    batch_id = ctx.bases[app_id] + spark_batch_id
+    batch_id = lake_batch_id(lake, SPARK_STORE_BATCHES, app_id, spark_batch_id)
     timing = BatchTiming(batch_id, n_records)
     ctx.report.batches.append(timing)
     t = time.perf_counter()
@@ -488,7 +485,7 @@ def run_fraud_on_spark_state_store(
             tracking_uri, model_name, alias, model=model, challenger=challenger, shadow=shadow
         )
         report = SparkFraudReport(app_id="")
-        ctx = _StoreContext(lake, scoring, job, report, {}, list(sinks))
+        ctx = _StoreContext(lake, scoring, job, report, list(sinks))
         initial = initial_state(session, lake, checkpoint, customer_ttl, buckets)
         rows = customer_features_stream(frame, initial, customer_ttl, buckets)
         report.app_id = run_available_now(
