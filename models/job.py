@@ -63,6 +63,10 @@ _LINEAGE = [
     pa.field("shard_id", pa.string()),
     pa.field("sequence_number", pa.string()),
     pa.field("ingested_at", TIMESTAMP),
+    # The record as the stream keyed it: Kinesis partition key or Kafka record key; and the
+    # Kafka record's headers as a JSON list of [name, value] pairs (null where there are none).
+    pa.field("partition_key", pa.string()),
+    pa.field("headers", pa.string()),
 ]
 TRANSACTIONS_TABLE_SCHEMA = pa.schema([*TRANSACTION_SCHEMA, *_LINEAGE])
 FEATURES_TABLE_SCHEMA = pa.schema(
@@ -426,12 +430,15 @@ def prepare(
     rejected.extend(dupes)
     index = valid["record_index"].to_numpy()
     valid = valid.drop_columns(["record_index"])
+    kept = [records[i] for i in index]
     transactions = with_lineage(
         valid,
         batch_id,
-        pa.array([records[i].shard_id for i in index], pa.string()),
-        pa.array([records[i].sequence_number for i in index], pa.string()),
+        pa.array([r.shard_id for r in kept], pa.string()),
+        pa.array([r.sequence_number for r in kept], pa.string()),
         now,
+        partition_keys=pa.array([r.partition_key for r in kept], pa.string()),
+        headers=pa.array([headers_json(r) for r in kept], pa.string()),
     )
     return valid, transactions, rejected
 
@@ -442,6 +449,9 @@ def with_lineage(
     shard_ids: pa.Array | pa.ChunkedArray,
     sequence_numbers: pa.Array | pa.ChunkedArray,
     now: datetime,
+    *,
+    partition_keys: pa.Array | pa.ChunkedArray | None = None,
+    headers: pa.Array | pa.ChunkedArray | None = None,
 ) -> pa.Table:
     """Valid transactions as `transactions` rows: where each came from and in which batch."""
     n = valid.num_rows
@@ -450,6 +460,20 @@ def with_lineage(
         .append_column("shard_id", shard_ids)
         .append_column("sequence_number", sequence_numbers)
         .append_column("ingested_at", pa.array([now] * n, TIMESTAMP))
+        .append_column(
+            "partition_key", pa.nulls(n, pa.string()) if partition_keys is None else partition_keys
+        )
+        .append_column("headers", pa.nulls(n, pa.string()) if headers is None else headers)
+    )
+
+
+def headers_json(record: RecordLike) -> str | None:
+    """A record's headers (Kafka's; other streams have none) as a JSON list of [name, value]."""
+    pairs = getattr(record, "headers", None)
+    if not pairs:
+        return None
+    return json.dumps(
+        [[k, None if v is None else v.decode("utf-8", "backslashreplace")] for k, v in pairs]
     )
 
 

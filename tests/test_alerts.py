@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from conftest import new_topic
 from fraud_streams import troubled_stream
 from test_runner import table_snapshot
@@ -115,13 +115,38 @@ def test_a_kafka_topic_is_scored_and_every_alert_published_once(
     _score(lake, kafka_config, produced, alerts_topic, always_alert)
     assert lake.count(TRANSACTIONS) == N_TX  # the replayed record is dead-lettered
     assert lake.count(DEAD_LETTER_TABLE) == 5
-    shards = set(lake.read(TRANSACTIONS, columns=["shard_id"])["shard_id"].to_pylist())
+    lineage = lake.read(TRANSACTIONS, columns=["shard_id", "partition_key", "customer_id"])
+    shards = set(lineage["shard_id"].to_pylist())
     assert shards == {f"{produced}:{p}" for p in range(3)}  # topic:partition lineage
+    assert lineage["partition_key"].equals(lineage["customer_id"])  # the record key, kept
     published = _assert_published_once(kafka_config, alerts_topic, lake)
     assert len(published) == N_TX
     # A second run finds nothing new and publishes nothing.
     _score(lake, kafka_config, produced, alerts_topic, always_alert)
     assert len(read_topic(kafka_config, alerts_topic)) == N_TX
+
+
+def test_record_keys_and_headers_are_kept_in_the_lineage(
+    tmp_path: Path, kafka_config: Any, request: pytest.FixtureRequest, small_sim: Simulation,
+    tiny_model: LoadedModel,
+) -> None:  # fmt: skip
+    topic = new_topic(kafka_config, request, partitions=1)
+    rows = small_sim.transactions.slice(0, 3).to_pylist()
+    producer = Producer(kafka_config)
+    for i, (payload, key) in enumerate(
+        zip(*troubled_stream(rows, (), replay_of=None), strict=True)
+    ):
+        headers = [("trace-id", f"t{i}".encode()), ("source", b"core-banking")] if i else None
+        producer.produce(topic, key=key.encode(), value=payload, headers=headers)
+    assert producer.flush(30) == 0
+    lake = Lake(tmp_path / "lake")
+    with KafkaSource(kafka_config, topic) as source:
+        scoring_runner(lake, source, None, model=tiny_model, job="k").run()
+    got = lake.read(TRANSACTIONS, columns=["sequence_number", "partition_key", "headers"])
+    got = sorted(got.to_pylist(), key=lambda r: r["sequence_number"])
+    assert [r["partition_key"] for r in got] == [r["customer_id"] for r in rows]
+    assert got[0]["headers"] is None
+    assert json.loads(got[2]["headers"]) == [["trace-id", "t2"], ["source", "core-banking"]]
 
 
 KILLED = """

@@ -67,6 +67,7 @@ PARSED_FIELDS = [
     ("row_type", "string"),
     ("shard_id", "string"),
     ("sequence_number", "string"),
+    ("partition_key", "string"),
     ("arrival_us", "bigint"),
     ("data", "binary"),
     ("reason", "string"),
@@ -80,7 +81,8 @@ PARSED_FIELDS = [
     ("location", "string"),
 ]
 PARSED_COLUMNS = [name for name, _ in PARSED_FIELDS]
-_TX_FIELDS = PARSED_COLUMNS[7:]  # the transaction itself, event time as microseconds
+# The transaction itself, event time as microseconds.
+_TX_FIELDS = PARSED_COLUMNS[PARSED_COLUMNS.index("transaction_id") :]
 # The processor's output: 'f' customer features of a transaction, 's' a customer's new state,
 # 'd' a record to dead-letter.
 # (The `amount` feature is the transaction's amount, carried once.)
@@ -150,6 +152,7 @@ def parse_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatc
             ),
             "row_type": pa.array(["t"] * m + ["r"] * k, pa.string()),
             "shard_id": batch.column("shard_id").take(take),
+            "partition_key": batch.column("partition_key").take(take),
             "sequence_number": batch.column("sequence_number").take(take),
             "arrival_us": batch.column("arrival_us").take(take),
             "data": batch.column("data").take(take),
@@ -237,7 +240,7 @@ class CustomerProcessor(StatefulProcessor):
             transactions,
             FeatureState(_state_table(stored), TERMINAL_STATE_SCHEMA.empty_table()),
         )
-        carried = ("shard_id", "sequence_number", *_TX_FIELDS)
+        carried = ("shard_id", "sequence_number", "partition_key", *_TX_FIELDS)
         features = pa.table(
             {
                 **_empty_columns(len(tx), {"row_type", *carried, *OUT_FEATURES}),

@@ -109,7 +109,7 @@ SPARK_BATCH_SCHEMA = pa.schema(
     ]
 )
 # The records a micro-batch hands to foreachBatch (the Kinesis source's columns).
-RECORD_COLUMNS = ("shard_id", "sequence_number", "data", "arrival_time")
+RECORD_COLUMNS = ("shard_id", "sequence_number", "partition_key", "data", "arrival_time")
 
 
 _TX_DDL = (
@@ -291,6 +291,7 @@ def jsonl_source(spark: SparkSession, input_dir: Path, max_files_per_trigger: in
     return exploded.where(F.trim("line") != "").select(
         "shard_id",
         F.lpad((F.col("pos") + 1).cast("string"), 20, "0").alias("sequence_number"),
+        F.lit(None).cast("string").alias("partition_key"),  # lines of a file have no key
         F.col("line").cast("binary").alias("data"),
         F.col("arrival_time").cast("timestamp").alias("arrival_time"),
     )
@@ -331,6 +332,7 @@ def kinesis_records(
 class _Record:
     shard_id: str
     sequence_number: str
+    partition_key: str | None
     data: bytes
     arrival_time: datetime | None
 

@@ -257,7 +257,14 @@ def _process_store_batch(
         )
         dead = pa.concat_tables([dead, caught])
     feats = feats.take(kept)
-    transactions = with_lineage(valid, batch_id, feats["shard_id"], feats["sequence_number"], now)
+    transactions = with_lineage(
+        valid,
+        batch_id,
+        feats["shard_id"],
+        feats["sequence_number"],
+        now,
+        partition_keys=feats["partition_key"],
+    )
     terminals = load_terminal_state(lake, valid)
     frauds = reported_frauds(lake, valid, batch_id, context.labels_version)
     t2 = time.perf_counter()
@@ -423,6 +430,7 @@ def customer_features_stream(
     parsed = frame.select(
         "shard_id",
         "sequence_number",
+        "partition_key",
         "data",
         F.unix_micros(F.col("arrival_time").cast("timestamp")).alias("arrival_us"),
     ).mapInArrow(parse_partition, ", ".join(f"{n} {t}" for n, t in PARSED_FIELDS))
