@@ -11,6 +11,7 @@ import dagster as dg
 
 from assets import (
     backtest,
+    cdc,
     checks,
     maintenance,
     model,
@@ -30,6 +31,7 @@ AREAS = (
     monitoring.defs,
     maintenance.defs,
     backtest.defs,
+    cdc.defs,
 )
 
 

@@ -19,6 +19,7 @@ from streamguard.lake import Lake
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+    from streamguard.files import FileSource
     from streamguard.kafka import ClientConfig, KafkaSettings
 
 Executor = Literal["in_process", "spark", "spark_state_store"]
@@ -144,6 +145,43 @@ class KafkaResource(dg.ConfigurableResource):
         return client_config(self.settings())
 
 
+class FilesResource(dg.ConfigurableResource):
+    """A folder (or `s3://` prefix) where transaction files land: JSON lines, CSV, Parquet.
+
+    Unconfigured (no folder) means no file source: its sensor skips with the reason.
+    """
+
+    folder: str = Field(default="", description="Folder or s3:// prefix of transaction files")
+    format: str | None = Field(default=None, description="json | csv | parquet; unset: by name")
+    schema_mode: str = Field(
+        default="addNewColumns",
+        description="What a new column does: addNewColumns | rescue | failOnNewColumns | none",
+    )
+    schema_hints: str | None = Field(
+        default="amount double, channel string, location string",
+        description='Column types the inference must not guess, e.g. "amount double"',
+    )
+    max_files_per_batch: int | None = Field(default=None, description="Most files a batch begins")
+    executor: str = Field(default=IN_PROCESS, description="in_process (Spark: not for files yet)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.folder)
+
+    def source(self, lake: Lake) -> "FileSource":
+        """The runner's source over the folder; its file log and schema live in `lake`."""
+        from streamguard.files import FileSource
+
+        return FileSource(
+            self.folder,
+            lake,
+            self.format,  # type: ignore[arg-type]  # validated by FileSource
+            schema_mode=self.schema_mode,  # type: ignore[arg-type]
+            schema_hints=self.schema_hints,
+            max_files_per_batch=self.max_files_per_batch,
+        )
+
+
 class MlflowResource(dg.ConfigurableResource):
     """The MLflow tracking store and registry holding `fraud_model`."""
 
@@ -189,6 +227,12 @@ SETTINGS: dict[str, dict[str, tuple[str, Any]]] = {
         "alerts_topic": ("STREAMGUARD_ALERTS_TOPIC", "fraud-alerts"),
         "executor": ("STREAMGUARD_KAFKA_EXECUTOR", IN_PROCESS),
     },
+    "files": {
+        "folder": ("STREAMGUARD_FILES_DIR", ""),
+        "format": ("STREAMGUARD_FILES_FORMAT", None),
+        "schema_mode": ("STREAMGUARD_FILES_SCHEMA_MODE", "addNewColumns"),
+        "schema_hints": ("STREAMGUARD_FILES_SCHEMA_HINTS", None),
+    },
     "mlflow": {"tracking_uri": ("MLFLOW_TRACKING_URI", None)},
     "spark": {"master": ("STREAMGUARD_SPARK_MASTER", None)},
 }
@@ -198,6 +242,7 @@ RESOURCES: dict[str, type[dg.ConfigurableResource]] = {
     "home": HomeResource,
     "kinesis": KinesisResource,
     "kafka": KafkaResource,
+    "files": FilesResource,
     "mlflow": MlflowResource,
     "spark": SparkResource,
 }

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 from assets.resources import (
     IN_PROCESS,
     SPARK_STATE_STORE,
+    FilesResource,
     HomeResource,
     KafkaResource,
     KinesisResource,
@@ -47,14 +48,15 @@ TABLES = {
 }
 
 
-SOURCES = ("kinesis", "kafka")
+SOURCES = ("kinesis", "kafka", "files")
 
 
 class ScoringConfig(dg.Config):
     source: str = Field(
         default="kinesis",
-        description="Which stream this run reads: kinesis (the Kinesis resource's stream) or "
-        "kafka (the Kafka resource's topic). Each has its own checkpoint",
+        description="Which stream this run reads: kinesis (the Kinesis resource's stream), "
+        "kafka (the Kafka resource's topic) or files (the files resource's folder). Each has its "
+        "own checkpoint",
     )
     until: dict[str, str] = Field(
         default_factory=dict,
@@ -122,12 +124,16 @@ def _run_in_process(
     home: HomeResource,
     kinesis: KinesisResource,
     kafka: KafkaResource,
+    files: FilesResource,
     mlflow: MlflowResource,
     config: ScoringConfig,
 ) -> _Outcome:
     lake = home.lake()
     source: Source
-    if config.source == "kafka":
+    if config.source == "files":
+        source = files.source(lake)
+        job = scoring_job_name("files", source.source)
+    elif config.source == "kafka":
         from streamguard.kafka import KafkaSource
 
         source = KafkaSource(kafka.config(), kafka.topic)
@@ -242,12 +248,15 @@ def score_transactions(
     home: HomeResource,
     kinesis: KinesisResource,
     kafka: KafkaResource,
+    files: FilesResource,
     mlflow: MlflowResource,
     spark: SparkResource,
 ) -> Iterator[dg.MaterializeResult]:
     """Score a stream from its checkpoint exactly once, in process or on Spark (config)."""
     if config.executor == IN_PROCESS:
-        outcome = _run_in_process(home, kinesis, kafka, mlflow, config)
+        outcome = _run_in_process(home, kinesis, kafka, files, mlflow, config)
+    elif config.source == "files":
+        raise dg.Failure("Files are scored in process (executor in_process); Spark: not yet")
     else:
         outcome = _run_on_spark(home, kinesis, kafka, mlflow, spark, config)
     lake = home.lake()

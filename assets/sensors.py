@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 
 import dagster as dg
 
-from assets.resources import KafkaResource, KinesisResource
+from assets.resources import FilesResource, HomeResource, KafkaResource, KinesisResource
 from assets.scoring import ScoringConfig, scoring_job
 from streamguard.kinesis import latest_positions, list_shards
 
@@ -120,4 +120,46 @@ def kafka_transactions_sensor(
         )
 
 
-defs = dg.Definitions(sensors=[kinesis_transactions_sensor, kafka_transactions_sensor])
+@dg.sensor(
+    name="transaction_files_sensor",
+    job=scoring_job,
+    minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Requests a scoring run when new transaction files land in the folder.",
+)
+def transaction_files_sensor(
+    context: dg.SensorEvaluationContext, files: FilesResource, home: HomeResource
+) -> dg.RunRequest | dg.SkipReason:
+    """Cursor: JSON {path: [size, modification time]} of the files a run was requested for.
+
+    The run itself decides which files are new from the lake's file log, so a file the sensor
+    saw twice (a re-evaluated tick) is still scored once.
+    """
+    if not files.enabled:
+        return dg.SkipReason("No transaction folder configured: set STREAMGUARD_FILES_DIR.")
+    source = files.source(home.lake())
+    current = {
+        path: [size, int(mtime.timestamp() * 1_000_000)]
+        for path, size, mtime, _ in source.list_files()
+    }
+    seen: dict[str, list[int]] = json.loads(context.cursor) if context.cursor else {}
+    new = {path: stamp for path, stamp in current.items() if seen.get(path) != stamp}
+    if not new:
+        return dg.SkipReason(f"No new files in {files.folder} ({len(current)} already seen).")
+    context.update_cursor(json.dumps(current, sort_keys=True))
+    digest = hashlib.sha256(json.dumps(new, sort_keys=True).encode()).hexdigest()[:20]
+    config = ScoringConfig(source="files", executor=files.executor)
+    return dg.RunRequest(
+        run_key=f"files-{digest}",
+        run_config=dg.RunConfig(ops={"score_transactions": config}),
+        tags={
+            "streamguard/source": "files",
+            "streamguard/stream": files.folder,
+            "streamguard/new_files": str(len(new)),
+        },
+    )
+
+
+defs = dg.Definitions(
+    sensors=[kinesis_transactions_sensor, kafka_transactions_sensor, transaction_files_sensor]
+)

@@ -176,11 +176,12 @@ def _kafka_config(bootstrap: str) -> ClientConfig:
 
 @command(
     "generate",
-    "write a seeded synthetic dataset: transactions + labels (default) or weather",
+    "write a seeded synthetic dataset: transactions + labels (default), weather, or the bank's "
+    "accounts as AWS DMS output (cdc)",
     arg(
         "dataset",
         nargs="?",
-        choices=["transactions", "weather"],
+        choices=["transactions", "weather", "cdc"],
         default="transactions",
         help="what to generate (default transactions)",
     ),
@@ -192,11 +193,18 @@ def _kafka_config(bootstrap: str) -> ClientConfig:
     arg("--terminals", type=_positive, default=None, help="terminals (default customers/5)"),
     arg("--seed", type=int, default=7, help="random seed (default 7)"),
     arg("--out", required=True, help="output folder"),
+    arg("--format", choices=["csv", "parquet"], default="csv", help="cdc: DMS DataFormat"),
+    arg("--include-op-for-full-load", action="store_true", help="cdc: Op on full-load rows"),
+    arg("--timestamp-column", default=None, help="cdc: DMS TimestampColumnName (default none)"),
+    arg("--cdc-inserts-only", action="store_true", help="cdc: DMS CdcInsertsOnly"),
+    arg("--cdc-file-hours", type=_positive, default=6, help="cdc: hours per change file"),
 )
 def _cmd_generate(args: argparse.Namespace) -> int:
     from models.simulate import simulate, write_simulation
 
     started = time.perf_counter()
+    if args.dataset == "cdc":
+        return _generate_cdc(args)
     if args.dataset == "weather":
         from models.weather import simulate_weather, write_weather_files
 
@@ -211,6 +219,39 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(
         f"wrote {sim.transactions.num_rows:,} transactions to {tx_path} and "
         f"{sim.labels.num_rows:,} labels to {labels_path} in {time.perf_counter() - started:.1f}s"
+    )
+    return 0
+
+
+def _generate_cdc(args: argparse.Namespace) -> int:
+    """The simulated customers' accounts as DMS writes them: OUT/bank/accounts/LOAD..., then
+    change files by time."""
+    from datetime import timedelta
+
+    from models.accounts import simulate_accounts
+    from models.simulate import simulate
+    from streamguard.dms import write_dms_output
+
+    sim = simulate(
+        days=args.days, customers=args.customers, seed=args.seed, terminals=args.terminals
+    )
+    accounts = simulate_accounts(sim, seed=args.seed)
+    files = write_dms_output(
+        args.out,
+        accounts.full_load,
+        accounts.changes,
+        schema="bank",
+        table="accounts",
+        format=args.format,
+        include_op_for_full_load=args.include_op_for_full_load,
+        timestamp_column=args.timestamp_column,
+        cdc_inserts_only=args.cdc_inserts_only,
+        full_load_time=accounts.snapshot_time,
+        cdc_file_interval=timedelta(hours=args.cdc_file_hours),
+    )
+    print(
+        f"wrote {accounts.full_load.num_rows:,} accounts and {accounts.changes.num_rows:,} "
+        f"changes as {len(files)} DMS {args.format} file(s) in {Path(args.out) / 'bank/accounts'}"
     )
     return 0
 
@@ -298,6 +339,59 @@ def _cmd_local_server(args: argparse.Namespace) -> int:
     return 0
 
 
+# `score --files DIR`: files landing in a folder or prefix, instead of a stream or topic.
+FILES_SOURCE = (
+    arg(
+        "--files",
+        metavar="DIR",
+        default=None,
+        help="score the JSON lines, CSV and Parquet files landing in DIR (or an s3:// prefix) "
+        "instead of a stream; each file once",
+    ),
+    arg(
+        "--schema-mode",
+        choices=["addNewColumns", "rescue", "failOnNewColumns", "none"],
+        default=None,
+        help="with --files: what a new column does (default addNewColumns)",
+    ),
+    arg("--schema-hints", default=None, help='with --files: column types, e.g. "amount double"'),
+)
+STREAM_ONLY = ("--stream", "--endpoint", "--kafka", "--topic", "--alerts-topic")
+
+
+def _score_files(args: argparse.Namespace) -> int:
+    """The scoring runner over `streamguard.files.FileSource`, its own checkpoint per folder."""
+    from streamguard.files import FileSource
+    from streamguard.lake import Lake
+    from streamguard.pipeline import scoring_job_name, scoring_runner
+
+    if args.files is None:
+        given = "--schema-mode" if args.schema_mode is not None else "--schema-hints"
+        raise UsageError(f"{given} is for files, with --files DIR")
+    mixed = [flag for flag in STREAM_ONLY if _option(args, flag) is not None]
+    if mixed:
+        raise UsageError(f"{mixed[0]} is for a stream or topic, not with --files")
+    home = Home.from_env().ensure()
+    lake = Lake(home.lake)
+    source = FileSource(
+        args.files,
+        lake,
+        schema_mode=args.schema_mode or "addNewColumns",
+        schema_hints=args.schema_hints,
+    )
+    job = scoring_job_name("files", source.source)
+    runner = scoring_runner(
+        lake, source, home.mlflow_tracking_uri, max_batch_records=args.max_batch, job=job
+    )
+    report = runner.run()
+    print(
+        f"{len(report.batches)} batch(es), {report.n_records:,} records, "
+        f"{report.rows('alerts'):,} alerts; {len(source.logged_files())} file(s) logged in "
+        f"{source.source}; positions {report.positions}"
+    )
+    return 0
+
+
 @command(
     "score",
     "score a stream from its checkpoint to its end, in process",
@@ -312,11 +406,14 @@ def _cmd_local_server(args: argparse.Namespace) -> int:
         help="Kafka topic every alert is published to, with --kafka (default fraud-alerts; "
         "empty: none)",
     ),
+    *FILES_SOURCE,
 )
 def _cmd_score(args: argparse.Namespace) -> int:
     from streamguard.lake import Lake
     from streamguard.pipeline import scoring_job_name, scoring_runner
 
+    if args.files is not None or args.schema_mode is not None or args.schema_hints is not None:
+        return _score_files(args)
     kind = _target(args)
     home = Home.from_env().ensure()
     source: Source

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from assets.checks import DEAD_LETTER_RATE, SCORES_IN_UNIT_INTERVAL, SCORES_UNIQUE_TRANSACTION
 from assets.definitions import AREAS, defs
 from assets.resources import (
+    FilesResource,
     HomeResource,
     KafkaResource,
     KinesisResource,
@@ -107,6 +108,7 @@ def test_sensor_triggered_run_scores_the_stream_and_passes_the_checks(
                 "home": HomeResource(root=str(tmp_path / "home")),
                 "kinesis": kinesis_resource,
                 "kafka": KafkaResource(),  # no cluster: no alerts topic
+                "files": FilesResource(),
                 "mlflow": MlflowResource(tracking_uri=champion_home.mlflow_tracking_uri),
                 "spark": SparkResource(),  # built lazily; the scoring job never asks for it
             }

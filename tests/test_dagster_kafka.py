@@ -17,6 +17,7 @@ from test_alerts import read_topic
 
 from assets.definitions import AREAS
 from assets.resources import (
+    FilesResource,
     HomeResource,
     KafkaResource,
     KinesisResource,
@@ -132,6 +133,7 @@ def test_kafka_and_kinesis_in_one_deployment_each_scored_once_with_alerts_publis
                 "home": HomeResource(root=str(home)),
                 "kinesis": kinesis_resource,
                 "kafka": kafka,
+                "files": FilesResource(),
                 "mlflow": MlflowResource(tracking_uri=champion_home.mlflow_tracking_uri),
                 "spark": SparkResource(),
             }
@@ -187,6 +189,7 @@ def test_kafka_sensor_with_spark_executor_scores_exactly_the_planned_range(
                 "home": HomeResource(root=str(home)),
                 "kinesis": KinesisResource(),
                 "kafka": kafka,
+                "files": FilesResource(),
                 "mlflow": MlflowResource(tracking_uri=champion_home.mlflow_tracking_uri),
                 "spark": SparkResource(app_name="streamguard-tests", master="local[2]"),
             }

@@ -13,6 +13,7 @@ import pytest
 from assets.checks import DEAD_LETTER_RATE, SCORES_IN_UNIT_INTERVAL, SCORES_UNIQUE_TRANSACTION
 from assets.definitions import AREAS
 from assets.resources import (
+    FilesResource,
     HomeResource,
     KafkaResource,
     KinesisResource,
@@ -101,6 +102,7 @@ def test_sensor_with_spark_executor_runs_the_job_on_spark_exactly_once(
                 "home": HomeResource(root=str(home)),
                 "kinesis": resource,
                 "kafka": KafkaResource(),  # no cluster: no alerts topic
+                "files": FilesResource(),
                 "mlflow": MlflowResource(tracking_uri=champion_home.mlflow_tracking_uri),
                 "spark": spark_resource,
             }
