@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.sources import bench_cdc, bench_files  # noqa: E402
 from bench.spark_scoring import bench_scoring  # noqa: E402
 from models.features import FeatureState, compute_features, replay  # noqa: E402
 from models.promotion import promote_if_better  # noqa: E402
@@ -398,8 +399,15 @@ def main() -> int:
         print(f"kinesis runner: {kin['kinesis_tx_per_s']:,.0f} tx/s", flush=True)
         kafka = bench_kafka(sim.transactions, model, args.batch, work, args.kinesis_records)
         print(f"kafka runner: {kafka['kafka_tx_per_s']:,.0f} tx/s", flush=True)
+        files = bench_files(
+            sim.transactions.slice(0, args.kinesis_records), model, args.batch, work
+        )
+        print(f"files runner (json lines): {files['json']['runner_rows_per_s']:,.0f} tx/s")
+        cdc = bench_cdc(work)
+        print(f"cdc: {cdc['scd1']['changes_per_s']:,.0f} changes/s (SCD1)", flush=True)
         if args.only_sources:
-            print(json.dumps({"memory": memory, "kinesis": kin, "kafka": kafka}, indent=1))
+            sources = {"memory": memory, "kinesis": kin, "kafka": kafka, "files": files, "cdc": cdc}
+            print(json.dumps(sources, indent=1))
             return 0
         spark = bench_spark(
             sim.transactions, (model, train_result), args.spark_batch, work, args.spark_records
@@ -414,6 +422,8 @@ def main() -> int:
         memory=memory,
         kinesis=kin,
         kafka=kafka,
+        files=files,
+        cdc=cdc,
         spark=spark,
         sensor=latency,
         peak_rss_mib=peak_rss_mib(),
@@ -455,6 +465,24 @@ def main() -> int:
         *spark_state_store_rows(spark),
         ("produce to local Kinesis", f"{kin['produce_tx_per_s']:,.0f} tx/s", "-"),
         ("produce to local Kafka", f"{kafka['produce_tx_per_s']:,.0f} tx/s", "-"),
+        *(
+            (
+                f"file source alone, {fmt} ({files['files']} files)",
+                f"{files[fmt]['source_rows_per_s']:,.0f} rows/s",
+                "-",
+            )
+            for fmt in ("json", "csv", "parquet")
+        ),
+        *(
+            (
+                f"runner, {fmt} files",
+                f"{files[fmt]['runner_rows_per_s']:,.0f} tx/s",
+                f"{files[fmt]['runner_rows_per_s'] / memory['features_only_tx_per_s']:.2f}",
+            )
+            for fmt in ("json", "csv", "parquet")
+        ),
+        ("DMS changes applied, SCD1", f"{cdc['scd1']['changes_per_s']:,.0f} /s", "-"),
+        ("DMS changes applied, SCD2", f"{cdc['scd2']['changes_per_s']:,.0f} /s", "-"),
         ("per micro-batch", f"{memory['per_batch_seconds']:.2f} s / {args.batch:,} records", "-"),
         (
             "sensor event -> scored (daemon)",
