@@ -4,7 +4,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import dagster as dg
 import pandas as pd
@@ -16,17 +16,20 @@ from assets.resources import HomeResource, SparkResource
 from models.weather import WINDOW_SCHEMA
 
 if TYPE_CHECKING:
-    pass
+    from streamguard.schema_evolution import SchemaMode
 GROUP = "weather"
 # Table names are repeated here (not imported) so loading the code location needs no pyspark.
 WINDOWS_1M, WINDOWS_5M = "weather_windows_1m", "weather_windows_5m"
 DEAD_LETTERS, BATCHES = "weather_dead_letters", "weather_batches"
+RESCUED = "weather_readings_rescued"
 REGION_HOURLY = "weather_region_hourly"
 TABLES = {
     WINDOWS_1M: "Per-station averages over tumbling 1-minute event-time windows, once final.",
     WINDOWS_5M: "Per-station averages over sliding 5-minute windows (1-minute slide), once final.",
     DEAD_LETTERS: "Weather lines that broke the contract: raw line, reason, source file.",
     BATCHES: "One audit row per micro-batch: rows in, dead letters, late rows dropped.",
+    RESCUED: "Valid readings with fields beyond the contract: `_rescued_data` (JSON with the "
+    "file) and the values of columns the schema added; one row per reading.",
 }
 SENSOR_INTERVAL_SECONDS = 30
 
@@ -40,6 +43,11 @@ class WeatherConfig(dg.Config):
         default="10 minutes", description="How late a reading may be and still reach its window"
     )
     max_files_per_trigger: int = Field(default=10, description="Most files in one micro-batch")
+    schema_mode: str = Field(
+        default="rescue",
+        description="A field beyond the contract: rescue (kept in _rescued_data, nothing stops), "
+        "addNewColumns (schema evolves, the run stops once), failOnNewColumns, none",
+    )
 
 
 def weather_dir(home: HomeResource, input_dir: str | None = None) -> Path:
@@ -67,6 +75,7 @@ def weather_window_averages(
         place.checkpoints / "weather_windows",
         watermark=config.watermark,
         max_files_per_trigger=config.max_files_per_trigger,
+        schema_mode=cast("SchemaMode", config.schema_mode),
     )
     context.log.info(f"weather run: {json.dumps(report.as_dict())}")
     common = {
@@ -74,6 +83,8 @@ def weather_window_averages(
         "rows_in": dg.MetadataValue.int(report.rows_in),
         "dead_letters": dg.MetadataValue.int(report.dead_letters),
         "late_rows_dropped": dg.MetadataValue.int(report.late_rows_dropped),
+        "rescued": dg.MetadataValue.int(report.rescued),
+        "schema_mode": dg.MetadataValue.text(report.schema_mode),
         "watermark": dg.MetadataValue.text(str(report.watermark or "-")),
         "watermark_delay": dg.MetadataValue.text(report.watermark_delay),
         "duration_s": dg.MetadataValue.float(round(report.duration_s, 3)),

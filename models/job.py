@@ -43,6 +43,7 @@ from models.schema import (
     DUPLICATE_EARLIER,
     DUPLICATE_IN_BATCH,
     LABEL_SCHEMA,
+    RESCUED_DATA,
     TIMESTAMP,
     TRANSACTION_SCHEMA,
     parse_records,
@@ -67,6 +68,9 @@ _LINEAGE = [
     # Kafka record's headers as a JSON list of [name, value] pairs (null where there are none).
     pa.field("partition_key", pa.string()),
     pa.field("headers", pa.string()),
+    # What the source could not fit to its schema (a file source's `_rescued_data`), as canonical
+    # JSON text; null where there was nothing. Never seen by the feature function.
+    pa.field(RESCUED_DATA, pa.string()),
 ]
 TRANSACTIONS_TABLE_SCHEMA = pa.schema([*TRANSACTION_SCHEMA, *_LINEAGE])
 FEATURES_TABLE_SCHEMA = pa.schema(
@@ -429,7 +433,8 @@ def prepare(
     valid, dupes = drop_duplicates(parsed.valid, lake, batch_id)
     rejected.extend(dupes)
     index = valid["record_index"].to_numpy()
-    valid = valid.drop_columns(["record_index"])
+    rescued = valid[RESCUED_DATA]
+    valid = valid.drop_columns(["record_index", RESCUED_DATA])  # TRANSACTION_SCHEMA exactly
     kept = [records[i] for i in index]
     transactions = with_lineage(
         valid,
@@ -439,6 +444,7 @@ def prepare(
         now,
         partition_keys=pa.array([r.partition_key for r in kept], pa.string()),
         headers=pa.array([headers_json(r) for r in kept], pa.string()),
+        rescued=rescued,
     )
     return valid, transactions, rejected
 
@@ -452,8 +458,12 @@ def with_lineage(
     *,
     partition_keys: pa.Array | pa.ChunkedArray | None = None,
     headers: pa.Array | pa.ChunkedArray | None = None,
+    rescued: pa.Array | pa.ChunkedArray | None = None,
 ) -> pa.Table:
-    """Valid transactions as `transactions` rows: where each came from and in which batch."""
+    """Valid transactions as `transactions` rows: where each came from and in which batch.
+
+    `rescued`: each row's rescued data as JSON text (`_rescued_data`; null: none).
+    """
     n = valid.num_rows
     return (
         valid.append_column("batch_id", pa.array(np.full(n, batch_id), pa.int64()))
@@ -464,6 +474,7 @@ def with_lineage(
             "partition_key", pa.nulls(n, pa.string()) if partition_keys is None else partition_keys
         )
         .append_column("headers", pa.nulls(n, pa.string()) if headers is None else headers)
+        .append_column(RESCUED_DATA, pa.nulls(n, pa.string()) if rescued is None else rescued)
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pajson
@@ -35,6 +36,10 @@ TRANSACTION_SCHEMA = pa.schema(
         pa.field("location", pa.string(), nullable=True),
     ]
 )
+# What a file source could not fit to its schema (unknown columns, wrong-typed values): a JSON
+# object in the payload under this key (the name `streamguard.schema_evolution.RESCUED_DATA`
+# gives it; models never import streamguard). Kept, as canonical JSON text, in the parsed rows.
+RESCUED_DATA = "_rescued_data"
 REQUIRED_FIELDS = ("transaction_id", "event_time", "customer_id", "terminal_id", "amount", "kind")
 OPTIONAL_FIELDS = ("channel", "location")
 
@@ -63,7 +68,9 @@ class Rejected:
 
 @dataclass(frozen=True)
 class ParseResult:
-    valid: pa.Table  # TRANSACTION_SCHEMA, plus `record_index` (int64) into the input
+    # TRANSACTION_SCHEMA, plus `_rescued_data` (string: the payload's rescued object as canonical
+    # JSON, null where it has none) and `record_index` (int64) into the input, last.
+    valid: pa.Table
     rejected: list[Rejected]
 
 
@@ -115,7 +122,23 @@ def _check(record: Any) -> dict[str, Any]:
     if location is not None and (not isinstance(location, str) or not location):
         raise ValueError("location must be a non-empty string when present")
     out["location"] = location
+    out[RESCUED_DATA] = _rescued(record)
     return out
+
+
+def _rescued(record: dict[str, Any]) -> str | None:
+    """The record's rescued data as canonical JSON text; None where it has none (or null)."""
+    value = record.get(RESCUED_DATA)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"{RESCUED_DATA} must be a JSON object, got a JSON {type(value).__name__}")
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        raise ValueError(
+            f"{RESCUED_DATA} holds a number JSON cannot represent (NaN/Infinity)"
+        ) from None
 
 
 def parse_records(payloads: Sequence[bytes]) -> ParseResult:
@@ -125,6 +148,10 @@ def parse_records(payloads: Sequence[bytes]) -> ParseResult:
     block the bulk reader refuses is split until the records it refuses are found, and those
     (and any record a check rejects) go through the record-by-record parser, which gives the
     reason. Both paths accept and reject exactly the same records (tests hold them equal).
+
+    A payload's `_rescued_data` object is kept as canonical JSON text (keys sorted, compact) in
+    the `_rescued_data` column; only the payloads that can hold that key are decoded for it, so
+    payloads without one cost the bulk read nothing more.
     """
     valid_parts: list[pa.Table] = []
     rejected: list[Rejected] = []
@@ -151,11 +178,21 @@ def parse_records(payloads: Sequence[bytes]) -> ParseResult:
     return ParseResult(valid=valid, rejected=rejected)
 
 
+# The bulk read: event_time as text, and `_rescued_data` as an object with no fields (every key
+# in it ignored), so the reader only says which records have one (and refuses a non-object).
 _RAW_SCHEMA = pa.schema(
-    [pa.field(f.name, pa.string() if f.type == TIMESTAMP else f.type) for f in TRANSACTION_SCHEMA]
+    [
+        *[
+            pa.field(f.name, pa.string() if f.type == TIMESTAMP else f.type)
+            for f in TRANSACTION_SCHEMA
+        ],
+        pa.field(RESCUED_DATA, pa.struct([])),
+    ]
 )
-_EMPTY_VALID = TRANSACTION_SCHEMA.empty_table().append_column(
-    "record_index", pa.array([], pa.int64())
+_EMPTY_VALID = (
+    TRANSACTION_SCHEMA.empty_table()
+    .append_column(RESCUED_DATA, pa.array([], pa.string()))
+    .append_column("record_index", pa.array([], pa.int64()))
 )
 
 
@@ -186,11 +223,40 @@ def _parse_bulk(
         return
     times = _bulk_times(raw["event_time"])
     ok = _bulk_valid(raw, times)
+    rescued, fine = _bulk_rescued(payloads, indices, raw[RESCUED_DATA])
+    if fine is not None:
+        ok = pc.and_(ok, fine)
     positions = pa.array(indices, pa.int64())
-    good = raw.set_column(1, "event_time", times).append_column("record_index", positions)
+    good = (
+        raw.drop_columns([RESCUED_DATA])
+        .set_column(1, "event_time", times)
+        .append_column(RESCUED_DATA, rescued)
+        .append_column("record_index", positions)
+    )
     good = good.filter(ok)
     out.append(good.cast(_EMPTY_VALID.schema))
     single.extend(positions.filter(pc.invert(ok)).to_pylist())
+
+
+def _bulk_rescued(
+    payloads: Sequence[bytes], indices: list[int], present: pa.ChunkedArray
+) -> tuple[pa.Array, pa.Array | None]:
+    """A block's `_rescued_data` column as text, and False where a record's cannot be kept.
+
+    `present` is the bulk read's field-less object: valid where a record has one. The common
+    block has none (a column of nulls); otherwise only those payloads are decoded again.
+    """
+    n = len(indices)
+    if present.null_count == n:
+        return pa.nulls(n, pa.string()), None
+    texts: list[str | None] = [None] * n
+    fine = np.ones(n, dtype=bool)
+    for j in np.flatnonzero(pc.is_valid(present).to_numpy(zero_copy_only=False)):
+        try:
+            texts[j] = _rescued(json.loads(payloads[indices[j]]))
+        except Exception:  # the record-by-record parser gives the reason
+            fine[j] = False
+    return pa.array(texts, pa.string()), pa.array(fine)
 
 
 def _bulk_times(values: pa.ChunkedArray) -> pa.Array:
@@ -228,7 +294,7 @@ def _bulk_valid(raw: pa.Table, times: pa.Array) -> pa.Array:
 
 def parse_each(payloads: Sequence[bytes]) -> ParseResult:
     """The record-by-record parser: the reference for what is valid, and the reasons why not."""
-    columns: dict[str, list[Any]] = {name: [] for name in TRANSACTION_SCHEMA.names}
+    columns: dict[str, list[Any]] = {name: [] for name in (*TRANSACTION_SCHEMA.names, RESCUED_DATA)}
     indices: list[int] = []
     rejected: list[Rejected] = []
     for i, payload in enumerate(payloads):
@@ -250,6 +316,7 @@ def parse_each(payloads: Sequence[bytes]) -> ParseResult:
         indices.append(i)
     arrays = [pa.array(columns[f.name], type=f.type) for f in TRANSACTION_SCHEMA]
     table = pa.Table.from_arrays(arrays, schema=TRANSACTION_SCHEMA)
+    table = table.append_column(RESCUED_DATA, pa.array(columns[RESCUED_DATA], pa.string()))
     table = table.append_column("record_index", pa.array(indices, type=pa.int64()))
     return ParseResult(valid=table, rejected=rejected)
 

@@ -133,6 +133,9 @@ class Lake:
             self.uri(name),
             data,
             mode="append",
+            # Columns a newer release adds to a table (nullable lineage, say) join the table's
+            # schema instead of failing the append on a lake written before them.
+            schema_mode="merge",
             commit_properties=self._commit(app_id, version),
         )
         return True

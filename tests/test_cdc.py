@@ -544,53 +544,55 @@ def test_accounts_assets_materialize_and_the_sensor_requests_runs(
 ) -> None:
     home = HomeResource(root=str(tmp_path / "home"))
     dms = home.home().data / "dms"
-    instance = dg.DagsterInstance.ephemeral()
+    # A context-managed instance: build_sensor_context registers its state storage in a
+    # context variable, which must be reset when the instance goes away.
+    with dg.instance_for_test() as instance:
 
-    def tick(cursor: str | None) -> Any:
-        resources = {"home": home}
-        context = dg.build_sensor_context(cursor=cursor, resources=resources, instance=instance)
-        return context, dms_files_sensor(context)
+        def tick(cursor: str | None) -> Any:
+            resources = {"home": home}
+            context = dg.build_sensor_context(cursor=cursor, resources=resources, instance=instance)
+            return context, dms_files_sensor(context)
 
-    _, skipped = tick(None)
-    assert isinstance(skipped, dg.SkipReason)
+        _, skipped = tick(None)
+        assert isinstance(skipped, dg.SkipReason)
 
-    write_bank(dms, bank, "parquet")
-    context, request = tick(None)
-    assert isinstance(request, dg.RunRequest) and request.run_key
-    config = request.run_config["ops"][ACCOUNTS]["config"]
-    assert config["file_format"] == "parquet"
-    _, again = tick(context.cursor)
-    assert isinstance(again, dg.SkipReason)
+        write_bank(dms, bank, "parquet")
+        context, request = tick(None)
+        assert isinstance(request, dg.RunRequest) and request.run_key
+        config = request.run_config["ops"][ACCOUNTS]["config"]
+        assert config["file_format"] == "parquet"
+        _, again = tick(context.cursor)
+        assert isinstance(again, dg.SkipReason)
 
-    result = dg.materialize(
-        [accounts, accounts_history], resources={"home": home}, run_config=request.run_config
-    )
-    assert result.success
-    meta = {
-        node: result.asset_materializations_for_node(node)[0].metadata
-        for node in (ACCOUNTS, ACCOUNTS_HISTORY)
-    }
-    current, history = meta[ACCOUNTS], meta[ACCOUNTS_HISTORY]
-    assert current["rows_total"].value == accounts_as_of(bank).num_rows
-    assert current["files_applied"].value == len(list(dms.glob("bank/accounts/*.parquet")))
-    # One batch into an empty lake: the latest row per account inserted, deleted ones never.
-    assert current["rows_inserted"].value == current["rows_total"].value
-    assert current["dead_letters"].value == 0
-    assert history["rows_inserted"].value == history["rows_total"].value
-    assert isinstance(history["delta_version"].value, int)
+        result = dg.materialize(
+            [accounts, accounts_history], resources={"home": home}, run_config=request.run_config
+        )
+        assert result.success
+        meta = {
+            node: result.asset_materializations_for_node(node)[0].metadata
+            for node in (ACCOUNTS, ACCOUNTS_HISTORY)
+        }
+        current, history = meta[ACCOUNTS], meta[ACCOUNTS_HISTORY]
+        assert current["rows_total"].value == accounts_as_of(bank).num_rows
+        assert current["files_applied"].value == len(list(dms.glob("bank/accounts/*.parquet")))
+        # One batch into an empty lake: the latest row per account inserted, deleted ones never.
+        assert current["rows_inserted"].value == current["rows_total"].value
+        assert current["dead_letters"].value == 0
+        assert history["rows_inserted"].value == history["rows_total"].value
+        assert isinstance(history["delta_version"].value, int)
 
-    # A new change file: a new run key; nothing new: skipped again.
-    last = sorted(dms.glob("bank/accounts/2*.parquet"))[-1]
-    shutil.copy(last, last.with_name("29991231-2359590000.parquet"))
-    _, later = tick(context.cursor)
-    assert isinstance(later, dg.RunRequest) and later.run_key != request.run_key
-    # While a run of the job is unfinished, no other is requested (one writer per target).
-    job = dg.Definitions.merge(cdc.defs, dg.Definitions(resources={"home": home})).resolve_job_def(
-        accounts_job.name
-    )
-    instance.create_run_for_job(job, run_config=later.run_config)
-    _, waiting = tick(context.cursor)
-    assert isinstance(waiting, dg.SkipReason) and "not finished" in str(waiting.skip_message)
+        # A new change file: a new run key; nothing new: skipped again.
+        last = sorted(dms.glob("bank/accounts/2*.parquet"))[-1]
+        shutil.copy(last, last.with_name("29991231-2359590000.parquet"))
+        _, later = tick(context.cursor)
+        assert isinstance(later, dg.RunRequest) and later.run_key != request.run_key
+        # While a run of the job is unfinished, no other is requested (one writer per target).
+        job = dg.Definitions.merge(
+            cdc.defs, dg.Definitions(resources={"home": home})
+        ).resolve_job_def(accounts_job.name)
+        instance.create_run_for_job(job, run_config=later.run_config)
+        _, waiting = tick(context.cursor)
+        assert isinstance(waiting, dg.SkipReason) and "not finished" in str(waiting.skip_message)
 
 
 def test_generate_cdc_writes_dms_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,13 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from models.job import LABELS, FraudScoringJob, ScoringContext
+from models.job import (
+    LABELS,
+    TRANSACTIONS,
+    TRANSACTIONS_TABLE_SCHEMA,
+    FraudScoringJob,
+    ScoringContext,
+)
 from models.registry import ALERT_THRESHOLD_TAG, LoadedModel
 from models.schema import LABEL_SCHEMA
 from streamguard.checkpoint import BatchPlan, Checkpoints, ShardRange
@@ -100,3 +106,25 @@ def test_a_recorded_context_with_unknown_or_missing_keys_is_refused() -> None:
         ScoringContext.from_json('{"model_version": "3", "threshold": 0.1}')
     with pytest.raises(ValueError, match="no model_version"):
         ScoringContext.from_json('{"model_name": "fraud_model"}')
+
+
+def test_a_lake_from_before_a_new_lineage_column_takes_the_next_batch(tmp_path: Path) -> None:
+    """A table written before `_rescued_data`/`headers` existed gets the columns on append."""
+    lake = Lake(tmp_path / "lake")
+    old = pa.schema([f for f in TRANSACTIONS_TABLE_SCHEMA if f.name not in ("headers",)])
+    row = {
+        "transaction_id": "t1",
+        "event_time": datetime(2026, 1, 1, tzinfo=UTC),
+        "customer_id": "C1",
+        "terminal_id": "T1",
+        "amount": 5.0,
+        "kind": "debit",
+        "batch_id": 0,
+    }
+    lake.append(TRANSACTIONS, pa.Table.from_pylist([row], old), "job", 0)
+    new = {**row, "transaction_id": "t2", "batch_id": 1, "headers": '[["k", "v"]]'}
+    assert lake.append(
+        TRANSACTIONS, pa.Table.from_pylist([new], TRANSACTIONS_TABLE_SCHEMA), "job", 1
+    )
+    got = sorted(lake.read(TRANSACTIONS).to_pylist(), key=lambda r: r["transaction_id"])
+    assert [r["headers"] for r in got] == [None, '[["k", "v"]]']

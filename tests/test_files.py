@@ -22,6 +22,7 @@ import pytest
 from test_cli import run as run_cli
 from test_runner import CRASH_POINTS, CrashingRunner, table_snapshot
 
+from models import schema
 from models.job import ALERTS, CUSTOMER_STATE, FEATURES, SCORES, TERMINAL_STATE, TRANSACTIONS
 from models.registry import LoadedModel
 from models.schema import TRANSACTION_SCHEMA, to_payload
@@ -39,6 +40,7 @@ from streamguard.lake import Lake
 from streamguard.pipeline import scoring_job_name, scoring_runner
 from streamguard.runner import CrashError, RunReport
 from streamguard.schema_evolution import (
+    RESCUED_DATA,
     SCHEMA_TABLE,
     SchemaEvolved,
     SchemaMode,
@@ -324,6 +326,19 @@ def test_schema_modes_with_a_new_column_and_a_wrong_typed_value(
             change_schema(lake, source.source, add={"merchant": "string"})
     report = score(lake, FileSource(folder, lake, schema_mode=mode), tiny_model)
     assert report.n_records == 11 and lake.count(SCORES) == 50
+    # What was rescued from a valid record is kept with it in `transactions` (canonical JSON).
+    assert schema.RESCUED_DATA == RESCUED_DATA  # the parser keeps what the source writes
+    kept = lake.read(TRANSACTIONS, columns=["transaction_id", "shard_id", RESCUED_DATA])
+    by_id = {r["transaction_id"]: r for r in kept.to_pylist()}
+    assert len(by_id) == 50
+    for i, row in enumerate(rows[:50]):
+        got_row = by_id[row["transaction_id"]]
+        if mode == "rescue" and i >= 40:
+            want = {"merchant": f"m{i - 40}", "_file_path": str(b)}
+            assert got_row[RESCUED_DATA] == json.dumps(want, sort_keys=True, separators=(",", ":"))
+            assert got_row["shard_id"] == str(b)
+        else:
+            assert got_row[RESCUED_DATA] is None
 
     history = schema_history(lake, source.source)
     evolves = mode in ("addNewColumns", "failOnNewColumns")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
 import pytest
 
-from models.schema import TRANSACTION_SCHEMA, parse_each, parse_records, to_payload
+from models.schema import RESCUED_DATA, TRANSACTION_SCHEMA, parse_each, parse_records, to_payload
 
 GOOD = {
     "transaction_id": "t1",
@@ -59,6 +60,18 @@ CASES: list[tuple[bytes, str | None]] = [
     (variant(event_time=1767225600), "event_time must be an ISO-8601 string"),
     (json.dumps(GOOD, indent=2).encode(), None),  # multi-line JSON is still one record
     (b"\xff\xfe garbage", "not valid JSON"),
+    # What a file source rescued: an object, kept as canonical JSON (null: none).
+    (variant(transaction_id="r1", _rescued_data={"merchant": "m", "_file_path": "/in/b"}), None),
+    (variant(transaction_id="r2", _rescued_data={"z": 1, "a": {"c": [2, "x"], "b": None}}), None),
+    (variant(transaction_id="r3", _rescued_data={}), None),
+    (variant(transaction_id="r4", _rescued_data=None), None),
+    (variant(transaction_id="r5", _rescued_data={"amount": "12"}, amount=...), "missing required"),
+    (variant(transaction_id="r6").replace(b'"}', b'","\\u005frescued_data":{"k":"v"}}'), None),
+    (json.dumps({**GOOD, "_rescued_data": {"k": 1}}, indent=1).encode(), None),
+    (variant(_rescued_data=5), "_rescued_data must be a JSON object, got a JSON int"),
+    (variant(_rescued_data=[{"k": 1}]), "_rescued_data must be a JSON object, got a JSON list"),
+    (variant(_rescued_data="{}"), "_rescued_data must be a JSON object, got a JSON str"),
+    (variant(_rescued_data={"x": float("nan")}), "_rescued_data holds a number JSON cannot"),
 ]
 
 
@@ -74,7 +87,7 @@ def test_each_case_alone(payload: bytes, reason: str | None) -> None:
 
 def test_bulk_and_record_by_record_agree_on_a_mixed_batch() -> None:
     payloads = []
-    for i in range(300):  # good records with every bad case spread among them
+    for i in range(10 * len(CASES)):  # good records with every other case spread among them
         payloads.append(variant(transaction_id=f"g{i}", amount=1 + i))
         if i % 10 == 0:
             payloads.append(CASES[(i // 10) % len(CASES)][0])
@@ -84,7 +97,24 @@ def test_bulk_and_record_by_record_agree_on_a_mixed_batch() -> None:
         (r.index, r.reason) for r in each.rejected
     ]
     assert bulk.valid.num_rows + len(bulk.rejected) == len(payloads)
-    assert bulk.valid.schema.remove(bulk.valid.num_columns - 1) == TRANSACTION_SCHEMA
+    names = [*TRANSACTION_SCHEMA.names, RESCUED_DATA, "record_index"]
+    assert bulk.valid.column_names == names
+    assert bulk.valid.select(TRANSACTION_SCHEMA.names).schema == TRANSACTION_SCHEMA
+    assert bulk.valid.schema.field(RESCUED_DATA).type == pa.string()
+    assert bulk.valid[RESCUED_DATA].null_count < bulk.valid.num_rows  # rescued ones were there
+
+
+def test_rescued_data_is_kept_as_canonical_json() -> None:
+    rescued = {"z": 1, "a": {"c": [2, "x"], "b": None}, "_file_path": "/in/é.jsonl"}
+    payloads = [variant(transaction_id=f"t{i}", _rescued_data=rescued) for i in range(3)]
+    payloads += [
+        variant(transaction_id="plain"),
+        json.dumps(GOOD | {"_rescued_data": rescued}, indent=2).encode(),
+    ]
+    for parsed in (parse_records(payloads), parse_each(payloads)):
+        assert parsed.valid[RESCUED_DATA].to_pylist() == [
+            json.dumps(rescued, sort_keys=True, separators=(",", ":"))
+        ] * 3 + [None, json.dumps(rescued, sort_keys=True, separators=(",", ":"))]
 
 
 def test_payload_round_trip() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+import pyarrow as pa
 import pytest
 from pyspark.sql import SparkSession
 
@@ -32,14 +33,24 @@ from models.weather import (
     write_weather_files,
 )
 from streamguard.lake import Lake
+from streamguard.schema_evolution import (
+    RESCUED_DATA,
+    SchemaEvolved,
+    SchemaMode,
+    UnknownColumns,
+    schema_history,
+)
 from streamguard.spark.weather import (
     BATCHES,
+    CONTRACT_COLUMNS,
     DEAD_LETTERS,
+    RESCUED,
     WINDOWS_1M,
     WINDOWS_5M,
     WeatherReport,
     read_table,
     run_weather_windows,
+    schema_source,
 )
 
 pytestmark = pytest.mark.spark
@@ -91,9 +102,21 @@ class Run:
     report: WeatherReport
 
 
-def _run(spark: SparkSession, lake: Lake, input_dir: Path, checkpoint: Path) -> WeatherReport:
+def _run(
+    spark: SparkSession,
+    lake: Lake,
+    input_dir: Path,
+    checkpoint: Path,
+    schema_mode: SchemaMode = "rescue",
+) -> WeatherReport:
     return run_weather_windows(
-        spark, input_dir, lake, checkpoint, watermark="10 minutes", max_files_per_trigger=1
+        spark,
+        input_dir,
+        lake,
+        checkpoint,
+        watermark="10 minutes",
+        max_files_per_trigger=1,
+        schema_mode=schema_mode,
     )
 
 
@@ -208,3 +231,136 @@ def test_the_asset_materializes_generated_readings(spark: SparkSession, tmp_path
     hourly = result.asset_materializations_for_node("weather_region_hourly")[0].metadata
     assert hourly["rows"].value > 0
     assert os.path.isdir(home / "lake" / "weather_region_hourly")
+
+
+# --------------------------------------------------------------------------- schema modes
+
+
+def _with(line: bytes, **fields: object) -> bytes:
+    """A reading with fields added or replaced (a newer sensor, or a broken one)."""
+    return json.dumps({**json.loads(line), **fields}).encode()
+
+
+PRESSURE = _with(_reading("s1", "10:00:10", 10.0), pressure_hpa=1013.2)
+PRESSURE_AND_FIRMWARE = _with(_reading("s2", "10:00:20", 20.0), pressure_hpa=998, firmware="v2")
+# A new field on a reading that breaks the contract: a dead letter, its raw line kept whole.
+PRESSURE_WRONG_HUMIDITY = _with(
+    _reading("s1", "10:00:30", 11.0), pressure_hpa=1000, humidity_pct="70"
+)
+SCHEMA_FILES: list[list[bytes]] = [
+    [PRESSURE, _reading("s1", "10:00:40", 12.0), PRESSURE_AND_FIRMWARE, PRESSURE_WRONG_HUMIDITY],
+    [_reading("s1", "10:30:00", 15.0), _reading("s2", "10:30:00", 25.0)],
+]
+
+
+def _schema_files(root: Path, files: list[list[bytes]]) -> tuple[Lake, Path, Path, list[Path]]:
+    """A lake, a folder with `files` (one file each, in order), a checkpoint path, the files."""
+    input_dir, lake, checkpoint = root / "in", Lake(root / "lake"), root / "checkpoint"
+    written = [write_weather_files(lines, input_dir, files=1)[0] for lines in files]
+    return lake, input_dir, checkpoint, written
+
+
+def _rescued(lake: Lake) -> pd.DataFrame:
+    frame = read_table(lake, RESCUED).to_pandas()
+    return frame.sort_values(["station_id", "event_time"]).reset_index(drop=True)
+
+
+def test_a_new_field_is_rescued_with_its_file_exactly_once(
+    spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lake, input_dir, checkpoint, written = _schema_files(tmp_path, SCHEMA_FILES)
+    # A crash after batch 0's rescued rows reached Delta, before its audit row and Spark's commit.
+    append = lake.append
+
+    def crash_once(name: str, data: pa.Table, app_id: str, version: int) -> bool:
+        if name == BATCHES and version == 0 and lake.count(RESCUED) and not crashed:
+            crashed.append(version)
+            raise RuntimeError("crash between Delta commits")
+        return append(name, data, app_id, version)
+
+    crashed: list[int] = []
+    monkeypatch.setattr(lake, "append", crash_once)
+    with pytest.raises(Exception, match="crash between Delta commits"):
+        _run(spark, lake, input_dir, checkpoint)
+    assert crashed == [0] and lake.count(RESCUED) == 2 and lake.count(BATCHES) == 0
+    version = lake.version(RESCUED)
+
+    report = _run(spark, lake, input_dir, checkpoint)  # rescue is the default
+    assert report.batches[:2] == [0, 1] and report.schema_mode == "rescue"
+    assert lake.version(RESCUED) == version and lake.count(BATCHES) >= 2  # batch 0: rest only
+    rescued = _rescued(lake)
+    assert list(rescued["station_id"]) == ["s1", "s2"]
+    assert list(rescued["event_time"]) == [
+        pd.Timestamp("2024-03-01T10:00:10Z"),
+        pd.Timestamp("2024-03-01T10:00:20Z"),
+    ]
+    file_paths = list(rescued["source_file"])
+    assert all(path.endswith(f"/{written[0].name}") for path in file_paths)
+    assert [json.loads(x) for x in rescued[RESCUED_DATA]] == [
+        {"pressure_hpa": 1013.2, "_file_path": file_paths[0]},
+        {"pressure_hpa": 998, "firmware": "v2", "_file_path": file_paths[1]},
+    ]
+    assert rescued["added_columns"].isna().all() and set(rescued["schema_version"]) == {1}
+    assert rescued["reading_id"].is_unique and set(rescued["batch_id"]) == {0}
+    # The rescued readings still count in their windows; the schema never changed.
+    one_minute = _table(lake, WINDOWS_1M).set_index(["station_id", "window_start"])
+    assert one_minute.loc[("s1", pd.Timestamp("2024-03-01T10:00:00Z")), "n"] == 2
+    assert one_minute.loc[("s2", pd.Timestamp("2024-03-01T10:00:00Z")), "n"] == 1
+    assert [v.columns for v in schema_history(lake, schema_source(input_dir))] == [
+        tuple(CONTRACT_COLUMNS.items())
+    ]
+    # A wrong-typed contract field is dead-lettered (raw line whole, new field and all).
+    dead = read_table(lake, DEAD_LETTERS).to_pandas()
+    assert list(zip(dead["raw"], dead["reason"], strict=True)) == [
+        (PRESSURE_WRONG_HUMIDITY.decode(), "wrong_type:humidity_pct")
+    ]
+
+    again = _run(spark, lake, input_dir, checkpoint)  # a rerun writes nothing
+    assert again.batches == [] and again.rescued == 0
+    assert lake.version(RESCUED) == version and _rescued(lake).equals(rescued)
+
+
+def test_add_new_columns_stops_once_then_keeps_the_new_field(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    files = [
+        [PRESSURE, _reading("s1", "10:00:40", 12.0)],
+        [
+            _with(_reading("s2", "10:01:00", 20.0), pressure_hpa="high"),
+            _reading("s1", "10:30:00", 15.0),
+        ],
+    ]
+    lake, input_dir, checkpoint, written = _schema_files(tmp_path, files)
+    with pytest.raises(
+        SchemaEvolved, match=rf"{written[0].name} .*pressure_hpa double.* version 2"
+    ):
+        _run(spark, lake, input_dir, checkpoint, "addNewColumns")
+    assert all(lake.count(name) == 0 for name in (WINDOWS_1M, DEAD_LETTERS, BATCHES, RESCUED))
+    history = schema_history(lake, schema_source(input_dir))
+    assert [v.version for v in history] == [1, 2]
+    assert history[-1].types == {**CONTRACT_COLUMNS, "pressure_hpa": "double"}
+
+    report = _run(spark, lake, input_dir, checkpoint, "addNewColumns")  # replays batch 0, goes on
+    assert report.batches[:2] == [0, 1] and report.rows_in == 4 and report.dead_letters == 0
+    rescued = _rescued(lake)
+    assert [json.loads(x) if isinstance(x, str) else None for x in rescued["added_columns"]] == [
+        {"pressure_hpa": 1013.2},
+        None,
+    ]
+    # An added column's wrong-typed value is rescued (the reading itself holds to the contract).
+    assert json.loads(rescued[RESCUED_DATA][1]) == {
+        "pressure_hpa": "high",
+        "_file_path": rescued["source_file"][1],
+    }
+    assert rescued[RESCUED_DATA].isna().tolist() == [True, False]
+    assert list(rescued["schema_version"]) == [2, 2]
+
+
+def test_fail_on_new_columns_stops_until_the_schema_is_changed(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    lake, input_dir, checkpoint, _ = _schema_files(tmp_path, SCHEMA_FILES[:1])
+    with pytest.raises(UnknownColumns, match=r"firmware string.*change_schema"):
+        _run(spark, lake, input_dir, checkpoint, "failOnNewColumns")
+    assert lake.count(WINDOWS_1M) == lake.count(RESCUED) == 0
+    assert len(schema_history(lake, schema_source(input_dir))) == 1

@@ -134,3 +134,12 @@ def test_sensor_skips_then_requests_a_run_for_new_files(tmp_path: Path) -> None:
     more, _ = tick(cursor)
     assert isinstance(more, dg.RunRequest) and more.run_key != result.run_key
     assert more.tags["streamguard/new_files"] == "1"
+
+
+def test_the_asset_lists_every_table_the_job_writes() -> None:
+    """The asset repeats the table names (loading it needs no pyspark); they must agree."""
+    from assets.weather import TABLES as ASSET_TABLES
+    from streamguard.spark.weather import TABLES
+
+    assert list(ASSET_TABLES) == list(TABLES)
+    assert "weather_readings_rescued" in TABLES

@@ -34,6 +34,7 @@ from models.features import (
 from models.schema import (
     DUPLICATE_EARLIER,
     DUPLICATE_IN_BATCH,
+    RESCUED_DATA,
     TIMESTAMP,
     TRANSACTION_SCHEMA,
     parse_records,
@@ -68,6 +69,7 @@ PARSED_FIELDS = [
     ("shard_id", "string"),
     ("sequence_number", "string"),
     ("partition_key", "string"),
+    (RESCUED_DATA, "string"),  # the payload's rescued object as canonical JSON (for lineage)
     ("arrival_us", "bigint"),
     ("data", "binary"),
     ("reason", "string"),
@@ -154,6 +156,7 @@ def parse_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatc
             "shard_id": batch.column("shard_id").take(take),
             "partition_key": batch.column("partition_key").take(take),
             "sequence_number": batch.column("sequence_number").take(take),
+            RESCUED_DATA: tx(RESCUED_DATA, pa.string()),
             "arrival_us": batch.column("arrival_us").take(take),
             "data": batch.column("data").take(take),
             "reason": pa.array([None] * m + [r.reason for r in rejected], pa.string()),
@@ -240,7 +243,7 @@ class CustomerProcessor(StatefulProcessor):
             transactions,
             FeatureState(_state_table(stored), TERMINAL_STATE_SCHEMA.empty_table()),
         )
-        carried = ("shard_id", "sequence_number", "partition_key", *_TX_FIELDS)
+        carried = ("shard_id", "sequence_number", "partition_key", RESCUED_DATA, *_TX_FIELDS)
         features = pa.table(
             {
                 **_empty_columns(len(tx), {"row_type", *carried, *OUT_FEATURES}),

@@ -109,7 +109,7 @@ from models.job import (
     with_lineage,
 )
 from models.registry import CHAMPION, MODEL_NAME, LoadedModel
-from models.schema import TIMESTAMP, TRANSACTION_SCHEMA
+from models.schema import RESCUED_DATA, TIMESTAMP, TRANSACTION_SCHEMA
 from streamguard.commit import (
     AlertSink,
     batch_written,
@@ -264,6 +264,7 @@ def _process_store_batch(
         feats["sequence_number"],
         now,
         partition_keys=feats["partition_key"],
+        rescued=feats[RESCUED_DATA],
     )
     terminals = load_terminal_state(lake, valid)
     frauds = reported_frauds(lake, valid, batch_id, context.labels_version)

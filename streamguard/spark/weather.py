@@ -15,10 +15,29 @@ groups after partial aggregation, not rows, so the job counts rows itself: the t
 carries every valid reading's 1-minute window, and the watermark each batch ran with is read
 from Spark's offset log. The count is per row of the 1-minute windows; a late row may still
 reach the wider sliding windows that were open.
+
+Fields beyond the contract are not lost (`schema_mode`, Auto Loader's modes, on
+`streamguard.schema_evolution`). The feed's schema is stored in `_file_schemas` (source
+`weather:<folder>`), version 1 being the contract. A valid reading whose JSON object has keys the
+contract lacks is tagged `rescue` in the stream; `foreachBatch` holds it to the stored schema
+with the same `Conformer` the fraud file source uses:
+
+- `rescue` (the default): new fields go into `_rescued_data` (JSON, with `_file_path`), kept in
+  `weather_readings_rescued`, one row per reading; the windows are not affected and nothing stops.
+- `addNewColumns`: the first batch with a new field stores a schema version with it and stops
+  before writing anything; the next run replays that batch and goes on, the added fields' values
+  kept in `weather_readings_rescued.added_columns` (a wrong-typed value of one: `_rescued_data`).
+- `failOnNewColumns`: the batch stops until `change_schema` adds the field by hand.
+- `none`: new fields are left out (logged once).
+
+A contract field of the wrong type stays a dead letter (`wrong_type:<field>`, raw line kept): a
+reading without a usable temperature cannot be averaged, and rescuing it would leave the window
+silently short of a reading.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -43,12 +62,34 @@ from models.weather import (
     WINDOW_SCHEMA,
 )
 from streamguard.lake import Lake
+from streamguard.schema_evolution import (
+    RESCUED_DATA,
+    SCHEMA_MODES,
+    ColumnType,
+    Conformer,
+    SchemaChangeError,
+    SchemaMode,
+    SchemaStore,
+    json_value,
+    stop_on_new_columns,
+)
 
 WINDOWS_1M = "weather_windows_1m"
 WINDOWS_5M = "weather_windows_5m"
 DEAD_LETTERS = "weather_dead_letters"
 BATCHES = "weather_batches"
-TABLES: tuple[str, ...] = (WINDOWS_1M, WINDOWS_5M, DEAD_LETTERS, BATCHES)
+RESCUED = "weather_readings_rescued"
+TABLES: tuple[str, ...] = (WINDOWS_1M, WINDOWS_5M, DEAD_LETTERS, BATCHES, RESCUED)
+# The contract as the feed's schema version 1 (`models.weather` holds the rules themselves).
+CONTRACT_COLUMNS: dict[str, ColumnType] = {
+    "station_id": "string",
+    "region": "string",
+    "event_time": "timestamp",
+    "temperature_c": "double",
+    "humidity_pct": "double",
+    "wind_speed_ms": "double",
+}
+DEFAULT_SCHEMA_MODE: SchemaMode = "rescue"
 
 DEAD_LETTER_SCHEMA = pa.schema(
     [
@@ -72,7 +113,21 @@ BATCH_SCHEMA = pa.schema(
         pa.field("processed_at", TIMESTAMP),
     ]
 )
+RESCUED_SCHEMA = pa.schema(
+    [
+        pa.field("reading_id", pa.string()),  # sha256 of file and line text, 32 hex digits
+        pa.field("station_id", pa.string()),
+        pa.field("region", pa.string()),
+        pa.field("event_time", TIMESTAMP),
+        pa.field("source_file", pa.string()),
+        pa.field(RESCUED_DATA, pa.string()),  # JSON: fields the schema lacks or wrong-typed ones
+        pa.field("added_columns", pa.string()),  # JSON: fields the schema added to the contract
+        pa.field("schema_version", pa.int64()),
+        pa.field("batch_id", pa.int64()),
+    ]
+)
 _KIND_1M, _KIND_5M, _KIND_DEAD, _KIND_TALLY = "1m", "5m", "dead", "tally"
+_KIND_RESCUE = "rescue"
 _NUMBER_TYPE = r"^(TINYINT|SMALLINT|INT|BIGINT|FLOAT|DOUBLE|DECIMAL.*)$"
 
 
@@ -86,6 +141,8 @@ class WeatherReport:
     readings: int = 0
     dead_letters: int = 0
     late_rows_dropped: int = 0
+    rescued: int = 0  # readings with a field beyond the contract kept in RESCUED
+    schema_mode: str = DEFAULT_SCHEMA_MODE
     rows_written: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TABLES, 0))
     batches_skipped: int = 0  # replayed batches the lake already held
     watermark: datetime | None = None
@@ -101,6 +158,8 @@ class WeatherReport:
             "readings": self.readings,
             "dead_letters": self.dead_letters,
             "late_rows_dropped": self.late_rows_dropped,
+            "rescued": self.rescued,
+            "schema_mode": self.schema_mode,
             "rows_written": dict(self.rows_written),
             "batches_skipped": self.batches_skipped,
             "watermark": self.watermark.isoformat() if self.watermark else None,
@@ -209,12 +268,17 @@ def run_weather_windows(
     checkpoint: Path,
     watermark: str = "10 minutes",
     max_files_per_trigger: int = 10,
+    schema_mode: SchemaMode = DEFAULT_SCHEMA_MODE,
 ) -> WeatherReport:
     """Process every file not yet seen (`availableNow`), then stop; return what happened.
 
     The checkpoint remembers files and open windows, so running again picks up only new files,
-    and a rerun over the same files writes nothing twice.
+    and a rerun over the same files writes nothing twice. A new field under `addNewColumns` or
+    `failOnNewColumns` raises `SchemaEvolved` / `UnknownColumns` with nothing of that batch
+    written (see the module doc).
     """
+    if schema_mode not in SCHEMA_MODES:
+        raise ValueError(f"unknown schema mode {schema_mode!r} (one of {', '.join(SCHEMA_MODES)})")
     started = time.monotonic()
     input_dir, checkpoint = Path(input_dir), Path(checkpoint)
     input_dir.mkdir(parents=True, exist_ok=True)
@@ -224,8 +288,12 @@ def run_weather_windows(
         (WINDOWS_5M, WINDOW_SCHEMA),
         (DEAD_LETTERS, DEAD_LETTER_SCHEMA),
         (BATCHES, BATCH_SCHEMA),
+        (RESCUED, RESCUED_SCHEMA),
     ):
         lake.ensure(name, schema)
+    schemas = SchemaStore(lake, schema_source(input_dir))
+    if schemas.current() is None:
+        schemas.write(CONTRACT_COLUMNS, "the weather reading contract (models.weather)")
 
     lines = (
         spark.readStream.format("text")
@@ -237,14 +305,16 @@ def run_weather_windows(
 
     query_id: dict[str, str] = {}
     started_event = threading.Event()
-    report = WeatherReport(app_id="", watermark_delay=watermark)
+    report = WeatherReport(app_id="", watermark_delay=watermark, schema_mode=schema_mode)
     failures: list[BaseException] = []
 
     def write_batch(batch: DataFrame, batch_id: int) -> None:
         try:
             if not started_event.wait(timeout=120):
                 raise RuntimeError("query id never became known")
-            _write_batch(batch, batch_id, query_id["app_id"], lake, checkpoint, report)
+            _write_batch(
+                batch, batch_id, query_id["app_id"], lake, checkpoint, report, schemas, schema_mode
+            )
         except BaseException as exc:  # surfaced by the query as well; kept for a clear message
             failures.append(exc)
             raise
@@ -263,6 +333,11 @@ def run_weather_windows(
     started_event.set()
     try:
         query.awaitTermination()
+    except Exception:
+        schema_stops = [f for f in failures if isinstance(f, SchemaChangeError)]
+        if schema_stops:  # Spark wraps it; the caller gets the error itself, message intact
+            raise schema_stops[0] from None
+        raise
     finally:
         if query.isActive:
             query.stop()
@@ -273,6 +348,11 @@ def run_weather_windows(
         report.max_event_time = max(maxima, default=None)
     report.duration_s = time.monotonic() - started
     return report
+
+
+def schema_source(input_dir: Path) -> str:
+    """The feed's key in `_file_schemas`: one schema per folder of readings."""
+    return f"weather:{Path(input_dir).resolve().as_posix()}"
 
 
 def tagged_stream(lines: DataFrame, watermark: str) -> DataFrame:
@@ -298,7 +378,22 @@ def tagged_stream(lines: DataFrame, watermark: str) -> DataFrame:
         ),
         *(F.lit(None).cast("string").alias(c) for c in ("raw", "reason", "source_file")),
     )
-    return windows_1m.unionByName(windows_5m).unionByName(dead).unionByName(tally)
+    # Valid readings with keys beyond the contract (new fields, or fields an earlier schema
+    # version added): held to the stored schema on the driver. The event time rides in
+    # `window_start`. Usually none, so the driver sees few rows.
+    extra = F.array_except(F.expr("json_object_keys(raw)"), F.array(*map(F.lit, FIELDS)))
+    carried = {"station_id": F.col("station_id"), "region": F.col("region")}
+    carried["window_start"] = F.col("event_time")
+    rescue = valid.where(F.size(extra) > 0).select(
+        F.lit(_KIND_RESCUE).alias("kind"),
+        *(carried.get(c, nulls[c]).alias(c) for c in WINDOW_SCHEMA.names),
+        "raw",
+        F.lit(None).cast("string").alias("reason"),
+        F.col("_file").alias("source_file"),
+    )
+    return (
+        windows_1m.unionByName(windows_5m).unionByName(dead).unionByName(tally).unionByName(rescue)
+    )
 
 
 _WINDOW_SPARK_TYPES = {
@@ -323,6 +418,8 @@ def _write_batch(
     lake: Lake,
     checkpoint: Path,
     report: WeatherReport,
+    schemas: SchemaStore,
+    schema_mode: SchemaMode,
 ) -> None:
     """Split one micro-batch into the tables; every append is once per (app_id, batch_id)."""
     batch.persist()
@@ -341,6 +438,9 @@ def _write_batch(
         WINDOWS_1M: _as(rows.filter(pc.equal(kind, _KIND_1M)), WINDOW_SCHEMA),
         WINDOWS_5M: _as(rows.filter(pc.equal(kind, _KIND_5M)), WINDOW_SCHEMA),
     }
+    # Before any write: a new field may stop the batch (nothing of it written, Spark replays it).
+    rescue = rows.filter(pc.equal(kind, _KIND_RESCUE))
+    parts[RESCUED] = _rescued(rescue, batch_id, schemas, schema_mode)
     dead = rows.filter(pc.equal(kind, _KIND_DEAD))
     dead = dead.append_column("batch_id", pa.array([batch_id] * dead.num_rows, pa.int64()))
     parts[DEAD_LETTERS] = _as(dead, DEAD_LETTER_SCHEMA)
@@ -372,12 +472,63 @@ def _write_batch(
     report.readings += readings
     report.dead_letters += dead.num_rows
     report.late_rows_dropped += late
+    report.rescued += parts[RESCUED].num_rows
     if not wrote_any:
         report.batches_skipped += 1
+
+
+def _rescued(rows: pa.Table, batch_id: int, schemas: SchemaStore, mode: SchemaMode) -> pa.Table:
+    """Readings with keys beyond the contract, held to the stored schema by `Conformer`.
+
+    Under `addNewColumns`/`failOnNewColumns` a key the schema lacks stops the batch
+    (`stop_on_new_columns`); otherwise one row per reading that kept something: its rescued
+    values and the values of columns the schema added to the contract.
+    """
+    schema = schemas.current()
+    assert schema is not None  # written before the query starts
+    conformer = Conformer(schema, mode)
+    added = [name for name in schema.names if name not in CONTRACT_COLUMNS]
+    out: list[dict[str, Any]] = []
+    first_new: str | None = None
+    columns = ["raw", "source_file", "station_id", "region", "window_start"]
+    for number, row in enumerate(rows.select(columns).to_pylist()):
+        record = json.loads(row["raw"])
+        held = conformer.conform_json(record, row["source_file"], number)
+        if conformer.new_columns.types and first_new is None:
+            first_new = f"{row['source_file']} (reading {record.get('station_id')!s} at "
+            first_new += f"{record.get('event_time')!s})"
+        held = record if held is None else held
+        rescued = held.get(RESCUED_DATA)
+        kept = {name: held[name] for name in added if held.get(name) is not None}
+        if rescued is None and not kept:
+            continue
+        digest = hashlib.sha256(f"{row['source_file']}\n{row['raw']}".encode()).hexdigest()
+        out.append(
+            {
+                "reading_id": digest[:32],
+                "station_id": row["station_id"],
+                "region": row["region"],
+                "event_time": row["window_start"],
+                "source_file": row["source_file"],
+                RESCUED_DATA: _json(rescued) if rescued is not None else None,
+                "added_columns": _json(kept) if kept else None,
+                "schema_version": schema.version,
+                "batch_id": batch_id,
+            }
+        )
+    new = conformer.new_columns.columns()
+    if new:
+        stop_on_new_columns(schemas, schema, new, first_new or "a weather batch", mode=mode)
+    return pa.Table.from_pylist(out, schema=RESCUED_SCHEMA)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(json_value(value), separators=(",", ":"))
 
 
 def read_table(lake: Lake, name: str, columns: Iterable[str] | None = None) -> pa.Table:
     """A job table as Arrow (empty with its schema before the first run)."""
     schema = {WINDOWS_1M: WINDOW_SCHEMA, WINDOWS_5M: WINDOW_SCHEMA}.get(name)
-    schema = schema or {DEAD_LETTERS: DEAD_LETTER_SCHEMA, BATCHES: BATCH_SCHEMA}[name]
+    schema = schema or {DEAD_LETTERS: DEAD_LETTER_SCHEMA, BATCHES: BATCH_SCHEMA}.get(name)
+    schema = schema or {RESCUED: RESCUED_SCHEMA}[name]
     return lake.read(name, columns=list(columns) if columns else None, schema=schema)
