@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -94,6 +95,34 @@ def spark() -> Iterator[Any]:
     session = spark_session("streamguard-tests", master="local[2]")
     yield session
     session.stop()
+
+
+def scoring_job(home: Path, tracking_uri: str, **resources: Any) -> Any:
+    """The code location's scoring job with test resources: a state folder under the test's
+    tmp path, the given MLflow store, no Kafka/files/Spark unless a test names them."""
+    import dagster as dg
+
+    from assets.definitions import AREAS
+    from assets.resources import (
+        FilesResource,
+        HomeResource,
+        KafkaResource,
+        KinesisResource,
+        MlflowResource,
+        SparkResource,
+    )
+
+    given = {
+        "home": HomeResource(root=str(home)),
+        "kinesis": KinesisResource(),
+        "kafka": KafkaResource(),  # no cluster: no alerts topic
+        "files": FilesResource(),
+        "mlflow": MlflowResource(tracking_uri=tracking_uri),
+        "spark": SparkResource(),  # built lazily: only Spark runs start a session
+        **resources,
+    }
+    defs = dg.Definitions.merge(*AREAS, dg.Definitions(resources=given))
+    return defs.resolve_job_def("score_transactions_job")
 
 
 # --------------------------------------------------------------------------- fraud fixtures

@@ -11,16 +11,12 @@ from typing import Any
 
 import dagster as dg
 import pyarrow.compute as pc
+from conftest import scoring_job
 
 from assets.checks import DEAD_LETTER_RATE, SCORES_IN_UNIT_INTERVAL, SCORES_UNIQUE_TRANSACTION
-from assets.definitions import AREAS, defs
+from assets.definitions import defs
 from assets.resources import (
-    FilesResource,
-    HomeResource,
-    KafkaResource,
     KinesisResource,
-    MlflowResource,
-    SparkResource,
 )
 from assets.sensors import kinesis_transactions_sensor
 from models.simulate import Simulation
@@ -101,20 +97,9 @@ def test_sensor_triggered_run_scores_the_stream_and_passes_the_checks(
     kinesis_resource = KinesisResource(stream=stream_name, endpoint_url=kinesis_server)
     request, _ = _sensor(None, kinesis_resource)
     assert isinstance(request, dg.RunRequest)
-    test_defs = dg.Definitions.merge(
-        *AREAS,
-        dg.Definitions(
-            resources={
-                "home": HomeResource(root=str(tmp_path / "home")),
-                "kinesis": kinesis_resource,
-                "kafka": KafkaResource(),  # no cluster: no alerts topic
-                "files": FilesResource(),
-                "mlflow": MlflowResource(tracking_uri=champion_home.mlflow_tracking_uri),
-                "spark": SparkResource(),  # built lazily; the scoring job never asks for it
-            }
-        ),
+    job = scoring_job(
+        tmp_path / "home", champion_home.mlflow_tracking_uri, kinesis=kinesis_resource
     )
-    job = test_defs.resolve_job_def("score_transactions_job")
     with dg.instance_for_test() as instance:
         result = job.execute_in_process(run_config=request.run_config, instance=instance)
     assert result.success

@@ -5,15 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import dagster as dg
+from conftest import scoring_job
 
-from assets.definitions import AREAS
 from assets.resources import (
     FilesResource,
     HomeResource,
-    KafkaResource,
-    KinesisResource,
-    MlflowResource,
-    SparkResource,
 )
 from assets.sensors import transaction_files_sensor
 from models.schema import to_payload
@@ -50,20 +46,7 @@ def test_files_sensor_runs_score_each_file_once(
     _write(folder, "part-000.jsonl", rows[:300])
     _write(folder, "part-001.jsonl", rows[300:400])
     files = FilesResource(folder=str(folder))
-    defs = dg.Definitions.merge(
-        *AREAS,
-        dg.Definitions(
-            resources={
-                "home": HomeResource(root=str(home)),
-                "kinesis": KinesisResource(),
-                "kafka": KafkaResource(),
-                "files": files,
-                "mlflow": MlflowResource(tracking_uri=champion_home.mlflow_tracking_uri),
-                "spark": SparkResource(),
-            }
-        ),
-    )
-    job = defs.resolve_job_def("score_transactions_job")
+    job = scoring_job(home, champion_home.mlflow_tracking_uri, files=files)
     lake = Lake(home / "lake")
     with dg.instance_for_test() as instance:
         request, cursor = _tick(None, files, home)

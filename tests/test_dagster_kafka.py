@@ -12,16 +12,12 @@ from typing import Any
 
 import dagster as dg
 import pytest
-from conftest import new_topic
+from conftest import new_topic, scoring_job
 from test_alerts import read_topic
 
-from assets.definitions import AREAS
 from assets.resources import (
-    FilesResource,
-    HomeResource,
     KafkaResource,
     KinesisResource,
-    MlflowResource,
     SparkResource,
     deployment_resources,
 )
@@ -126,20 +122,9 @@ def test_kafka_and_kinesis_in_one_deployment_each_scored_once_with_alerts_publis
     assert isinstance(kinesis_run, dg.RunRequest)
 
     home = tmp_path / "home"
-    defs = dg.Definitions.merge(
-        *AREAS,
-        dg.Definitions(
-            resources={
-                "home": HomeResource(root=str(home)),
-                "kinesis": kinesis_resource,
-                "kafka": kafka,
-                "files": FilesResource(),
-                "mlflow": MlflowResource(tracking_uri=champion_home.mlflow_tracking_uri),
-                "spark": SparkResource(),
-            }
-        ),
+    job = scoring_job(
+        home, champion_home.mlflow_tracking_uri, kinesis=kinesis_resource, kafka=kafka
     )
-    job = defs.resolve_job_def("score_transactions_job")
     with dg.instance_for_test() as instance:
         for run in (kafka_run, kinesis_run, kafka_run):  # the repeated run finds nothing new
             result = job.execute_in_process(run_config=run.run_config, instance=instance)
@@ -182,20 +167,8 @@ def test_kafka_sensor_with_spark_executor_scores_exactly_the_planned_range(
     assert run.run_config["ops"]["score_transactions"]["config"]["executor"] == "spark"
     produce_transactions(kafka_config, topic, small_sim.transactions.slice(400, 100))  # late
     home = tmp_path / "home"
-    defs = dg.Definitions.merge(
-        *AREAS,
-        dg.Definitions(
-            resources={
-                "home": HomeResource(root=str(home)),
-                "kinesis": KinesisResource(),
-                "kafka": kafka,
-                "files": FilesResource(),
-                "mlflow": MlflowResource(tracking_uri=champion_home.mlflow_tracking_uri),
-                "spark": SparkResource(app_name="streamguard-tests", master="local[2]"),
-            }
-        ),
-    )
-    job = defs.resolve_job_def("score_transactions_job")
+    spark_resource = SparkResource(app_name="streamguard-tests", master="local[2]")
+    job = scoring_job(home, champion_home.mlflow_tracking_uri, kafka=kafka, spark=spark_resource)
     lake = Lake(home / "lake")
     with dg.instance_for_test() as instance:
         assert job.execute_in_process(run_config=run.run_config, instance=instance).success

@@ -9,15 +9,11 @@ from typing import Any
 import dagster as dg
 import pydantic
 import pytest
+from conftest import scoring_job
 
 from assets.checks import DEAD_LETTER_RATE, SCORES_IN_UNIT_INTERVAL, SCORES_UNIQUE_TRANSACTION
-from assets.definitions import AREAS
 from assets.resources import (
-    FilesResource,
-    HomeResource,
-    KafkaResource,
     KinesisResource,
-    MlflowResource,
     SparkResource,
     deployment_resources,
 )
@@ -95,20 +91,9 @@ def test_sensor_with_spark_executor_runs_the_job_on_spark_exactly_once(
     produce_transactions(kinesis, stream_name, small_sim.transactions.slice(N_RECORDS, LATE),
                          progress=False)  # fmt: skip
     home = tmp_path / "home"
-    test_defs = dg.Definitions.merge(
-        *AREAS,
-        dg.Definitions(
-            resources={
-                "home": HomeResource(root=str(home)),
-                "kinesis": resource,
-                "kafka": KafkaResource(),  # no cluster: no alerts topic
-                "files": FilesResource(),
-                "mlflow": MlflowResource(tracking_uri=champion_home.mlflow_tracking_uri),
-                "spark": spark_resource,
-            }
-        ),
+    job = scoring_job(
+        home, champion_home.mlflow_tracking_uri, kinesis=resource, spark=spark_resource
     )
-    job = test_defs.resolve_job_def("score_transactions_job")
     with dg.instance_for_test() as instance:
         first = job.execute_in_process(
             run_config=request.run_config, instance=instance, tags=request.tags

@@ -83,6 +83,7 @@ from streamguard.spark.kinesis_source import (
     bounded_offsets,
     parse_positions,
     records_batch,
+    register_source,
 )
 
 if TYPE_CHECKING:
@@ -436,18 +437,8 @@ class KafkaDataSource(DataSource):
 
 
 def register_kafka_source(spark: SparkSession) -> None:
-    """Make `format("streamguard-kafka")` available in this session.
-
-    Idempotent: a session derived from one that registered it (`newSession`) may refuse a second
-    registration as DATA_SOURCE_ALREADY_EXISTS; the source is then there already.
-    """
-    from pyspark.errors import AnalysisException
-
-    try:
-        spark.dataSource.register(KafkaDataSource)
-    except AnalysisException as exc:
-        if exc.getCondition() != "DATA_SOURCE_ALREADY_EXISTS":
-            raise
+    """Make `format("streamguard-kafka")` available in this session (idempotent)."""
+    register_source(spark, KafkaDataSource)
 
 
 def kafka_records(

@@ -388,8 +388,8 @@ class KinesisDataSource(DataSource):
         return KinesisStreamReader(KinesisOptions.parse(self.options))
 
 
-def register_kinesis_source(spark: SparkSession) -> None:
-    """Make `format("kinesis")` available in this session.
+def register_source(spark: SparkSession, source: type[DataSource]) -> None:
+    """Make a Python data source's format available in this session.
 
     Idempotent: a session derived from one that registered it (`newSession`) may refuse a second
     registration as DATA_SOURCE_ALREADY_EXISTS; the source is then there already.
@@ -397,10 +397,15 @@ def register_kinesis_source(spark: SparkSession) -> None:
     from pyspark.errors import AnalysisException
 
     try:
-        spark.dataSource.register(KinesisDataSource)
+        spark.dataSource.register(source)
     except AnalysisException as exc:
         if exc.getCondition() != "DATA_SOURCE_ALREADY_EXISTS":
             raise
+
+
+def register_kinesis_source(spark: SparkSession) -> None:
+    """Make `format("kinesis")` available in this session (idempotent)."""
+    register_source(spark, KinesisDataSource)
 
 
 def with_text(frame: DataFrame, column: str = "data", as_: str = "payload") -> DataFrame:
