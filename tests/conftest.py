@@ -25,6 +25,22 @@ from streamguard.local_kinesis import LocalKinesis
 from streamguard.pipeline import train_and_promote
 
 
+@pytest.fixture(autouse=True)
+def _no_dagster_state_storage_leak() -> Iterator[None]:
+    """Each test starts and ends with no current Dagster defs-state storage.
+
+    Dagster keeps the storage of the instance last entered in a context variable. An instance
+    entered and not exited inside a test leaves it pointing at an instance that is later
+    collected, and then every `Definitions(...)` of a later test fails ("Attempted to resolve
+    undefined DagsterInstance weakref"), depending on when the garbage collector runs. Resetting
+    it around each test keeps the tests independent. (Dagster 1.13 has no public API for it.)
+    """
+    from dagster._core.storage.defs_state.base import set_defs_state_storage
+
+    with set_defs_state_storage(None):
+        yield
+
+
 @pytest.fixture(scope="session")
 def kinesis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The endpoint of a kinesalite on a free loopback port, stopped when the session ends.
