@@ -95,16 +95,9 @@ def _binary() -> Path:
     return path
 
 
-class LocalKafka(LocalServer):
-    """Start, find, or stop the noida-db Kafka broker that belongs to `state_dir`.
-
-    `port` None picks a free loopback port. The address is a bootstrap string `127.0.0.1:PORT`.
-    """
-
-    label = "local Kafka"
-    error_type = LocalKafkaError
-    start_timeout_s = 20.0
-    stop_timeout_s = 60.0  # it writes its whole state as JSON on SIGTERM
+class KafkaProtocolServer(LocalServer):
+    """A local Kafka-protocol broker: its address is a bootstrap string `127.0.0.1:PORT`, and it
+    is up when it answers a Kafka ApiVersions request."""
 
     @property
     def bootstrap(self) -> str:
@@ -116,6 +109,18 @@ class LocalKafka(LocalServer):
 
     def answers(self, address: str) -> bool:
         return answers(address, timeout=0.5)
+
+
+class LocalKafka(KafkaProtocolServer):
+    """Start, find, or stop the noida-db Kafka broker that belongs to `state_dir`.
+
+    `port` None picks a free loopback port. The address is a bootstrap string `127.0.0.1:PORT`.
+    """
+
+    label = "local Kafka"
+    error_type = LocalKafkaError
+    start_timeout_s = 20.0
+    stop_timeout_s = 60.0  # it writes its whole state as JSON on SIGTERM
 
     def prepare(self) -> list[str]:
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
-from streamguard.local_kafka import answers
-from streamguard.local_server import HOST, LocalServer, LocalServerError
+from streamguard.local_kafka import KafkaProtocolServer
+from streamguard.local_server import HOST, LocalServerError
 
 __all__ = ["LocalTansu", "LocalTansuError", "local_tansu", "tansu_binary"]
 
@@ -74,7 +74,7 @@ def tansu_binary() -> Path:
     return path
 
 
-class LocalTansu(LocalServer):
+class LocalTansu(KafkaProtocolServer):
     """Start, find, or stop the in-memory tansu broker that belongs to `state_dir`.
 
     `port` None picks a free loopback port. The address is a bootstrap string `127.0.0.1:PORT`.
@@ -89,17 +89,6 @@ class LocalTansu(LocalServer):
     stop_timeout_s = 1.0
 
     _launch_port: int | None = None
-
-    @property
-    def bootstrap(self) -> str:
-        """The bootstrap servers string of this state dir's broker."""
-        return self.address
-
-    def address_for(self, port: int) -> str:
-        return f"{HOST}:{port}"
-
-    def answers(self, address: str) -> bool:
-        return answers(address, timeout=0.5)
 
     def prepare(self) -> list[str]:
         return [str(tansu_binary()), "broker"]

@@ -23,9 +23,14 @@ from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from fraud_streams import BAD_RECORDS, assert_same_tables, sorted_table, troubled_stream
 from pyspark.errors import StreamingQueryException
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql.streaming.datasource import ReadMaxRows
-from test_spark_kinesis import Row, _assert_ordered_per_shard, _CrashError, _payloads
+from test_spark_kinesis import (
+    Row,
+    _assert_ordered_per_shard,
+    _payloads,
+    collecting_sink,
+)
 
 from models.job import ALERTS, CUSTOMER_STATE, FEATURES, SCORES, TERMINAL_STATE, TRANSACTIONS
 from models.registry import LoadedModel
@@ -51,7 +56,7 @@ from streamguard.spark.kafka_source import (
     kafka_records,
     register_kafka_source,
 )
-from streamguard.spark.kinesis_source import ShardRange, with_text
+from streamguard.spark.kinesis_source import ShardRange
 
 pytestmark = pytest.mark.spark
 
@@ -94,17 +99,7 @@ class Stream:
         """One availableNow run: ({batch id: rows}, {batch id: rows of a batch that crashed})."""
         done: dict[int, list[Row]] = {}
         crashed: dict[int, list[Row]] = {}
-
-        def sink(frame: DataFrame, batch_id: int) -> None:
-            rows = [
-                (r.shard_id, r.sequence_number, r.partition_key, r.payload)
-                for r in with_text(frame).drop("data").collect()
-            ]
-            if batch_id == crash_at:
-                crashed[batch_id] = rows
-                raise _CrashError(f"crash in batch {batch_id}")
-            done[batch_id] = rows
-            after_batch(batch_id)
+        sink = collecting_sink(done, crashed, crash_at, after_batch)
 
         reader = self.spark.readStream.format(FORMAT).option("bootstrap", self.bootstrap)
         reader = reader.option("topic", self.topic)

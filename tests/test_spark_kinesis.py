@@ -63,16 +63,7 @@ def _run(
     """One availableNow run: ({batch id: rows}, {batch id: rows seen by a batch that crashed})."""
     done: dict[int, list[Row]] = {}
     crashed: dict[int, list[Row]] = {}
-
-    def sink(frame: DataFrame, batch_id: int) -> None:
-        rows = [
-            (r.shard_id, r.sequence_number, r.partition_key, r.payload)
-            for r in with_text(frame).drop("data").collect()
-        ]
-        if batch_id == crash_at:
-            crashed[batch_id] = rows
-            raise _CrashError(f"crash in batch {batch_id}")
-        done[batch_id] = rows
+    sink = collecting_sink(done, crashed, crash_at)
 
     reader = spark.readStream.format("kinesis").option("streamName", stream)
     reader = reader.option("endpointUrl", endpoint)
@@ -95,6 +86,28 @@ def _run(
     finally:
         query.stop()
     return done, crashed
+
+
+def collecting_sink(
+    done: dict[int, list[Row]],
+    crashed: dict[int, list[Row]],
+    crash_at: int | None,
+    after_batch: Callable[[int], object] = lambda _: None,
+) -> Callable[[DataFrame, int], None]:
+    """A foreachBatch function keeping each batch's rows; batch `crash_at` raises instead."""
+
+    def sink(frame: DataFrame, batch_id: int) -> None:
+        rows = [
+            (r.shard_id, r.sequence_number, r.partition_key, r.payload)
+            for r in with_text(frame).drop("data").collect()
+        ]
+        if batch_id == crash_at:
+            crashed[batch_id] = rows
+            raise _CrashError(f"crash in batch {batch_id}")
+        done[batch_id] = rows
+        after_batch(batch_id)
+
+    return sink
 
 
 def _payloads(batches: dict[int, list[Row]]) -> list[str]:
