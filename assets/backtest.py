@@ -11,6 +11,8 @@ from pydantic import Field
 from assets.resources import HomeResource, MlflowResource
 from models.backtest import backtest, read_dataset
 from models.backtest_log import log_backtest
+from streamguard.config import ACCOUNT_HISTORY_FILE
+from streamguard.pipeline import lake_accounts, read_accounts
 
 GROUP = "fraud_model"
 
@@ -21,6 +23,12 @@ class BacktestConfig(dg.Config):
     )
     labels_path: str = Field(
         default="", description="Labels Parquet/CSV; default $STREAMGUARD_HOME/data/labels.parquet"
+    )
+    accounts_path: str = Field(
+        default="",
+        description="The bank's account history (Parquet or Delta); default "
+        "$STREAMGUARD_HOME/data/accounts_history.parquet if there, else the lake's "
+        "accounts_history, else none",
     )
     train_start: str = Field(
         default="", description="YYYY-MM-DD; default: 30 days after the first transaction"
@@ -49,6 +57,11 @@ def fraud_backtest(
     tx_path = Path(config.transactions_path or place.data / "transactions.parquet")
     labels_path = Path(config.labels_path or place.data / "labels.parquet")
     transactions = read_dataset(tx_path)
+    accounts_file = Path(config.accounts_path or place.data / ACCOUNT_HISTORY_FILE)
+    if config.accounts_path or accounts_file.exists():
+        accounts = read_accounts(accounts_file)
+    else:
+        accounts = lake_accounts(home.lake())
     start = (
         config.train_start
         or (pc.min(transactions["event_time"]).as_py() + timedelta(days=30)).date().isoformat()
@@ -61,6 +74,7 @@ def fraud_backtest(
         delay_days=config.delay_days,
         test_days=config.test_days,
         k=config.k,
+        accounts=accounts,
     )
     run_id = log_backtest(result, mlflow.uri(place), place.mlflow_artifacts)
     summary = result.to_dict()
@@ -70,6 +84,9 @@ def fraud_backtest(
         "n_test": result.n_test,
         "mlflow_run_id": run_id,
     }
+    if result.hard_rules is not None:
+        metadata["hard_rule_frauds_caught"] = int(result.hard_rules["frauds_caught"])
+        metadata["blocked_card_frauds"] = int(result.hard_rules["blocked_card_frauds"])
     for prefix in ("model", "baseline"):
         for key in ("roc_auc", "average_precision", "card_precision_at_k", "recall_at_budget"):
             value = summary[prefix].get(key)

@@ -9,13 +9,13 @@ import dagster as dg
 from pydantic import Field
 
 from assets.resources import HomeResource
-from models.accounts import ACCOUNT_KEY, ACCOUNT_SCHEMA
+from models.accounts import ACCOUNT_KEY, ACCOUNT_SCHEMA, ACCOUNTS, ACCOUNTS_HISTORY
 from streamguard.cdc import CdcReport, ScdType, apply_changes
 from streamguard.dms import DmsFile, DmsFormat, DmsSource
 from streamguard.schema_evolution import SCHEMA_MODES, SchemaMode
 
 GROUP = "accounts"
-ACCOUNTS, ACCOUNTS_HISTORY = "accounts", "accounts_history"
+# The targets: `models.accounts` names them (the scoring job reads `accounts_history`).
 SEQUENCE_BY = "updated_at"  # the source's own commit time: safer than DMS's transfer time
 SENSOR_INTERVAL_SECONDS = 30
 FORMATS: tuple[DmsFormat, ...] = ("csv", "parquet")

@@ -16,6 +16,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.resources import HomeResource, MlflowResource
+from models.accounts import ACCOUNTS_HISTORY
 from models.job import FEATURES
 from models.promotion import Evaluation, promote_if_better, rollback
 from models.registry import CHALLENGER, CHAMPION, DEFAULT_METRIC, PromotionMetric, alias_version
@@ -97,7 +98,8 @@ class TrainingConfig(dg.Config):
 
 @dg.asset(
     group_name=GROUP,
-    deps=[fraud_labels],
+    # The account history too: a history replay looks each transaction's account up in it.
+    deps=[fraud_labels, dg.AssetKey(ACCOUNTS_HISTORY)],
     description="The newest registered fraud model: the `challenger` (the first one: `champion`).",
 )
 def fraud_model(

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.ceiling import bench_ceiling, print_ceiling  # noqa: E402
 from bench.sources import bench_cdc, bench_files  # noqa: E402
 from bench.spark_scoring import bench_scoring  # noqa: E402
 from models.features import FeatureState, compute_features, replay  # noqa: E402
@@ -348,6 +349,29 @@ def main_spark_only(args: argparse.Namespace) -> int:
     return 0
 
 
+def main_ceiling_only(args: argparse.Namespace) -> int:
+    """Just the ceiling, on the same generated data as the full run; its numbers go into the
+    results file under `ceiling`, every other key of it kept."""
+    sim = simulate(days=args.days, customers=args.customers, seed=7)
+    model, _ = train_model(sim.transactions, sim.labels)
+    with tempfile.TemporaryDirectory() as tmp:
+        ceiling = bench_ceiling(
+            sim.transactions, model, args.batch, Path(tmp), args.ceiling_records
+        )
+    print_ceiling(ceiling)
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results["ceiling"] = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cores": os.cpu_count(),
+        **ceiling,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nwrote the ceiling into {out}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--customers", type=int, default=10_000)
@@ -363,11 +387,22 @@ def main() -> int:
     parser.add_argument(
         "--spark-batch", type=int, default=50_000, help="records per micro-batch, both engines"
     )
+    parser.add_argument(
+        "--ceiling-records",
+        type=int,
+        default=300_000,
+        help="transactions for the ceiling (each stage alone vs the in-memory runner)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     parser.add_argument(
         "--only-sources",
         action="store_true",
         help="only the runner in memory, through Kinesis and through Kafka; prints, no file",
+    )
+    parser.add_argument(
+        "--only-ceiling",
+        action="store_true",
+        help="only the ceiling (each stage alone vs the runner in memory); sets its key in --out",
     )
     parser.add_argument(
         "--only-spark",
@@ -378,6 +413,8 @@ def main() -> int:
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     if args.only_spark:
         return main_spark_only(args)
+    if args.only_ceiling:
+        return main_ceiling_only(args)
 
     results: dict = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -395,6 +432,9 @@ def main() -> int:
         work = Path(tmp)
         memory = bench_memory(sim.transactions, model, args.batch, work)
         print(f"in-memory runner: {memory['runner_tx_per_s']:,.0f} tx/s", flush=True)
+        if not args.only_sources:
+            ceiling = bench_ceiling(sim.transactions, model, args.batch, work, args.ceiling_records)
+            print(f"ceiling: runner {ceiling['runner_tx_per_s']:,.0f} tx/s", flush=True)
         kin = bench_kinesis(sim.transactions, model, args.batch, work, args.kinesis_records)
         print(f"kinesis runner: {kin['kinesis_tx_per_s']:,.0f} tx/s", flush=True)
         kafka = bench_kafka(sim.transactions, model, args.batch, work, args.kinesis_records)
@@ -420,6 +460,7 @@ def main() -> int:
         kafka_tx_per_s=kafka["kafka_tx_per_s"],
         sensor_event_to_alert_s=latency["sensor_event_to_alert_s"],
         memory=memory,
+        ceiling=ceiling,
         kinesis=kin,
         kafka=kafka,
         files=files,
@@ -497,6 +538,7 @@ def main() -> int:
     print(f"{'measure':34} {'value':>28} {'vs features':>12}")
     for name, value, ratio in rows:
         print(f"{name:34} {value:>28} {ratio:>12}")
+    print_ceiling(ceiling)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))

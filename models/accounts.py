@@ -21,19 +21,34 @@ from datetime import datetime
 from typing import Final
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from models.schema import TIMESTAMP
+from models.schema import (
+    ACCOUNT_AS_OF_SCHEMA,
+    ACCOUNT_CLOSED,
+    ACCOUNT_FROZEN,
+    ACCOUNT_OPEN,
+    ACCOUNT_STATUSES,
+    CARD_ACTIVE,
+    CARD_BLOCKED,
+    TIMESTAMP,
+)
+from models.schema import (
+    CARD_STATUSES as CARD_STATUSES,  # re-exported: the accounts table's vocabulary
+)
 from models.simulate import Simulation
 
-OPEN, FROZEN, CLOSED = "open", "frozen", "closed"
-STATUSES: Final = (OPEN, FROZEN, CLOSED)
-ACTIVE, BLOCKED = "active", "blocked"
-CARD_STATUSES: Final = (ACTIVE, BLOCKED)
+OPEN, FROZEN, CLOSED = ACCOUNT_OPEN, ACCOUNT_FROZEN, ACCOUNT_CLOSED
+STATUSES: Final = ACCOUNT_STATUSES
+ACTIVE, BLOCKED = CARD_ACTIVE, CARD_BLOCKED
 INSERT, UPDATE, DELETE = "I", "U", "D"
 OPS: Final = (INSERT, UPDATE, DELETE)
 
+# The CDC targets `streamguard.cdc` applies the DMS files to (current rows, SCD 2 history).
+ACCOUNTS, ACCOUNTS_HISTORY = "accounts", "accounts_history"
+VALID_FROM, VALID_TO = "valid_from", "valid_to"
 ACCOUNT_KEY: Final = "account_id"
 ACCOUNT_SCHEMA = pa.schema(
     [
@@ -56,8 +71,6 @@ _MINUTE = 60 * _US
 
 # Shares of customers each event happens to (at least one customer each, so small simulations
 # exercise every kind of change).
-_LOST_CARD_SHARE = 0.01  # card reported lost: blocked, replaced 2-10 days later
-_FREEZE_SHARE = 0.005  # compliance hold: frozen for 1-5 days
 _SAVINGS_SHARE = 0.03  # open a savings account during the period
 _SAVINGS_CLOSED_SHARE = 0.5  # of those, closed (balance paid out), then purged (deleted)
 _FEE_CENTS = (0, 500, 1_000)  # monthly account fee (ledger only: no card transaction shows it)
@@ -112,9 +125,10 @@ def simulate_accounts(sim: Simulation, *, seed: int) -> AccountChanges:
 
     - Balance: posted once a day per customer after their last transaction of the day (1-120 s
       later), from the simulated stream plus a ledger-only monthly fee.
-    - Card: blocked 5-60 minutes after the first fraud on it is reported, active again 3-7 days
-      later (a new card); a few cards are reported lost and replaced the same way.
-    - Status: a few accounts are frozen for 1-5 days; a few customers open a savings account
+    - Card and status: blocked and frozen when the simulation blocked them (`Simulation.blocks`:
+      a card 5-60 minutes after the first fraud on it is reported, a new card 3-7 days later; a
+      few cards reported lost and replaced 2-10 days later; a few accounts frozen for 1-5 days).
+    - Savings: a few customers open a savings account
       `S<n>` (no card), about half of which are closed (balance paid out) and deleted 1-3 days
       later (sooner in a short period, so every closure falls inside it).
 
@@ -163,36 +177,23 @@ def simulate_accounts(sim: Simulation, *, seed: int) -> AccountChanges:
     # (time, kind, account index, value); savings accounts are indexed n + customer index.
     events: list[tuple[int, int, int, int]] = [(t, _POST, c, b) for t, c, b in postings]
 
-    def spans(
-        who: np.ndarray, start: np.ndarray, low: float, high: float, on: int, off: int
-    ) -> None:
-        back = start + (rng.uniform(low, high, len(who)) * _DAY).astype(np.int64)
-        for c, t_on, t_off in zip(who.tolist(), start.tolist(), back.tolist(), strict=True):
-            events.append((t_on, on, c, 0))
-            events.append((t_off, off, c, 0))
-
     def some(share: float) -> np.ndarray:
         return np.sort(rng.choice(n, size=min(n, max(1, round(share * n))), replace=False))
 
-    def anytime(k: int) -> np.ndarray:
-        return t0 + _DAY + (rng.random(k) * max(1, end - t0 - _DAY)).astype(np.int64)
-
-    # Cards blocked after a reported fraud (the first report per customer), replaced later.
-    labels = sim.labels
-    victims = pc.index_in(
-        tx["customer_id"].take(pc.index_in(labels["transaction_id"], tx["transaction_id"])),
-        value_set=ids,
-    ).to_numpy()
-    reported = labels["reported_at"].cast(pa.int64()).to_numpy()
-    by_victim = np.lexsort((reported, victims))
-    ordered = victims[by_victim]
-    firsts = by_victim[np.diff(ordered, prepend=-1) != 0]  # each victim's first report
-    block_at = reported[firsts] + rng.integers(5 * _MINUTE, 60 * _MINUTE, len(firsts))
-    spans(victims[firsts], block_at, 3, 7, _BLOCK, _UNBLOCK)
-    lost = some(_LOST_CARD_SHARE)
-    spans(lost, anytime(len(lost)), 2, 10, _BLOCK, _UNBLOCK)
-    frozen = some(_FREEZE_SHARE)
-    spans(frozen, anytime(len(frozen)), 1, 5, _FREEZE, _UNFREEZE)
+    # Cards blocked and accounts frozen when the simulation blocked them (its stream already
+    # lacks the customer's declined debits and carries the fraudsters' retries).
+    blocks = sim.blocks
+    on_off = {"card": (_BLOCK, _UNBLOCK), "account": (_FREEZE, _UNFREEZE)}
+    for customer, what, t_on, t_off in zip(
+        pc.index_in(blocks["customer_id"], value_set=ids).to_pylist(),
+        blocks["blocks"].to_pylist(),
+        blocks["start_at"].cast(pa.int64()).to_pylist(),
+        blocks["end_at"].cast(pa.int64()).to_pylist(),
+        strict=True,
+    ):
+        on, off = on_off[what]
+        events.append((t_on, on, customer, 0))
+        events.append((t_off, off, customer, 0))
     # Savings accounts open in the first 40 % of the period; a closed one lives 15-45 % of it
     # and is purged 1-3 days later (at most a tenth of it), so every closure fits the period.
     savers = some(_SAVINGS_SHARE)
@@ -308,3 +309,123 @@ def accounts_as_of(accounts: AccountChanges, moment: datetime | None = None) -> 
     latest = every.take(last["_order_max"])
     latest = latest.filter(pc.not_equal(latest["op"], DELETE))
     return latest.select(ACCOUNT_SCHEMA.names).cast(ACCOUNT_SCHEMA).sort_by(ACCOUNT_KEY)
+
+
+def account_history(accounts: AccountChanges) -> pa.Table:
+    """The accounts table's SCD 2 history: every version with `valid_from` (its commit time) and
+    `valid_to` (the next change's, null while current); a delete ends the last version.
+
+    The reference a correct SCD 2 apply of the DMS files must reproduce (several changes of an
+    account at one commit time: the last committed counts). Sorted by account_id, valid_from.
+    """
+    load = accounts.full_load.add_column(
+        0, "op", pa.array([INSERT] * accounts.full_load.num_rows, pa.string())
+    )
+    every = pa.concat_tables([load.cast(CHANGE_SCHEMA), accounts.changes])
+    frame = every.to_pandas()
+    frame["_order"] = np.arange(len(frame))
+    frame = frame.sort_values([ACCOUNT_KEY, "updated_at", "_order"], kind="stable")
+    frame = frame.drop_duplicates([ACCOUNT_KEY, "updated_at"], keep="last")
+    following = frame.groupby(ACCOUNT_KEY, sort=False)["updated_at"].shift(-1)
+    frame[VALID_FROM], frame[VALID_TO] = frame["updated_at"], following
+    frame = frame[frame["op"] != DELETE]
+    schema = pa.schema(
+        [*ACCOUNT_SCHEMA, pa.field(VALID_FROM, TIMESTAMP), pa.field(VALID_TO, TIMESTAMP)]
+    )
+    return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+
+
+# The history columns the as-of join reads.
+HISTORY_SCHEMA = pa.schema(
+    [
+        *(ACCOUNT_SCHEMA.field(c) for c in ("customer_id", "balance", "status", "card_status")),
+        pa.field(VALID_FROM, TIMESTAMP),
+        pa.field(VALID_TO, TIMESTAMP),
+    ]
+)
+HISTORY_COLUMNS = HISTORY_SCHEMA.names
+
+
+def history_filter(transactions: pa.Table) -> pc.Expression:
+    """The history rows an as-of lookup of these transactions needs: their customers' versions
+    begun by the last event and not ended before the first."""
+    times = transactions["event_time"]
+    return (
+        pc.field("customer_id").isin(pc.unique(transactions["customer_id"]))
+        & (pc.field(VALID_FROM) <= pc.max(times))
+        & (pc.field(VALID_TO).is_null() | (pc.field(VALID_TO) > pc.min(times)))
+    )
+
+
+def account_as_of(transactions: pa.Table, history: pa.Table) -> pa.Table:
+    """Per transaction, its customer's card account as the bank held it at the event time.
+
+    `history` holds SCD 2 versions (`HISTORY_COLUMNS`, any other rows and columns ignored): the
+    version valid at t has valid_from <= t < valid_to (valid_to null: still current). Only
+    accounts with a card count (a card transaction cannot hit a savings account); a customer
+    with several card accounts gets the latest version of any of them. No version (unknown
+    customer, before the first change, account deleted): nulls. ACCOUNT_AS_OF_SCHEMA, aligned
+    with `transactions`.
+    """
+    n = transactions.num_rows
+    cards = history.filter(pc.is_valid(history["card_status"])) if history.num_rows else history
+    if n == 0 or cards.num_rows == 0:
+        return ACCOUNT_AS_OF_SCHEMA.empty_table() if n == 0 else _no_accounts(n)
+    tx_customers = transactions["customer_id"].to_numpy(zero_copy_only=False)
+    versions = cards["customer_id"].to_numpy(zero_copy_only=False)
+    codes = pd.factorize(np.concatenate([versions, tx_customers]))[0].astype(np.int64)
+    v_codes, t_codes = codes[: len(versions)], codes[len(versions) :]
+    v_from = cards[VALID_FROM].cast(pa.int64()).to_numpy()
+    t_time = transactions["event_time"].cast(pa.int64()).to_numpy()
+    m = len(versions)
+    # Versions before transactions at equal times (valid_from <= t), then the last version at or
+    # before each transaction of the same customer.
+    is_tx = np.concatenate([np.zeros(m, np.int8), np.ones(n, np.int8)])
+    order = np.lexsort(
+        (
+            np.arange(m + n),
+            is_tx,
+            np.concatenate([v_from, t_time]),
+            np.concatenate([v_codes, t_codes]),
+        )
+    )
+    all_codes = np.concatenate([v_codes, t_codes])[order]
+    position = np.where(order < m, np.arange(m + n), -1)
+    last = np.maximum.accumulate(position)
+    found = (last >= 0) & (all_codes[np.maximum(last, 0)] == all_codes)
+    version = np.where(found, order[np.maximum(last, 0)], -1)
+    per_tx = np.full(n, -1, dtype=np.int64)
+    tx_rows = order >= m
+    per_tx[order[tx_rows] - m] = version[tx_rows]
+    # A version closed before the transaction (the account was deleted) does not count.
+    v_to = cards[VALID_TO].cast(pa.int64())
+    to = pc.fill_null(v_to, np.iinfo(np.int64).max).to_numpy()
+    has = per_tx >= 0
+    has[has] = to[per_tx[has]] > t_time[has]
+    take = pa.array(np.where(has, per_tx, 0), mask=~has)
+    return pa.Table.from_arrays(
+        [
+            cards["balance"].cast(pa.float64()).take(take),
+            cards[VALID_FROM].cast(TIMESTAMP).take(take),
+            cards["status"].cast(pa.string()).take(take),
+            cards["card_status"].cast(pa.string()).take(take),
+        ],
+        schema=ACCOUNT_AS_OF_SCHEMA,
+    )
+
+
+def _no_accounts(n: int) -> pa.Table:
+    return pa.Table.from_arrays(
+        [pa.nulls(n, f.type) for f in ACCOUNT_AS_OF_SCHEMA], schema=ACCOUNT_AS_OF_SCHEMA
+    )
+
+
+def with_accounts(transactions: pa.Table, history: pa.Table | None) -> pa.Table:
+    """`transactions` with the ACCOUNT_AS_OF_SCHEMA columns (all null without a history)."""
+    n = transactions.num_rows
+    as_of = _no_accounts(n) if history is None else account_as_of(transactions, history)
+    for field in ACCOUNT_AS_OF_SCHEMA:
+        if field.name in transactions.column_names:
+            transactions = transactions.drop_columns([field.name])
+        transactions = transactions.append_column(field, as_of[field.name])
+    return transactions

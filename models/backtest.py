@@ -36,6 +36,7 @@ from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
 from models.features import replay
+from models.rules import HARD_RULES, AlertPolicy, rule_hits
 from models.schema import LABEL_SCHEMA, TIMESTAMP, TRANSACTION_SCHEMA
 from models.training import (
     BASELINE_CLASS_WEIGHT,
@@ -332,13 +333,15 @@ def backtest_data(
     train_days: int = 7,
     delay_days: int = 7,
     test_days: int = 7,
+    accounts: pa.Table | None = None,
 ) -> BacktestData:
     """The training and test rows of the protocol, without fitting anything.
 
     Features are replayed from the first transaction, so windows up to 30 days are warm at
     `train_start` when the data starts at least 30 days before it. Replay only lets a label
     count once reported; training labels are those reported by the start of the test period;
-    test labels are the ground truth.
+    test labels are the ground truth. `accounts`: the bank's account history (SCD 2 versions,
+    `models.accounts.HISTORY_COLUMNS`), looked up as of each transaction as in production.
     """
     if train_days < 1 or test_days < 1 or delay_days < 0:
         raise ValueError(
@@ -361,7 +364,7 @@ def backtest_data(
             f"needs {periods.train_start:%Y-%m-%d} to {periods.test_end - _DAY:%Y-%m-%d}"
         )
     needed = table.filter(pc.less(table["event_time"], periods.test_end.to_pydatetime()))
-    features = replay(needed, _label_table(label_rows)).features.to_pandas()
+    features = replay(needed, _label_table(label_rows), accounts=accounts).features.to_pandas()
     times = pd.to_datetime(features["event_time"], utc=True)
     in_train = ((times >= periods.train_start) & (times < periods.train_end)).to_numpy()
     in_test = ((times >= periods.test_start) & (times < periods.test_end)).to_numpy()
@@ -443,6 +446,8 @@ class BacktestResult:
     labels_imputed: int  # labels whose reported_at was event_time + delay_days
     # transaction_id, customer_id, event_time, score, baseline_score, label, fraud_scenario
     predictions: pd.DataFrame = field(repr=False)
+    # With the account history: `hard_rule_report` of the test period (None without it).
+    hard_rules: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The metrics as plain JSON types (NaN as None); the default model's at the top level."""
@@ -470,6 +475,8 @@ class BacktestResult:
             model=self.model,
             baseline=self.baseline,
         )
+        if self.hard_rules is not None:
+            out["hard_rules"] = self.hard_rules
         return _json_safe(out)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -517,19 +524,24 @@ def backtest(
     params: dict[str, Any] | None = None,
     budget: int | None = None,
     candidate: str = DEFAULT_CANDIDATE,
+    accounts: pa.Table | None = None,
 ) -> BacktestResult:
     """Train on [train_start, +train_days), skip delay_days, test on the next test_days.
 
     The model (`make_candidate(candidate, params)`, the default model unless told otherwise) and
     the baseline (`make_baseline()`) are fitted on the same rows and scored on the same test
     rows. `budget` is the daily number of transaction alerts for the recall metrics (default: k).
+    With `accounts` (the bank's account history), the features see the account as of each
+    transaction and the result reports the hard rules (blocked card, account not open) too.
     """
     if candidate not in CANDIDATES:
         raise ValueError(f"unknown model {candidate!r}; one of {', '.join(CANDIDATES)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     budget = k if budget is None else budget
-    data = backtest_data(transactions, labels, train_start, train_days, delay_days, test_days)
+    data = backtest_data(
+        transactions, labels, train_start, train_days, delay_days, test_days, accounts
+    )
     train, test = data.train, data.test
     n_fraud = int(train["label"].sum())
     if n_fraud == 0 or n_fraud == len(train):
@@ -581,7 +593,30 @@ def backtest(
         ),
         labels_imputed=int(data.labels["reported_imputed"].sum()),
         predictions=predictions,
+        hard_rules=hard_rule_report(test) if accounts is not None else None,
     )
+
+
+def hard_rule_report(test: pd.DataFrame) -> dict[str, Any]:
+    """What the hard rules (alert whatever the score) did in the test period: how often each
+    fired, how many of those were fraud, and how many of the frauds they caught."""
+    hits = rule_hits(test, AlertPolicy())
+    label = test["label"].to_numpy().astype(bool)
+    scenario = test["fraud_scenario"].to_numpy(dtype=object)
+    out: dict[str, Any] = {}
+    for rule in HARD_RULES:
+        fired = hits[rule].to_numpy()
+        n, n_fraud = int(fired.sum()), int((fired & label).sum())
+        out[rule] = {"hits": n, "fraud_hits": n_fraud, "precision": n_fraud / n if n else math.nan}
+    any_hard = hits[list(HARD_RULES)].to_numpy().any(axis=1)
+    blocked = scenario == "blocked_card"
+    out["frauds_caught"] = int((any_hard & label).sum())
+    out["frauds"] = int(label.sum())
+    out["blocked_card_frauds"] = int(blocked.sum())
+    out["blocked_card_recall"] = (
+        float((any_hard & blocked).sum() / blocked.sum()) if blocked.any() else math.nan
+    )
+    return out
 
 
 # --------------------------------------------------------------------------- plots

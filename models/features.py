@@ -19,9 +19,21 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from models.schema import CHANNELS, TIMESTAMP
+from models.accounts import with_accounts
+from models.schema import (
+    ACCOUNT_CLOSED,
+    ACCOUNT_FROZEN,
+    ACCOUNT_OPEN,
+    CARD_ACTIVE,
+    CARD_BLOCKED,
+    CHANNELS,
+    FEATURE_INPUT_SCHEMA,
+    TIMESTAMP,
+)
 
-FEATURE_VERSION = "1"
+# 2: the bank's account as of each event (CDC): card_blocked, account_not_open, and the balance
+# re-anchored on the ledger balance.
+FEATURE_VERSION = "2"
 
 # Sliding event-time windows over the customer's own earlier transactions.
 CUSTOMER_WINDOWS: dict[str, int] = {"1h": 3600, "1d": 86_400, "7d": 7 * 86_400, "30d": 30 * 86_400}
@@ -82,6 +94,8 @@ FEATURES: tuple[Feature, ...] = (
     ),
     *(Feature(f"channel_{c}", "event", f"1 if the channel is {c}.") for c in CHANNELS),
     Feature("hour_of_day", "event", "The event time's hour (UTC)."),
+    Feature("card_blocked", "event", "1 if the bank had blocked the card at the event time."),
+    Feature("account_not_open", "event", "1 if the bank had frozen or closed the account by then."),
 )
 
 
@@ -299,6 +313,11 @@ class _Batch:
     balance_change: np.ndarray  # -amount for a debit, +amount for a credit
     channels: np.ndarray  # object, None when absent
     locations: np.ndarray  # object, None when absent
+    # The bank's account as of the event (ACCOUNT_AS_OF_SCHEMA; NaN/None where unknown).
+    ledger_balance: np.ndarray
+    ledger_time: np.ndarray  # us as float
+    account_status: np.ndarray  # object
+    card_status: np.ndarray  # object
 
 
 @dataclass(frozen=True)
@@ -377,23 +396,36 @@ def compute_features(
     terminals = _keys(state.terminals, "terminal_id", batch.terminals)
     order = _customer_order(customers, batch.times)
     start = _customer_start(customers)
+    balances = _balances(order, start, batch, customers.k)
     spend = _spend_history(customers, batch)
     locations = _locations(customers, order, batch.locations)
     terminal_timeline = _key_timeline(terminals, batch.times)
     frauds = _known_fraud_counts(batch.terminals, batch.times, known_frauds)
     values = {
         **_event_features(batch),
-        **_balance_features(order, start, batch),
+        **_balance_features(balances, order, batch),
         **_recency_features(order, start),
         **_location_features(locations, order, customers.k),
         **_spend_features(spend, batch.amounts),
         **_terminal_features(terminal_timeline, frauds),
     }
     new_state = FeatureState(
-        _new_customer_state(customers, start=start, spend=spend, locations=locations, batch=batch),
+        _new_customer_state(
+            customers, balance=balances.after, spend=spend, locations=locations, batch=batch
+        ),
         _new_terminal_state(terminals, terminal_timeline, batch.times),
     )
     return FeatureResult(_feature_table(transactions, values), new_state)
+
+
+def feature_input(transactions: pa.Table) -> pa.Table:
+    """`transactions` as FEATURE_INPUT_SCHEMA: the account columns null where not joined."""
+    n = transactions.num_rows
+    columns = [
+        transactions[f.name] if f.name in transactions.column_names else pa.nulls(n, f.type)
+        for f in FEATURE_INPUT_SCHEMA
+    ]
+    return pa.Table.from_arrays(columns, schema=FEATURE_INPUT_SCHEMA)
 
 
 def _objects(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -413,6 +445,19 @@ def _read_batch(transactions: pa.Table) -> _Batch:
     is_debit = np.asarray(
         pc.equal(transactions["kind"], "debit").to_numpy(zero_copy_only=False), dtype=bool
     )
+    n = transactions.num_rows
+    names = set(transactions.column_names)
+
+    def optional(name: str) -> np.ndarray:
+        if name in names:
+            return _objects(transactions[name])
+        return np.full(n, None, dtype=object)
+
+    if {"account_balance", "account_updated_at"} <= names:
+        ledger_balance = _floats(transactions["account_balance"])
+        ledger_time = _nullable_micros(transactions["account_updated_at"])
+    else:
+        ledger_balance = ledger_time = np.full(n, np.nan)
     return _Batch(
         customers=_objects(transactions["customer_id"]),
         terminals=_objects(transactions["terminal_id"]),
@@ -422,7 +467,17 @@ def _read_batch(transactions: pa.Table) -> _Batch:
         balance_change=np.where(is_debit, -amounts, amounts),
         channels=_objects(transactions["channel"]),
         locations=_objects(transactions["location"]),
+        ledger_balance=ledger_balance,
+        ledger_time=ledger_time,
+        account_status=optional("account_status"),
+        card_status=optional("card_status"),
     )
+
+
+def _nullable_micros(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A timestamp column in us as float64, NaN where null."""
+    micros = pc.cast(column, pa.int64())
+    return np.asarray(micros.to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
 def _keys(state: pa.Table, key: str, batch_keys: np.ndarray) -> _Keys:
@@ -515,14 +570,77 @@ def _event_features(batch: _Batch) -> dict[str, np.ndarray]:
         is_channel = (batch.channels == name).astype(np.float64)
         features[f"channel_{name}"] = np.where(has_channel, is_channel, np.nan)
     features["hour_of_day"] = ((batch.times // (3600 * _US)) % 24).astype(np.float64)
+    features["card_blocked"] = _flag(batch.card_status, (CARD_BLOCKED,), (CARD_ACTIVE,))
+    features["account_not_open"] = _flag(
+        batch.account_status, (ACCOUNT_FROZEN, ACCOUNT_CLOSED), (ACCOUNT_OPEN,)
+    )
     return features
 
 
+def _flag(values: np.ndarray, yes: tuple[str, ...], no: tuple[str, ...]) -> np.ndarray:
+    """1 for a value in `yes`, 0 in `no`, NaN otherwise (unknown: no account, another value)."""
+    return np.where(np.isin(values, yes), 1.0, np.where(np.isin(values, no), 0.0, np.nan))
+
+
+@dataclass(frozen=True)
+class _Balances:
+    """Each sorted batch row's balance before it, and each customer's balance after the batch."""
+
+    before: np.ndarray  # per sorted row
+    after: np.ndarray  # per customer code
+
+
+def _balances(order: _CustomerOrder, start: _CustomerStart, batch: _Batch, k: int) -> _Balances:
+    """The running balance, re-anchored on the bank's ledger at the first event after a posting.
+
+    An event whose account version (ledger balance B, committed at U <= t) is newer than every
+    event of the customer processed before it is the first one after that posting: the ledger
+    holds everything up to U and nothing happened since, so its balance before is B exactly.
+    Every other event continues from the event before it (or from the stored balance). Whether
+    an event anchors depends only on the customer's earlier events, never on where batches were
+    cut, and everything is accumulated per customer, so other customers in the batch change
+    nothing either.
+    """
+    rows, codes = order.rows, order.codes
+    change = batch.balance_change[rows]
+    earlier = _prefix_sums(codes, change)[:-1]  # changes of the customer's earlier batch rows
+    plain = start.balance[codes] + earlier
+    # Summed in arrival order, as always: unchanged for customers without an anchored event.
+    arrival_codes = np.empty_like(codes)
+    arrival_codes[rows] = codes
+    balance_after = start.balance + np.bincount(
+        arrival_codes, weights=batch.balance_change, minlength=k
+    )
+    posted_at = batch.ledger_time[rows]
+    ledger = batch.ledger_balance[rows]
+    previous = np.concatenate([[np.nan], order.times[:-1].astype(np.float64)])
+    previous = np.where(order.first, start.last_time[codes], previous)
+    with np.errstate(invalid="ignore"):
+        anchored = ~np.isnan(posted_at) & ~np.isnan(ledger)
+        anchored &= np.isnan(previous) | (posted_at >= previous)
+    if not anchored.any():
+        return _Balances(plain, balance_after)
+    # Other events: the last anchored earlier event's balance carried forward.
+    n = len(rows)
+    offset = np.where(anchored, ledger - earlier, np.nan)
+    last = np.maximum.accumulate(np.where(anchored, np.arange(n), -1))
+    carried = last >= order.group_start
+    before = np.where(
+        anchored, ledger, np.where(carried, offset[np.maximum(last, 0)] + earlier, plain)
+    )
+    # After the batch: from the customer's last event (only customers with an anchor differ).
+    last_row = np.r_[order.first[1:], True]
+    touched = np.zeros(k, dtype=bool)
+    touched[codes[anchored]] = True
+    ends = np.flatnonzero(last_row & touched[codes])
+    balance_after[codes[ends]] = before[ends] + change[ends]
+    return _Balances(before, balance_after)
+
+
 def _balance_features(
-    order: _CustomerOrder, start: _CustomerStart, batch: _Batch
+    balances: _Balances, order: _CustomerOrder, batch: _Batch
 ) -> dict[str, np.ndarray]:
-    changes_before = _prefix_sums(order.codes, batch.balance_change[order.rows])[:-1]
-    balance_before = order.unsort(start.balance[order.codes] + changes_before)
+    balance_before = order.unsort(balances.before)
     return {
         "balance_before": balance_before,
         "amount_balance_ratio": batch.amounts / np.maximum(balance_before, 1.0),
@@ -670,15 +788,12 @@ def _location_lists(locations: _Locations, k: int) -> pa.ListArray:
 def _new_customer_state(
     customers: _Keys,
     *,
-    start: _CustomerStart,
+    balance: np.ndarray,
     spend: _SpendHistory,
     locations: _Locations,
     batch: _Batch,
 ) -> pa.Table:
     k = customers.k
-    balance = start.balance + np.bincount(
-        customers.batch_codes, weights=batch.balance_change, minlength=k
-    )
     latest = _latest_times(customers, batch.times)
     keep, codes = _history(spend.timeline, latest, spend.weights.astype(bool))
     return pa.Table.from_arrays(
@@ -740,13 +855,17 @@ def replay(
     labels: pa.Table | None = None,
     state: FeatureState | None = None,
     chunk_seconds: int = 86_400,
+    accounts: pa.Table | None = None,
 ) -> FeatureResult:
     """Replay history through `compute_features` in event-time chunks: features as they were.
 
     This is how training gets point-in-time features without a feature log: every transaction
-    sees only earlier transactions and only labels reported before it.
+    sees only earlier transactions, only labels reported before it and, with `accounts` (the
+    `accounts_history` SCD 2 versions), the bank's account as of its time.
     """
     transactions = transactions.sort_by([("event_time", "ascending")])
+    if accounts is not None:
+        transactions = with_accounts(transactions, accounts)
     frauds = known_frauds(transactions, labels) if labels is not None else None
     current = state or FeatureState.empty()
     parts = []

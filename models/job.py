@@ -18,6 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from models.accounts import (
+    ACCOUNTS_HISTORY,
+    HISTORY_COLUMNS,
+    history_filter,
+    with_accounts,
+)
 from models.features import (
     CUSTOMER_STATE_SCHEMA,
     FEATURE_COLUMNS,
@@ -155,6 +161,8 @@ class ScoringContext:
     challenger_version: str | None = None
     labels_version: int | None = None
     alert_threshold: float | None = None
+    # The `accounts_history` version the batch's as-of account lookup reads (None: no table).
+    accounts_version: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -175,6 +183,7 @@ class ScoringContext:
             challenger_version=data.get("challenger_version") or None,
             labels_version=data.get("labels_version"),
             alert_threshold=data.get("alert_threshold"),
+            accounts_version=data.get("accounts_version"),
         )
 
 
@@ -245,6 +254,7 @@ class FraudScoringJob:
             challenger_version=self._challenger_version(version),
             labels_version=lake.version(LABELS),
             alert_threshold=self._version_threshold(version),
+            accounts_version=lake.version(ACCOUNTS_HISTORY),
         )
 
     def load_context(self, text: str) -> ScoringContext:
@@ -290,7 +300,7 @@ class FraudScoringJob:
     ) -> Processed:
         now = datetime.now(UTC)
         valid, transactions, rejected = prepare(records, batch_id, lake, now)
-        frauds = reported_frauds(lake, valid, batch_id, context.labels_version)
+        valid, frauds = feature_inputs(lake, valid, batch_id, context)
         result = compute_features(valid, load_state(lake, valid), frauds)
         tables = self.assemble(result.features, result.state, transactions, context, batch_id, now)
         stats = {
@@ -540,6 +550,34 @@ def load_terminal_state(lake: LakeReader, valid: pa.Table) -> pa.Table:
         schema=TERMINAL_STATE_TABLE_SCHEMA,
     )
     return terminals.cast(TERMINAL_STATE_SCHEMA)
+
+
+def feature_inputs(
+    lake: LakeReader, valid: pa.Table, batch_id: int, context: ScoringContext
+) -> tuple[pa.Table, pa.Table]:
+    """What the feature function reads besides the state, as the plan pinned it: the valid
+    transactions with their account as of each event (FEATURE_INPUT_SCHEMA), the known frauds."""
+    frauds = reported_frauds(lake, valid, batch_id, context.labels_version)
+    accounts = load_accounts(lake, valid, context.accounts_version)
+    return with_accounts(valid, accounts), frauds
+
+
+def load_accounts(
+    lake: LakeReader, valid: pa.Table, accounts_version: int | None
+) -> pa.Table | None:
+    """The account versions the batch's as-of lookup needs, at the version the plan recorded.
+
+    Only the batch's customers, and only versions that may be valid at one of its events (begun
+    by its last event, not ended before its first); None when the plan names no version.
+    """
+    if accounts_version is None or valid.num_rows == 0:
+        return None
+    return lake.read(
+        ACCOUNTS_HISTORY,
+        columns=HISTORY_COLUMNS,
+        filter=history_filter(valid),
+        version=accounts_version,
+    )
 
 
 def reported_frauds(

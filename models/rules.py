@@ -1,23 +1,28 @@
 """Rules fraud analysts can read, and how they combine with the model score into an alert.
 
-The model ranks; the rules name patterns an analyst recognises at a glance. A rule alone never
-raises an alert (each one also fires on plenty of legitimate activity); it lowers the score needed
-to alert, so a moderately suspicious transaction that matches a known pattern is still looked at.
+The model ranks; the rules name patterns an analyst recognises at a glance. A soft rule alone
+never raises an alert (each one also fires on plenty of legitimate activity); it lowers the score
+needed to alert, so a moderately suspicious transaction that matches a known pattern is still
+looked at. A hard rule alerts whatever the score: it states a fact the bank already knows (the
+card was blocked, the account frozen or closed), so any spending on it needs a look.
 Everything here is vectorised: it runs on every micro-batch of up to ~100k rows.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-RULES: tuple[str, ...] = (
+SOFT_RULES: tuple[str, ...] = (
     "low_balance_large_withdrawal",
     "never_seen_location",
     "velocity_burst",
 )
+HARD_RULES: tuple[str, ...] = ("blocked_card", "account_not_open")
+RULES: tuple[str, ...] = SOFT_RULES + HARD_RULES
 
 
 @dataclass(frozen=True)
@@ -63,11 +68,22 @@ def rule_hits(features: pd.DataFrame, policy: AlertPolicy) -> pd.DataFrame:
             _col(features, "n_locations_seen") >= policy.min_locations_for_new
         )
         velocity_burst = _col(features, "count_1h") >= policy.velocity_1h
+        # Money going out: a card payment on a blocked card, any debit of a frozen or closed
+        # account (credits still arrive, and a wire transfer needs no card).
+        debit = _col(features, "is_debit") == 1.0
+        blocked_card = (
+            (_col(features, "card_blocked") == 1.0)
+            & debit
+            & (_col(features, "channel_wire") != 1.0)
+        )
+        account_not_open = (_col(features, "account_not_open") == 1.0) & debit
     return pd.DataFrame(
         {
             "low_balance_large_withdrawal": low_balance_large_withdrawal,
             "never_seen_location": never_seen_location,
             "velocity_burst": velocity_burst,
+            "blocked_card": blocked_card,
+            "account_not_open": account_not_open,
         },
         index=features.index,
         columns=list(RULES),
@@ -79,17 +95,20 @@ def decide(
 ) -> tuple[np.ndarray, list[str]]:
     """Alert flags and a readable reason per row ("" when no alert).
 
-    alert = score >= threshold, or (any rule hit and score >= rule_threshold). A NaN score never
-    alerts. The reason names the score and every rule that fired, e.g.
-    "model 0.93; rules: never_seen_location".
+    alert = score >= threshold, or (any rule hit and score >= rule_threshold), or any hard rule
+    hit (whatever the score, NaN included). Otherwise a NaN score never alerts. The reason names
+    the score and every rule that fired, e.g. "model 0.93; rules: never_seen_location".
     """
     scores = np.asarray(scores, dtype=np.float64)
     if len(scores) != len(hits):
         raise ValueError(f"{len(scores)} scores for {len(hits)} rows of rule hits")
     fired = np.asarray(hits[list(RULES)], dtype=bool).reshape(len(hits), len(RULES))
+    hard = fired[:, [RULES.index(r) for r in HARD_RULES]].any(axis=1)
     with np.errstate(invalid="ignore"):
-        alert = (scores >= policy.threshold) | (
-            fired.any(axis=1) & (scores >= policy.rule_threshold)
+        alert = (
+            (scores >= policy.threshold)
+            | (fired.any(axis=1) & (scores >= policy.rule_threshold))
+            | hard
         )
     reasons = [""] * len(scores)
     rows = np.flatnonzero(alert)
@@ -104,5 +123,5 @@ def decide(
         for code in np.unique(codes)
     }
     for row, code, score in zip(rows.tolist(), codes.tolist(), scores[rows].tolist(), strict=True):
-        reasons[row] = f"model {score:.2f}{suffix[code]}"
+        reasons[row] = f"model {'?' if math.isnan(score) else f'{score:.2f}'}{suffix[code]}"
     return alert, reasons

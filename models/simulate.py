@@ -14,12 +14,14 @@ the emitted stream alone (opening credit first) never goes below zero.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -31,8 +33,9 @@ FRAUD_SCENARIOS: tuple[str, ...] = (
     "compromised_terminal",
     "card_not_present",
     "card_testing",
+    "blocked_card",
 )
-_DRAIN, _NEW_LOCATION, _TERMINAL, _CNP, _TESTING = range(len(FRAUD_SCENARIOS))
+_DRAIN, _NEW_LOCATION, _TERMINAL, _CNP, _TESTING, _BLOCKED = range(len(FRAUD_SCENARIOS))
 _LEGIT = -1
 
 _US = 1_000_000
@@ -40,6 +43,21 @@ _MINUTE = 60 * _US
 _HOUR = 3600 * _US
 _DAY = 86_400 * _US
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# What the bank's core system blocked, and when: a card ("card") or the whole account
+# ("account", a freeze). During a block the customer's own debits of that kind are declined, so
+# the stream has none; `models.accounts` turns blocks into the accounts table's changes.
+BLOCK_KINDS: tuple[str, ...] = ("card", "account")
+BLOCK_REASONS: tuple[str, ...] = ("fraud_reported", "lost", "compliance_hold")
+BLOCK_SCHEMA = pa.schema(
+    [
+        pa.field("customer_id", pa.string(), nullable=False),
+        pa.field("blocks", pa.string(), nullable=False),  # one of BLOCK_KINDS
+        pa.field("reason", pa.string(), nullable=False),  # one of BLOCK_REASONS
+        pa.field("start_at", TIMESTAMP, nullable=False),
+        pa.field("end_at", TIMESTAMP, nullable=False),  # may be after the period
+    ]
+)
 
 _ATM, _POS, _ONLINE, _WIRE = (CHANNELS.index(c) for c in ("atm", "pos", "online", "wire"))
 _DEBIT, _CREDIT = KINDS.index("debit"), KINDS.index("credit")
@@ -87,6 +105,17 @@ _TERMINAL_RATE = 1 / 6_000
 # Reporting delay: log-normal, median 4 days; a few take ~3 weeks.
 _REPORT_MEDIAN_DAYS = 4.0
 _REPORT_SIGMA = 0.7
+# After the first fraud on a card is reported, the bank blocks it 5-60 minutes later and issues a
+# new one 3-7 days after that. The customer's own card debits stop meanwhile; the fraudster, who
+# does not know, retries the stolen card a few times within 2 days (`blocked_card`).
+_BLOCK_DELAY_MINUTES = (5, 60)
+_BLOCK_DAYS = (3, 7)
+_RETRY_SHARE = 0.3  # of blocked cards, retried (at least one card)
+_RETRY_DOLLARS = 40.0  # median retry amount (log-normal), capped at what the balance allows
+_LOST_CARD_SHARE = 0.01  # of customers: card reported lost, blocked, replaced 2-10 days later
+_LOST_DAYS = (2, 10)
+_HOLD_SHARE = 0.005  # of customers: a compliance hold freezes the account for 1-5 days
+_HOLD_DAYS = (1, 5)
 
 
 @dataclass(frozen=True)
@@ -95,6 +124,8 @@ class Simulation:
 
     transactions: pa.Table  # exactly TRANSACTION_SCHEMA, sorted by event_time
     labels: pa.Table  # exactly LABEL_SCHEMA, one row per fraudulent transaction
+    # Cards blocked and accounts frozen (BLOCK_SCHEMA): core-banking facts, not in the stream.
+    blocks: pa.Table = dataclasses.field(default_factory=lambda: BLOCK_SCHEMA.empty_table())
 
 
 @dataclass(frozen=True)
@@ -650,41 +681,230 @@ def simulate(
 
     # Stream order: event time; ties keep (customer, per-customer) order, so balances replay.
     order = np.argsort(events["time"], kind="stable")
-    time = events["time"][order]
-    cust, terminal = events["cust"][order], events["terminal"][order]
-    cents, scenario = cents[order], scenario[order]
-    n = len(time)
+    stream = {name: events[name][order] for name in ("time", "cust", "terminal", "kind", "channel")}
+    stream["cents"], stream["scenario"] = cents[order], scenario[order]
+    fraud = scenario[order] != _LEGIT
+    delay = rng.lognormal(math.log(_REPORT_MEDIAN_DAYS * _DAY), _REPORT_SIGMA, int(fraud.sum()))
+    reported = np.full(len(order), -1, dtype=np.int64)
+    reported[fraud] = stream["time"][fraud] + _report_delay(delay)
+    stream["reported"] = reported
+    end = t0 + days * _DAY
+    fraud_blocks = _card_blocks(rng, stream, customers, end)
+    blocks = _Blocks.concat([fraud_blocks, *_random_blocks(rng, customers, t0, end)])
+    stream = _decline_blocked(stream, blocks)
+    stream = _retry_blocked_cards(rng, world, stream, fraud_blocks, end)
 
+    time, cust, terminal = stream["time"], stream["cust"], stream["terminal"]
+    n = len(time)
     cell = world.cell[terminal]
     cell_names = pa.array([f"L{i:04d}" for i in range(world.grid**2)], pa.string())
     ids = pa.array([f"tx-{seed}-{i:09d}" for i in range(n)], pa.string())
+    customer_ids = pa.array([f"C{i:06d}" for i in range(customers)], pa.string())
     transactions = pa.Table.from_arrays(
         [
             ids,
             pa.array(time, pa.int64()).cast(TIMESTAMP),
-            pa.array([f"C{i:06d}" for i in range(customers)], pa.string()).take(cust),
+            customer_ids.take(cust),
             pa.array([f"T{i:05d}" for i in range(n_terminals)], pa.string()).take(terminal),
-            pa.array(cents / 100, pa.float64()),
-            pa.array(KINDS, pa.string()).take(events["kind"][order]),
-            pa.array(CHANNELS, pa.string()).take(events["channel"][order]),
+            pa.array(stream["cents"] / 100, pa.float64()),
+            pa.array(KINDS, pa.string()).take(stream["kind"]),
+            pa.array(CHANNELS, pa.string()).take(stream["channel"]),
             cell_names.take(pa.array(np.maximum(cell, 0), mask=cell < 0)),
         ],
         schema=TRANSACTION_SCHEMA,
     )
 
-    fraud = np.flatnonzero(scenario != _LEGIT)
-    delay = rng.lognormal(math.log(_REPORT_MEDIAN_DAYS * _DAY), _REPORT_SIGMA, len(fraud))
-    delay = np.clip(delay, _HOUR, 28 * _DAY).astype(np.int64)
+    fraud_rows = np.flatnonzero(stream["scenario"] != _LEGIT)
     labels = pa.Table.from_arrays(
         [
-            ids.take(fraud),
-            pa.array(np.ones(len(fraud), dtype=bool), pa.bool_()),
-            pa.array(time[fraud] + delay, pa.int64()).cast(TIMESTAMP),
-            pa.array(FRAUD_SCENARIOS, pa.string()).take(scenario[fraud]),
+            ids.take(fraud_rows),
+            pa.array(np.ones(len(fraud_rows), dtype=bool), pa.bool_()),
+            pa.array(stream["reported"][fraud_rows], pa.int64()).cast(TIMESTAMP),
+            pa.array(FRAUD_SCENARIOS, pa.string()).take(stream["scenario"][fraud_rows]),
         ],
         schema=LABEL_SCHEMA,
     )
-    return Simulation(transactions=transactions, labels=labels)
+    block_table = pa.Table.from_arrays(
+        [
+            customer_ids.take(pa.array(blocks.cust)),
+            pa.array(BLOCK_KINDS, pa.string()).take(pa.array(blocks.kind)),
+            pa.array(BLOCK_REASONS, pa.string()).take(pa.array(blocks.reason)),
+            pa.array(blocks.start, pa.int64()).cast(TIMESTAMP),
+            pa.array(blocks.end, pa.int64()).cast(TIMESTAMP),
+        ],
+        schema=BLOCK_SCHEMA,
+    )
+    return Simulation(transactions=transactions, labels=labels, blocks=block_table)
+
+
+def _report_delay(delay: np.ndarray) -> np.ndarray:
+    return np.clip(delay, _HOUR, 28 * _DAY).astype(np.int64)
+
+
+_CARD, _ACCOUNT = range(len(BLOCK_KINDS))
+_FRAUD_REPORTED, _LOST, _HOLD = range(len(BLOCK_REASONS))
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Blocks of cards or accounts, sorted by customer then start."""
+
+    cust: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    kind: np.ndarray  # _CARD or _ACCOUNT
+    reason: np.ndarray
+
+    @classmethod
+    def of(
+        cls, cust: np.ndarray, start: np.ndarray, end: np.ndarray, kind: int, reason: int
+    ) -> _Blocks:
+        n = len(cust)
+        return cls(cust, start, end, np.full(n, kind), np.full(n, reason))
+
+    @classmethod
+    def concat(cls, parts: list[_Blocks]) -> _Blocks:
+        fields = ("cust", "start", "end", "kind", "reason")
+        merged = {
+            f: np.concatenate([getattr(p, f) for p in parts]).astype(np.int64) for f in fields
+        }
+        order = np.lexsort((merged["start"], merged["cust"]))
+        return cls(**{f: merged[f][order] for f in fields})
+
+
+def _card_blocks(
+    rng: np.random.Generator, stream: dict[str, np.ndarray], customers: int, end: int
+) -> _Blocks:
+    """Each victim's card, blocked after the first report of a fraud on it, inside the period."""
+    fraud = stream["reported"] >= 0
+    first = np.full(customers, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, stream["cust"][fraud], stream["reported"][fraud])
+    victims = np.flatnonzero(first < np.iinfo(np.int64).max)
+    low, high = _BLOCK_DELAY_MINUTES
+    start = first[victims] + rng.integers(low * _MINUTE, high * _MINUTE, len(victims))
+    span = (rng.uniform(*_BLOCK_DAYS, len(victims)) * _DAY).astype(np.int64)
+    inside = start < end
+    return _Blocks.of(
+        victims[inside], start[inside], start[inside] + span[inside], _CARD, _FRAUD_REPORTED
+    )
+
+
+def _random_blocks(rng: np.random.Generator, customers: int, t0: int, end: int) -> list[_Blocks]:
+    """Lost cards and compliance holds: a few customers each (at least one), after day 1."""
+    parts = []
+    for share, (low, high), kind, reason in (
+        (_LOST_CARD_SHARE, _LOST_DAYS, _CARD, _LOST),
+        (_HOLD_SHARE, _HOLD_DAYS, _ACCOUNT, _HOLD),
+    ):
+        who = np.sort(
+            rng.choice(
+                customers, size=min(customers, max(1, round(share * customers))), replace=False
+            )
+        )
+        start = t0 + _DAY + (rng.random(len(who)) * max(1, end - t0 - _DAY)).astype(np.int64)
+        span = (rng.uniform(low, high, len(who)) * _DAY).astype(np.int64)
+        parts.append(_Blocks.of(who, start, start + span, kind, reason))
+    return parts
+
+
+def _decline_blocked(stream: dict[str, np.ndarray], blocks: _Blocks) -> dict[str, np.ndarray]:
+    """The stream without the customers' own debits a block declined: card debits while the card
+    is blocked, every debit while the account is frozen. Credits still arrive; frauds stay (a
+    fraudster's attempt on a blocked card is exactly what the platform must flag)."""
+    cust, time = stream["cust"], stream["time"]
+    order = np.lexsort((time, cust))
+    sorted_cust, sorted_time = cust[order], time[order]
+    debit = stream["kind"][order] == _DEBIT
+    card = debit & (stream["channel"][order] != _WIRE)
+    legit = stream["scenario"][order] == _LEGIT
+    declined = np.zeros(len(order), dtype=bool)
+    for c, t_on, t_off, kind in zip(
+        blocks.cust.tolist(),
+        blocks.start.tolist(),
+        blocks.end.tolist(),
+        blocks.kind.tolist(),
+        strict=True,
+    ):
+        lo, hi = np.searchsorted(sorted_cust, [c, c + 1])
+        a, b = lo + np.searchsorted(sorted_time[lo:hi], [t_on, t_off])
+        declined[a:b] |= (card if kind == _CARD else debit)[a:b] & legit[a:b]
+    keep = np.ones(len(order), dtype=bool)
+    keep[order[declined]] = False
+    return {name: values[keep] for name, values in stream.items()}
+
+
+def _retry_blocked_cards(
+    rng: np.random.Generator,
+    world: _World,
+    stream: dict[str, np.ndarray],
+    blocks: _Blocks,
+    period_end: int,
+) -> dict[str, np.ndarray]:
+    """The fraudsters' retries of some cards blocked after a reported fraud (`blocked_card`).
+
+    Online debits within 2 days of the block, each at most what the balance allows at every
+    later point, so the balance replayed from the stream still never goes below zero.
+    """
+    if len(blocks.cust) == 0:
+        return stream
+    cust, time = stream["cust"], stream["time"]
+    signed = np.where(stream["kind"] == _DEBIT, -stream["cents"], stream["cents"])
+    by_customer = np.lexsort((np.arange(len(cust)), cust))
+    sorted_cust = cust[by_customer]
+    grouped = pd.Series(signed[by_customer]).groupby(sorted_cust)
+    balance = grouped.cumsum().to_numpy()  # after each row
+    # The lowest balance from each row on (its customer's rows only): what a new debit may take.
+    floor = pd.Series(balance[::-1]).groupby(sorted_cust[::-1]).cummin().to_numpy()[::-1]
+    sorted_time = time[by_customer]
+    picked = np.sort(
+        rng.choice(
+            len(blocks.cust),
+            size=max(1, round(_RETRY_SHARE * len(blocks.cust))),
+            replace=False,
+        )
+    )
+    tries = rng.integers(1, 4, len(picked))
+    rows: list[tuple[int, int, int, int]] = []
+    for i, k in zip(picked.tolist(), tries.tolist(), strict=True):
+        c, t_block = int(blocks.cust[i]), int(blocks.start[i])
+        window = min(t_block + 2 * _DAY, int(blocks.end[i]), period_end - 1) - t_block
+        if window <= _MINUTE:
+            continue
+        times = np.sort(t_block + _MINUTE + rng.integers(0, max(1, window - _MINUTE), k))
+        dollars = rng.lognormal(math.log(_RETRY_DOLLARS), 0.6, k)
+        merchant = world.online[rng.integers(0, len(world.online), k)]
+        lo = np.searchsorted(sorted_cust, c, side="left")
+        hi = np.searchsorted(sorted_cust, c, side="right")
+        taken = 0
+        for t, amount, term in zip(
+            times.tolist(), dollars.tolist(), merchant.tolist(), strict=True
+        ):
+            before = lo + int(np.searchsorted(sorted_time[lo:hi], t, side="right")) - 1
+            if before < lo:
+                continue  # no balance yet
+            room = int(floor[before]) - taken
+            cents = min(round(amount * 100), room)
+            if cents >= 100:
+                rows.append((c, t, cents, int(term)))
+                taken += cents
+    if not rows:
+        return stream
+    extra = np.array(rows, dtype=np.int64)
+    n = len(extra)
+    retries = {
+        "cust": extra[:, 0],
+        "time": extra[:, 1],
+        "cents": extra[:, 2],
+        "terminal": extra[:, 3],
+        "kind": np.full(n, _DEBIT),
+        "channel": np.full(n, _ONLINE),
+        "scenario": np.full(n, _BLOCKED),
+        "reported": extra[:, 1]
+        + _report_delay(rng.lognormal(math.log(_REPORT_MEDIAN_DAYS * _DAY), _REPORT_SIGMA, n)),
+    }
+    merged = {name: np.concatenate([stream[name], retries[name]]) for name in stream}
+    order = np.argsort(merged["time"], kind="stable")
+    return {name: values[order] for name, values in merged.items()}
 
 
 def write_simulation(sim: Simulation, out_dir: Path) -> tuple[Path, Path]:

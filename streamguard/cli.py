@@ -14,7 +14,7 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from streamguard.config import Home
+from streamguard.config import ACCOUNT_HISTORY_FILE, Home
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from streamguard.commit import AlertSink
     from streamguard.kafka import ClientConfig
     from streamguard.local_server import LocalServer
+    from streamguard.runner import MicroBatchRunner
     from streamguard.sources import Source
 
 Handler = Callable[[argparse.Namespace], int]
@@ -200,6 +201,9 @@ def _kafka_config(bootstrap: str) -> ClientConfig:
     arg("--cdc-file-hours", type=_positive, default=6, help="cdc: hours per change file"),
 )
 def _cmd_generate(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from models.accounts import account_history, simulate_accounts
     from models.simulate import simulate, write_simulation
 
     started = time.perf_counter()
@@ -216,9 +220,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         days=args.days, customers=args.customers, seed=args.seed, terminals=args.terminals
     )
     tx_path, labels_path = write_simulation(sim, Path(args.out))
+    # The bank's account history over the same period (what the DMS files of `generate cdc`
+    # become once applied as SCD 2): backtests look the accounts up in it.
+    history = account_history(simulate_accounts(sim, seed=args.seed))
+    history_path = Path(args.out) / ACCOUNT_HISTORY_FILE
+    pq.write_table(history, history_path)
     print(
-        f"wrote {sim.transactions.num_rows:,} transactions to {tx_path} and "
-        f"{sim.labels.num_rows:,} labels to {labels_path} in {time.perf_counter() - started:.1f}s"
+        f"wrote {sim.transactions.num_rows:,} transactions to {tx_path}, "
+        f"{sim.labels.num_rows:,} labels to {labels_path} and {history.num_rows:,} account "
+        f"versions to {history_path} in {time.perf_counter() - started:.1f}s"
     )
     return 0
 
@@ -407,12 +417,29 @@ def _score_files(args: argparse.Namespace) -> int:
         "empty: none)",
     ),
     *FILES_SOURCE,
+    arg(
+        "--continuous",
+        action="store_true",
+        help="keep scoring as records arrive, in small batches, until Ctrl-C or SIGTERM (stops "
+        "after the batch in hand; a second signal stops at once)",
+    ),
+    arg(
+        "--idle-wait",
+        type=float,
+        default=None,
+        help="with --continuous: seconds between polls of an idle stream (default "
+        "0.2; keep 0.2 or more on AWS Kinesis)",
+    ),
 )
 def _cmd_score(args: argparse.Namespace) -> int:
     from streamguard.lake import Lake
     from streamguard.pipeline import scoring_job_name, scoring_runner
 
+    if args.idle_wait is not None and not args.continuous:
+        raise UsageError("--idle-wait is for --continuous")
     if args.files is not None or args.schema_mode is not None or args.schema_hints is not None:
+        if args.continuous:
+            raise UsageError("--continuous is for a stream or topic, not with --files")
         return _score_files(args)
     kind = _target(args)
     home = Home.from_env().ensure()
@@ -432,10 +459,12 @@ def _cmd_score(args: argparse.Namespace) -> int:
                 stack.callback(sink.close)
                 sinks.append(sink)
         else:
+            from streamguard.continuous import KinesisTailSource
             from streamguard.sources import KinesisSource
 
             job = scoring_job_name(kind, args.stream)
-            source = KinesisSource(_client(args), args.stream)
+            tail = KinesisTailSource if args.continuous else KinesisSource
+            source = tail(_client(args), args.stream)
         runner = scoring_runner(
             Lake(home.lake),
             source,
@@ -444,11 +473,37 @@ def _cmd_score(args: argparse.Namespace) -> int:
             job=job,
             sinks=sinks,
         )
+        if args.continuous:
+            return _score_continuously(runner, args.idle_wait)
         report = runner.run()
     print(
         f"{len(report.batches)} batch(es), {report.n_records:,} records, "
         f"{report.rows('alerts'):,} alerts; positions {report.positions}"
     )
+    return 0
+
+
+def _score_continuously(runner: MicroBatchRunner, idle_wait: float | None) -> int:
+    """`score --continuous`: the runner batch after batch until Ctrl-C or SIGTERM, which stop it
+    between batches (exit 0); a second signal interrupts the batch (exit 130, replayed next)."""
+    from streamguard.continuous import (
+        DEFAULT_IDLE_WAIT_S,
+        ContinuousSettings,
+        StopRequest,
+        run_continuous,
+        stop_on_signals,
+    )
+
+    settings = ContinuousSettings(
+        idle_wait_s=DEFAULT_IDLE_WAIT_S if idle_wait is None else idle_wait
+    )
+    stop = StopRequest()
+    print(f"scoring {runner.job} continuously; Ctrl-C to stop", flush=True)
+    with stop_on_signals(stop):
+        report = run_continuous(
+            runner, stop, settings, on_report=lambda r: print(r.summary(), flush=True)
+        )
+    print(f"stopped ({report.stop_reason}): {report.summary()}; positions {report.positions}")
     return 0
 
 
@@ -608,19 +663,29 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     ),
     arg("--output", required=True, help="metrics JSON file"),
     arg("--predictions", default=None, help="test scores as Parquet (optional)"),
+    arg(
+        "--accounts",
+        default=None,
+        help="the bank's account history (SCD 2 versions): Parquet, e.g. the "
+        f"{ACCOUNT_HISTORY_FILE} `generate` writes, or a Delta table such as the lake's "
+        "accounts_history (optional)",
+    ),
 )
 def _cmd_backtest(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from models.backtest import backtest, read_dataset
+    from streamguard.pipeline import read_accounts
 
     started = time.perf_counter()
     transactions = read_dataset(args.transactions)
     labels = read_dataset(args.labels) if args.labels else None
+    accounts = read_accounts(Path(args.accounts)) if args.accounts else None
     result = backtest(
         transactions,
         labels,
         args.train_start,
+        accounts=accounts,
         train_days=args.train_days,
         delay_days=args.delay_days,
         test_days=args.test_days,

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_HOME = ".streamguard"
+# The bank's account history `streamguard generate` writes next to transactions and labels.
+ACCOUNT_HISTORY_FILE = "accounts_history.parquet"
 
 
 @dataclass(frozen=True)

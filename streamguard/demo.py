@@ -124,7 +124,8 @@ def _group_alive(pgid: int) -> bool:
 
 
 def train_champion(home: Home, env: dict[str, str], train_days: int) -> None:
-    """Materialize the labels and the model through Dagster, so the runs show in its UI."""
+    """Materialize the labels, the bank's accounts (from the DMS files) and the model through
+    Dagster, so the runs show in its UI; the model trains on features that saw the accounts."""
     config = {
         "ops": {"fraud_model": {"config": {"train_days": train_days}}},
         "execution": {"config": {"in_process": {}}},
@@ -133,7 +134,8 @@ def train_champion(home: Home, env: dict[str, str], train_days: int) -> None:
     with log.open("ab") as out:
         done = subprocess.run(
             [_bin("dagster"), "asset", "materialize", "-m", "assets.definitions",
-             "--select", "fraud_labels,fraud_model", "--config-json", json.dumps(config)],
+             "--select", "fraud_labels,accounts,accounts_history,fraud_model",
+             "--config-json", json.dumps(config)],
             env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     if done.returncode != 0:
@@ -236,7 +238,9 @@ def local_platform(
 ) -> Iterator[tuple[Platform, Simulation]]:
     """Clean state, local Kinesis with a fresh stream (and with `source="kafka"` a local Kafka
     broker with the topic), generated data; the servers stop on exit."""
+    from models.accounts import simulate_accounts
     from models.simulate import simulate, write_simulation
+    from streamguard.dms import write_dms_output
     from streamguard.kinesis import delete_stream, ensure_stream, kinesis_client
     from streamguard.local_kinesis import LocalKinesis
 
@@ -264,6 +268,12 @@ def local_platform(
         sim = simulate(days=days, customers=customers, seed=seed)
         write_simulation(sim, home.data)
         _step(f"generated {sim.transactions.num_rows:,} transactions over {days} days")
+        bank = simulate_accounts(sim, seed=seed)
+        write_dms_output(
+            home.data / "dms", bank.full_load, bank.changes, schema="bank", table="accounts",
+            format="csv", full_load_time=bank.snapshot_time,
+        )  # fmt: skip
+        _step(f"the bank's accounts as DMS output: {bank.changes.num_rows:,} changes")
         yield Platform(dagster_env(home, endpoint, bootstrap), client, kafka), sim
 
 

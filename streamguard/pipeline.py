@@ -16,7 +16,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from deltalake import DeltaTable
 
+from models.accounts import ACCOUNTS_HISTORY, HISTORY_COLUMNS
+from models.backtest import read_dataset
 from models.features import FEATURE_SCHEMA, replay
 from models.job import FEATURES, LABELS, OUTPUTS, FraudScoringJob
 from models.promotion import (
@@ -162,6 +165,20 @@ class TrainingOutcome:
         )
 
 
+def read_accounts(path: Path) -> pa.Table:
+    """The bank's account history (SCD 2 versions): a Delta table folder or a Parquet/CSV file."""
+    if (path / "_delta_log").is_dir():
+        return DeltaTable(str(path)).to_pyarrow_table(columns=HISTORY_COLUMNS)
+    return read_dataset(path).select(HISTORY_COLUMNS)
+
+
+def lake_accounts(lake: Lake) -> pa.Table | None:
+    """The lake's `accounts_history` (the versions the as-of lookup reads), None if absent."""
+    if not lake.exists(ACCOUNTS_HISTORY):
+        return None
+    return lake.read(ACCOUNTS_HISTORY, columns=HISTORY_COLUMNS)
+
+
 def training_features(
     lake: Lake,
     history: Path | None,
@@ -196,7 +213,9 @@ def training_features(
         end = min(end, start + timedelta(days=train_days))
         transactions = transactions.filter(pc.less(transactions["event_time"], end))
     known = labels.filter(pc.less_equal(labels["reported_at"], end))
-    return replay(transactions, known).features.to_pandas(), end, "history replay"
+    accounts = lake_accounts(lake)
+    features = replay(transactions, known, accounts=accounts).features.to_pandas()
+    return features, end, "history replay"
 
 
 def train_challenger(

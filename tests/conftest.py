@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from models.accounts import AccountChanges, simulate_accounts
 from models.features import replay
 from models.registry import MODEL_NAME, LoadedModel
 from models.simulate import Simulation, simulate, write_simulation
@@ -148,6 +149,12 @@ def scoring_job(home: Path, tracking_uri: str, **resources: Any) -> Any:
 def small_sim() -> Simulation:
     """A small seeded simulation: a few hundred transactions a day, every fraud scenario."""
     return simulate(days=12, customers=80, seed=3)
+
+
+@pytest.fixture(scope="session")
+def small_bank(small_sim: Simulation) -> AccountChanges:
+    """The small simulation's bank accounts: full load and changes, as DMS would copy them."""
+    return simulate_accounts(small_sim, seed=3)
 
 
 @pytest.fixture(scope="session")

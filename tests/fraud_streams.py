@@ -10,16 +10,26 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from models.accounts import (
+    ACCOUNT_KEY,
+    ACCOUNT_SCHEMA,
+    ACCOUNTS_HISTORY,
+    HISTORY_SCHEMA,
+    AccountChanges,
+)
 from models.job import TRANSACTIONS
 from models.registry import LoadedModel
 from models.schema import to_payload
+from streamguard.cdc import apply_changes
 from streamguard.commit import DEAD_LETTER_TABLE
+from streamguard.dms import DmsSource, write_dms_output
 from streamguard.lake import Lake
 from streamguard.pipeline import load_labels, scoring_runner
 from streamguard.sources import MemorySource
@@ -133,6 +143,36 @@ def batch_files(lake: Lake, source: MemorySource, out: Path) -> int:
     return len(batches)
 
 
+def add_account_version(lake: Lake, batch: int, **changes: Any) -> None:
+    """Append one `accounts_history` version (customer C1's open account with an active card,
+    valid from 2026-01-01, with `changes`) as the CDC apply would, as batch `batch`."""
+    row = {
+        "customer_id": "C1",
+        "balance": 10.0,
+        "status": "open",
+        "card_status": "active",
+        "valid_from": datetime(2026, 1, 1, tzinfo=UTC),
+        "valid_to": None,
+    } | changes
+    lake.append(ACCOUNTS_HISTORY, pa.Table.from_pylist([row], HISTORY_SCHEMA), "cdc", batch)
+
+
+def load_bank(lake: Lake, bank: AccountChanges, folder: Path) -> None:
+    """The bank's accounts as DMS files in `folder`, applied to the lake's `accounts_history`
+    (SCD 2) the way the `accounts_history` asset does."""
+    if not folder.exists():
+        write_dms_output(
+            folder, bank.full_load, bank.changes, schema="bank", table="accounts",
+            format="csv", full_load_time=bank.snapshot_time,
+        )  # fmt: skip
+    source = DmsSource(str(folder), "bank", "accounts", format="csv")
+    report = apply_changes(
+        lake, source, ACCOUNTS_HISTORY, keys=[ACCOUNT_KEY], sequence_by="updated_at",
+        stored_as_scd_type=2, schema_hints=ACCOUNT_SCHEMA,
+    )  # fmt: skip
+    assert report.total("dead_letters") == 0
+
+
 def in_process_reference(
     root: Path,
     payloads: Sequence[bytes],
@@ -140,15 +180,19 @@ def in_process_reference(
     labels: pa.Table,
     model: LoadedModel,
     batch_records: int,
+    bank: AccountChanges | None = None,
 ) -> tuple[Lake, Path, int]:
     """The in-process runner over the records (2 shards), and its batches as files.
 
     Returns (its lake, the folder of batch files, the number of batches): the reference a Spark
-    job fed from that folder, one file per trigger, must reproduce.
+    job fed from that folder, one file per trigger, must reproduce. With `bank`, the lake gets
+    the accounts' history first (DMS files under root/dms), so accounts are looked up too.
     """
     source = MemorySource.split(payloads, keys, n_shards=2)
     local = Lake(root / "local")
     load_labels(local, labels)
+    if bank is not None:
+        load_bank(local, bank, root / "dms")
     scoring_runner(local, source, None, max_batch_records=batch_records, model=model).run()
     input_dir = root / "input"
     return local, input_dir, batch_files(local, source, input_dir)

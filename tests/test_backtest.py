@@ -17,6 +17,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from models.accounts import account_history, simulate_accounts
 from models.backtest import (
     BacktestResult,
     backtest,
@@ -45,6 +46,9 @@ JSON_KEYS = {
     "periods",
     "card_precision_at_k_ceiling",
 }
+
+
+SIM_SEED = 5
 
 
 def _t(day: int, hour: int = 12) -> datetime:
@@ -146,7 +150,7 @@ def test_scenario_recall_by_hand() -> None:
 
 @pytest.fixture(scope="module")
 def sim() -> Simulation:
-    return simulate(days=35, customers=300, seed=5)
+    return simulate(days=35, customers=300, seed=SIM_SEED)
 
 
 @pytest.fixture(scope="module")
@@ -291,16 +295,20 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_backtest_end_to_end(sim: Simulation, train_start: date, tmp_path: Path) -> None:
     tx_path, labels_path = write_simulation(sim, tmp_path / "data")
+    accounts = tmp_path / "data" / "accounts_history.parquet"
+    pq.write_table(account_history(simulate_accounts(sim, seed=SIM_SEED)), accounts)
     metrics, preds = tmp_path / "out" / "metrics.json", tmp_path / "out" / "preds.parquet"
     done = _run(
         "backtest", "--transactions", str(tx_path), "--labels", str(labels_path),
         "--train-start", train_start.isoformat(), "--train-days", "7", "--delay-days", "7",
         "--test-days", "7", "--k", "50", "--output", str(metrics), "--predictions", str(preds),
+        "--accounts", str(accounts),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     out = json.loads(metrics.read_text())
     assert set(out) >= JSON_KEYS and out["n_test"] > 0
     assert pq.read_table(preds).num_rows == out["n_test"]
+    assert out["hard_rules"]["blocked_card_frauds"] > 0
 
 
 def test_cli_backtest_reads_csv_with_inline_labels(
@@ -360,3 +368,22 @@ def test_cli_replay_pushes_in_event_time_order(
         assert times == sorted(times)
         seen += len(times)
     assert seen == data.num_rows
+
+
+def test_with_the_banks_accounts_the_hard_rules_are_reported(
+    sim: Simulation, train_start: date, result: BacktestResult
+) -> None:
+    """The account history makes the features see blocked cards; the report says what the hard
+    rules caught: in the simulation only fraudsters pay with a blocked card."""
+    history = account_history(simulate_accounts(sim, seed=SIM_SEED))
+    with_accounts = backtest(sim.transactions, sim.labels, train_start, k=50, accounts=history)
+    assert result.hard_rules is None and "hard_rules" not in result.to_dict()
+    rules = with_accounts.to_dict()["hard_rules"]
+    blocked = rules["blocked_card"]
+    assert blocked["hits"] > 0 and blocked["fraud_hits"] == blocked["hits"]
+    assert rules["blocked_card_frauds"] > 0 and rules["blocked_card_recall"] == 1.0
+    assert rules["frauds"] == with_accounts.n_test_fraud
+    assert rules["blocked_card_frauds"] <= rules["frauds_caught"] <= rules["frauds"]
+    # The same rows, other features: the model saw the bank's facts.
+    assert with_accounts.n_test == result.n_test
+    assert not np.array_equal(with_accounts.predictions["score"], result.predictions["score"])

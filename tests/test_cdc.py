@@ -34,6 +34,7 @@ from models.accounts import (
     CARD_STATUSES,
     STATUSES,
     AccountChanges,
+    account_history,
     accounts_as_of,
     simulate_accounts,
 )
@@ -494,6 +495,9 @@ def test_csv_and_parquet_give_the_same_tables(tmp_path: Path, bank: AccountChang
         assert now.cast(ACCOUNT_SCHEMA).equals(expected), name
     first = next(iter(histories.values()))
     assert all(h.equals(first) for h in histories.values())
+    # The SCD 2 apply of the DMS files is exactly the simulated table's history.
+    reference = account_history(bank)
+    assert first.select(reference.column_names).cast(reference.schema).equals(reference)
     assert (
         first.num_rows
         == bank.full_load.num_rows

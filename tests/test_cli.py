@@ -100,6 +100,11 @@ def test_generate_writes_reproducible_files(tmp_path: Path) -> None:
     assert a.num_rows > 100 and a.equals(b)
     labels = pq.read_table(tmp_path / "a" / "labels.parquet")
     assert "fraud_scenario" in labels.column_names
+    # The bank's account history over the same customers, as the backtest reads it.
+    history = pq.read_table(tmp_path / "a" / "accounts_history.parquet")
+    assert pq.read_table(tmp_path / "b" / "accounts_history.parquet").equals(history)
+    assert set(history["customer_id"].to_pylist()) == set(a["customer_id"].to_pylist())
+    assert {"valid_from", "valid_to", "card_status", "balance"} <= set(history.column_names)
 
 
 def test_kinesis_start_status_stop(tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from fraud_streams import add_account_version
 
+from models.accounts import ACCOUNTS_HISTORY
 from models.job import (
     LABELS,
     TRANSACTIONS,
@@ -81,27 +83,33 @@ def test_a_replayed_batch_runs_with_the_whole_planned_context(
     """Regression: the Spark plan tables kept 4 of the 5 keys, so a replay lost the threshold."""
     lake = Lake(tmp_path / "lake")
     ensure_tables(lake)
+    add_account_version(lake, 0)
     first = _job(tiny_model, 0.37)
     planned = first.plan_context(lake)
+    assert planned.accounts_version == lake.version(ACCOUNTS_HISTORY)
     replay = executor(lake, first)
-    # Between the attempts new labels arrive and the version's threshold is retuned.
+    # Between the attempts new labels and account changes arrive and the threshold is retuned.
     label = {"transaction_id": "t1", "is_fraud": True, "reported_at": datetime.now(UTC)}
     lake.append(LABELS, pa.Table.from_pylist([label], LABEL_SCHEMA), "labels", 0)
+    add_account_version(lake, 1, card_status="blocked", valid_from=datetime(2026, 1, 2, tzinfo=UTC))
     later = _job(tiny_model, 0.9)
     assert later.plan_context(lake).alert_threshold == 0.9
     again = replay(later)
     assert again == planned
     assert again.alert_threshold == 0.37
     assert again.labels_version is not None and again.labels_version < (lake.version(LABELS) or 0)
+    assert again.accounts_version is not None
+    assert again.accounts_version < (lake.version(ACCOUNTS_HISTORY) or 0)
     assert later.policy_for(again).threshold == 0.37
 
 
 def test_a_recorded_context_with_unknown_or_missing_keys_is_refused() -> None:
-    ok = ScoringContext("fraud_model", "3", "4", 2, 0.25)
+    ok = ScoringContext("fraud_model", "3", "4", 2, 0.25, accounts_version=5)
     assert ScoringContext.from_json(ok.to_json()) == ok
     # A plan from before shadow scoring and thresholds: replayed without them.
     old = ScoringContext.from_json('{"model_name": "fraud_model", "model_version": "3"}')
     assert old.challenger_version is None and old.alert_threshold is None
+    assert old.accounts_version is None
     with pytest.raises(ValueError, match="unknown keys"):
         ScoringContext.from_json('{"model_version": "3", "threshold": 0.1}')
     with pytest.raises(ValueError, match="no model_version"):

@@ -26,7 +26,7 @@ from models.features import (
     replay,
     time_chunks,
 )
-from models.schema import LABEL_SCHEMA, TRANSACTION_SCHEMA
+from models.schema import FEATURE_INPUT_SCHEMA, LABEL_SCHEMA, TRANSACTION_SCHEMA
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -241,6 +241,8 @@ def test_every_feature_is_declared_once_with_its_entity() -> None:
         "channel_online",
         "channel_wire",
         "hour_of_day",
+        "card_blocked",
+        "account_not_open",
     ] == FEATURE_COLUMNS
     # The Spark executors' two parts: by customer (with the event features), by terminal.
     assert feature_names("customer", "event") == [
@@ -274,3 +276,102 @@ def test_each_part_needs_only_its_entitys_state() -> None:
     customer_part = feature_names("customer", "event")
     assert by_customer.select(customer_part).equals(whole.select(customer_part))
     assert by_terminal.select(TERMINAL_FEATURES).equals(whole.select(TERMINAL_FEATURES))
+
+
+def with_ledger(
+    rows: list[dict], ledger: dict[str, tuple[float, float, str, str] | None]
+) -> pa.Table:
+    """Transactions with the bank's account as of each: tid -> (balance, minutes it was
+    committed, account status, card status), None for no account known."""
+    accounts = [ledger.get(r["transaction_id"]) for r in rows]
+    columns = {
+        "account_balance": [None if a is None else a[0] for a in accounts],
+        "account_updated_at": [
+            None if a is None else T0 + timedelta(minutes=a[1]) for a in accounts
+        ],
+        "account_status": [None if a is None else a[2] for a in accounts],
+        "card_status": [None if a is None else a[3] for a in accounts],
+    }
+    return pa.Table.from_pylist(
+        [r | {k: v[i] for k, v in columns.items()} for i, r in enumerate(rows)],
+        schema=FEATURE_INPUT_SCHEMA,
+    )
+
+
+def stored_customer(customer: str, balance: float, last_minutes: float) -> FeatureState:
+    row = {
+        "customer_id": customer,
+        "balance": balance,
+        "last_event_time": T0 + timedelta(minutes=last_minutes),
+        "n_transactions": 1,
+        "locations": [],
+        "history_times": [],
+        "history_amounts": [],
+    }
+    return FeatureState(
+        pa.Table.from_pylist([row], schema=CUSTOMER_STATE_SCHEMA),
+        TERMINAL_STATE_SCHEMA.empty_table(),
+    )
+
+
+LEDGER_ROWS = [
+    # c1: stored balance 500, last seen at minute 600. The ledger (posted at 1200, after c1's
+    # last event) says 450: a fee the stream never showed.
+    tx("a", 1500, amount=100.0),
+    tx("b", 1700, amount=50.0, kind="credit", channel="wire"),
+    # A new posting at 2200 (1000: a salary the stream did not carry) anchors c.
+    tx("c", 2300, amount=30.0),
+    tx("d", 2900, amount=20.0),  # no account version known: carries on from c
+    tx(
+        "e", 2250, customer="c2", terminal="t2", amount=40.0
+    ),  # ledger older than c2's last event: not used
+]
+LEDGER = {
+    "a": (450.0, 1200, "open", "active"),
+    "b": (450.0, 1200, "open", "active"),
+    "c": (1000.0, 2200, "open", "blocked"),
+    "e": (900.0, 2000, "frozen", "active"),
+}
+
+
+def test_balance_re_anchors_on_the_banks_ledger_by_hand() -> None:
+    state = stored_customer("c1", 500.0, 600).updated(stored_customer("c2", 200.0, 2100))
+    result = compute_features(with_ledger(LEDGER_ROWS, LEDGER), state)
+    f = by_id(result.features)
+    assert f["a"]["balance_before"] == 450.0  # the ledger, not the stored 500
+    assert f["b"]["balance_before"] == 350.0  # the ledger + a's debit after it
+    assert f["c"]["balance_before"] == 1000.0  # the newer posting holds a and b already
+    assert f["d"]["balance_before"] == 970.0  # carried on from c
+    assert f["e"]["balance_before"] == 200.0  # c2's own running balance: the ledger is stale
+    assert f["c"]["amount_balance_ratio"] == pytest.approx(30 / 1000)
+    balances = {r["customer_id"]: r["balance"] for r in result.state.customers.to_pylist()}
+    assert balances == {"c1": 950.0, "c2": 160.0}
+    # The bank's statuses, as of each event; unknown where no account is known.
+    assert [f[t]["card_blocked"] for t in "abcde"] == [0.0, 0.0, 1.0, None, 0.0]
+    assert [f[t]["account_not_open"] for t in "abcde"] == [0.0, 0.0, 0.0, None, 1.0]
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 4])
+def test_ledger_anchoring_is_the_same_in_any_batches(split: int) -> None:
+    """Batches split anywhere, or other customers in the batch, change no number."""
+    state = stored_customer("c1", 500.0, 600).updated(stored_customer("c2", 200.0, 2100))
+    whole = compute_features(with_ledger(LEDGER_ROWS, LEDGER), state)
+    rows = sorted(LEDGER_ROWS[:4], key=lambda r: r["event_time"])
+    first = compute_features(with_ledger(rows[:split], LEDGER), state)
+    second = compute_features(with_ledger(rows[split:], LEDGER), state.updated(first.state))
+    parts = by_id(first.features) | by_id(second.features)
+    expected = by_id(whole.features)
+    for tid, row in parts.items():
+        assert row == expected[tid], tid
+    final = state.updated(first.state).updated(second.state).customers
+    c1 = {r["customer_id"]: r["balance"] for r in final.to_pylist()}["c1"]
+    assert c1 == 950.0
+
+
+def test_without_accounts_the_balance_is_the_running_sum() -> None:
+    """No account columns, or all null: exactly the stream's own running balance."""
+    state = stored_customer("c1", 500.0, 600)
+    plain = compute_features(table(LEDGER_ROWS[:4]), state)
+    nulls = compute_features(with_ledger(LEDGER_ROWS[:4], {}), state)
+    assert plain.features.equals(nulls.features.cast(plain.features.schema))
+    assert [r["balance_before"] for r in plain.features.to_pylist()] == [500.0, 400.0, 450.0, 420.0]

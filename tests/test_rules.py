@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from models.features import FEATURE_COLUMNS
-from models.rules import RULES, AlertPolicy, decide, rule_hits
+from models.rules import RULES, SOFT_RULES, AlertPolicy, decide, rule_hits
 
 POLICY = AlertPolicy()
 
@@ -86,7 +86,7 @@ def test_velocity_burst(count: float, expected: bool) -> None:
 
 
 def test_all_rules_together_and_policy_changes_them() -> None:
-    assert fired(DRAIN | NEW_PLACE | BURST) == [list(RULES)]
+    assert fired(DRAIN | NEW_PLACE | BURST) == [list(SOFT_RULES)]
     strict = AlertPolicy(velocity_1h=10, min_locations_for_new=5, low_balance=100.0)
     assert fired(DRAIN | NEW_PLACE | BURST, policy=strict) == [[]]
 
@@ -165,3 +165,37 @@ def test_policy_validates_thresholds() -> None:
         AlertPolicy(threshold=0.3, rule_threshold=0.4)
     with pytest.raises(ValueError):
         AlertPolicy(threshold=1.5)
+
+
+BLOCKED = {"card_blocked": 1.0}
+NOT_OPEN = {"account_not_open": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        (BLOCKED, ["blocked_card"]),
+        (NOT_OPEN, ["account_not_open"]),
+        (BLOCKED | NOT_OPEN, ["blocked_card", "account_not_open"]),
+        ({"card_blocked": 0.0, "account_not_open": 0.0}, []),
+        ({"card_blocked": math.nan, "account_not_open": math.nan}, []),  # no account known
+        (BLOCKED | NOT_OPEN | {"is_debit": 0.0}, []),  # money coming in is no risk
+        (BLOCKED | {"channel_wire": 1.0}, []),  # a wire transfer needs no card
+        (NOT_OPEN | {"channel_wire": 1.0}, ["account_not_open"]),  # but a frozen account does
+        (BLOCKED | {"channel_wire": math.nan}, ["blocked_card"]),  # channel unknown: may be card
+    ],
+)
+def test_account_rules_fire_on_the_banks_facts(row: dict[str, float], expected: list[str]) -> None:
+    assert fired(row) == [expected]
+
+
+def test_hard_rules_alert_whatever_the_score() -> None:
+    features = frame(BLOCKED, NOT_OPEN, BLOCKED, BURST, {})
+    scores = np.array([0.01, 0.0, math.nan, 0.01, 0.01])
+    alert, reasons = decide(scores, rule_hits(features, POLICY), POLICY)
+    assert alert.tolist() == [True, True, True, False, False]
+    assert reasons[:3] == [
+        "model 0.01; rules: blocked_card",
+        "model 0.00; rules: account_not_open",
+        "model ?; rules: blocked_card",
+    ]

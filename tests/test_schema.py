@@ -6,8 +6,17 @@ import json
 
 import pyarrow as pa
 import pytest
+from fraud_streams import BAD_RECORDS, troubled_stream
 
-from models.schema import RESCUED_DATA, TRANSACTION_SCHEMA, parse_each, parse_records, to_payload
+from models.schema import (
+    RESCUED_DATA,
+    TRANSACTION_SCHEMA,
+    _route,
+    parse_each,
+    parse_records,
+    to_payload,
+)
+from models.simulate import Simulation
 
 GOOD = {
     "transaction_id": "t1",
@@ -121,3 +130,64 @@ def test_payload_round_trip() -> None:
     parsed = parse_records([variant()]).valid
     again = parse_records([to_payload(parsed.to_pylist()[0])]).valid
     assert parsed.num_rows == 1 and again.equals(parsed)
+
+
+def assert_paths_agree(payloads: list[bytes]) -> None:
+    """The bulk parser and the record-by-record parser: same rows, same rejects, same reasons."""
+    bulk, each = parse_records(payloads), parse_each(payloads)
+    assert bulk.valid.equals(each.valid)
+    assert bulk.valid.schema == each.valid.schema
+    assert [(r.index, r.payload, r.reason) for r in bulk.rejected] == [
+        (r.index, r.payload, r.reason) for r in each.rejected
+    ]
+    assert bulk.valid.num_rows + len(bulk.rejected) == len(payloads)
+
+
+def test_fast_path_and_record_by_record_agree_on_the_project_bad_records(
+    small_sim: Simulation,
+) -> None:
+    rows = small_sim.transactions.slice(0, 3000).to_pylist()
+    # What could fool a bulk read of newline-joined records: blank lines (skipped by the reader,
+    # which would shift every later row) next to two documents on one line (read as two rows),
+    # a leading blank, records longer than a read block, line breaks inside a record.
+    one_line = [
+        b"",
+        b"   ",
+        b"\t",
+        variant(transaction_id="two-1") + variant(transaction_id="two-2"),
+        b" " + variant(transaction_id="lead"),
+        variant(transaction_id="big", location="L" * (3 << 20)),
+    ]
+    line_breaks = [
+        variant(transaction_id="trail") + b"\n",
+        variant(transaction_id="crlf") + b"\r\n",
+    ]
+    bad = [p for p, _ in BAD_RECORDS] + [p for p, reason in CASES if reason]
+    for tricky in (one_line, one_line + line_breaks):
+        payloads, _ = troubled_stream(rows, bad + tricky, replay_of=10, retry_at=20)
+        payloads = [b"", *payloads, b"  "]  # blank at both ends of the block too
+        assert_paths_agree(payloads)
+        parsed = parse_records(payloads)
+        reasons = {r.payload: r.reason for r in parsed.rejected}
+        for payload, reason in BAD_RECORDS:
+            assert reason in reasons[payload]
+        kept = set(parsed.valid["transaction_id"].to_pylist())
+        assert {"lead", "big"} <= kept and not {"two-1", "two-2"} & kept
+    assert {"trail", "crlf"} <= kept
+
+
+def test_a_batch_is_read_as_one_block_only_when_that_is_safe() -> None:
+    clean = [variant(transaction_id=f"c{i}", amount=1 + i) for i in range(500)]
+    alone, bulk, block, _ = _route(clean)
+    assert alone == [] and bulk == list(range(500)) and block == b"\n".join(clean)
+    assert_paths_agree(clean)
+    assert parse_records(clean).valid["record_index"].to_pylist() == list(range(500))
+    for trouble in (b"", b" \t", variant() + b"\n", variant() + b"\r"):
+        mixed = [*clean[:250], trouble, *clean[250:]]
+        alone, bulk, block, _ = _route(mixed)
+        assert block is None and alone == [250] and len(bulk) == 500
+        assert_paths_agree(mixed)
+    # One blank line (a row fewer) and one line of two documents (a row more): the row count
+    # still matches, so only routing the blank alone keeps every row on its own record.
+    two = variant(transaction_id="x") + variant(transaction_id="y")
+    assert_paths_agree([*clean[:100], b"", *clean[100:300], two, *clean[300:]])

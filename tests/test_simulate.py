@@ -12,7 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from models.schema import CHANNELS, KINDS, LABEL_SCHEMA, TRANSACTION_SCHEMA
-from models.simulate import FRAUD_SCENARIOS, Simulation, simulate, write_simulation
+from models.simulate import (
+    BLOCK_KINDS,
+    BLOCK_REASONS,
+    FRAUD_SCENARIOS,
+    Simulation,
+    simulate,
+    write_simulation,
+)
 
 DAYS, CUSTOMERS, SEED = 45, 400, 3
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -161,8 +168,13 @@ def test_labels_only_for_existing_transactions(sim: Simulation) -> None:
     assert set(sim.labels["transaction_id"].to_pylist()) <= ids
 
 
-def test_drain_takes_most_of_the_balance(frame: pd.DataFrame) -> None:
+def test_drain_takes_most_of_the_balance(frame: pd.DataFrame, sim: Simulation) -> None:
     drains = frame[frame["scenario"] == "low_balance_drain"]
+    # Drains are settled against the balance before card blocks remove the customer's declined
+    # debits; after a block the customer has more left than the drain was sized for.
+    first_block = sim.blocks.to_pandas().groupby("customer_id")["start_at"].min()
+    block = drains["customer_id"].map(first_block)
+    drains = drains[block.isna() | (drains["event_time"] < block)]
     assert len(drains) > 0
     assert (drains["kind"] == "debit").all()
     assert (drains["channel"] == "atm").all()
@@ -291,3 +303,45 @@ def test_drains_and_new_locations_happen_every_week() -> None:
         week = frauds.loc[(day >= first) & (day < first + 7), "fraud_scenario"]
         assert (week == "low_balance_drain").sum() >= 5, first
         assert (week == "new_location").sum() >= 5, first
+
+
+def test_blocks_decline_the_customers_debits_and_fraudsters_retry_blocked_cards(
+    frame: pd.DataFrame, sim: Simulation
+) -> None:
+    blocks = sim.blocks.to_pandas()
+    assert set(blocks["reason"]) == set(BLOCK_REASONS)
+    assert set(blocks["blocks"]) == set(BLOCK_KINDS)
+    # A card is blocked 5-60 minutes after the first report of a fraud on it, for 3-7 days.
+    fraud = frame[frame["fraud_scenario"].notna()]
+    first_report = fraud.groupby("customer_id")["reported_at"].min()
+    reported = blocks[blocks["reason"] == "fraud_reported"].set_index("customer_id")
+    end = pd.Timestamp(START + timedelta(days=DAYS))
+    surely = set(first_report[first_report < end - timedelta(hours=1)].index)
+    assert surely <= set(reported.index) <= set(first_report[first_report < end].index)
+    delay = reported["start_at"] - first_report.loc[reported.index]
+    assert delay.between(timedelta(minutes=5), timedelta(minutes=60)).all()
+    length = reported["end_at"] - reported["start_at"]
+    assert length.between(timedelta(days=3), timedelta(days=7)).all()
+    # During a block the customer's own debits of that kind never happen; credits still arrive.
+    legit = frame[frame["scenario"] == "legit"]
+    credits_inside = 0
+    for block in blocks.itertuples():
+        mine = legit[
+            (legit["customer_id"] == block.customer_id)
+            & (legit["event_time"] >= block.start_at)
+            & (legit["event_time"] < block.end_at)
+        ]
+        debits = mine[mine["kind"] == "debit"]
+        if block.blocks == "card":
+            assert (debits["channel"] == "wire").all(), block
+        else:
+            assert debits.empty, block
+        credits_inside += int((mine["kind"] == "credit").sum())
+    assert credits_inside > 0
+    # The fraudsters' retries: online debits on a card blocked after a report, within 2 days.
+    retries = frame[frame["scenario"] == "blocked_card"]
+    assert len(retries) > 0
+    assert ((retries["kind"] == "debit") & (retries["channel"] == "online")).all()
+    start = retries["customer_id"].map(reported["start_at"])
+    assert (retries["event_time"] > start).all()
+    assert (retries["event_time"] <= start + timedelta(days=2)).all()

@@ -20,11 +20,13 @@ from fraud_streams import (
     BAD_RECORDS,
     assert_same_tables,
     in_process_reference,
+    load_bank,
     sorted_table,
     troubled_stream,
 )
 from pyspark.sql import SparkSession
 
+from models.accounts import AccountChanges
 from models.features import FEATURE_COLUMNS, FeatureState, compute_features, known_frauds
 from models.job import (
     ALERTS,
@@ -37,7 +39,7 @@ from models.job import (
 from models.registry import LoadedModel
 from models.simulate import Simulation
 from models.training import score
-from streamguard.commit import DEAD_LETTER_TABLE
+from streamguard.commit import DEAD_LETTER_TABLE, next_batch_id
 from streamguard.lake import Lake
 from streamguard.pipeline import load_labels
 from streamguard.spark.fraud import (
@@ -78,18 +80,20 @@ def runs(
     tmp_path_factory: pytest.TempPathFactory,
     spark: SparkSession,
     small_sim: Simulation,
+    small_bank: AccountChanges,
     tiny_model: LoadedModel,
 ) -> Runs:
     root = tmp_path_factory.mktemp("spark_fraud")
     payloads, keys = _payloads(small_sim)
     started = time.perf_counter()
     local, input_dir, _ = in_process_reference(
-        root, payloads, keys, small_sim.labels, tiny_model, BATCH_RECORDS
+        root, payloads, keys, small_sim.labels, tiny_model, BATCH_RECORDS, small_bank
     )
     local_seconds = time.perf_counter() - started  # (batch files included)
     checkpoint = root / "checkpoint"
     lake = Lake(root / "spark")
     load_labels(lake, small_sim.labels)
+    load_bank(lake, small_bank, root / "dms")
     report = run_fraud_on_spark(
         spark, lambda s: jsonl_source(s, input_dir, 1), lake, checkpoint, model=tiny_model
     )
@@ -100,7 +104,9 @@ def test_spark_job_matches_the_in_process_runner(runs: Runs, tiny_model: LoadedM
     local, lake, report = runs.local, runs.spark, runs.report
     n_batches = len(list(runs.input_dir.glob("*.jsonl")))
     assert n_batches > 3
-    assert [b.batch_id for b in report.batches] == list(range(n_batches))
+    # The lake's numbering, after the accounts' CDC batch; the tables below carry the same ids.
+    ids = [b.batch_id for b in report.batches]
+    assert ids == list(range(ids[0], ids[0] + n_batches))
     assert report.n_records == runs.n_records
     assert report.app_id.startswith("spark:")
     stamps = {"ingested_at", "scored_at", "created_at", "updated_at", "recorded_at"}
@@ -158,7 +164,8 @@ def test_spark_job_matches_the_in_process_runner(runs: Runs, tiny_model: LoadedM
     assert any("duplicate transaction_id" in r for r in dead_spark["reason"].to_pylist())
     # Each batch's context is recorded before its outputs (labels version included).
     audit = lake.read(SPARK_BATCHES)
-    assert sorted(audit["batch_id"].to_pylist()) == list(range(n_batches))
+    first = min(audit["batch_id"].to_pylist())
+    assert sorted(audit["batch_id"].to_pylist()) == list(range(first, first + n_batches))
     contexts = [ScoringContext.from_json(t) for t in audit["context"].to_pylist()]
     assert {c.labels_version for c in contexts} == {lake.version("labels")}
 
@@ -194,7 +201,12 @@ def test_rerun_without_new_files_writes_nothing(
 
 
 def test_lost_checkpoint_replays_are_dead_lettered_not_scored_twice(
-    runs: Runs, spark: SparkSession, small_sim: Simulation, tiny_model: LoadedModel, tmp_path: Path
+    runs: Runs,
+    spark: SparkSession,
+    small_sim: Simulation,
+    small_bank: AccountChanges,
+    tiny_model: LoadedModel,
+    tmp_path: Path,
 ) -> None:
     """A new checkpoint re-reads the input from its start; the lake's batch ids go on.
 
@@ -211,6 +223,8 @@ def test_lost_checkpoint_replays_are_dead_lettered_not_scored_twice(
         shutil.copy2(path, first / path.name)
     lake = Lake(tmp_path / "lake")
     load_labels(lake, small_sim.labels)
+    load_bank(lake, small_bank, tmp_path / "dms")
+    base = next_batch_id(lake)  # the lake's numbering, after the accounts' CDC batch
     checkpoint = tmp_path / "checkpoint"
 
     def run(folder: Path) -> SparkFraudReport:
@@ -219,11 +233,11 @@ def test_lost_checkpoint_replays_are_dead_lettered_not_scored_twice(
         )
 
     before = run(first)
-    assert [b.batch_id for b in before.batches] == list(range(k))
+    assert [b.batch_id for b in before.batches] == list(range(base, base + k))
     shutil.rmtree(checkpoint)
     after = run(runs.input_dir)
     assert after.app_id != before.app_id
-    assert [b.batch_id for b in after.batches] == list(range(k, k + len(files)))
+    assert [b.batch_id for b in after.batches] == list(range(base + k, base + k + len(files)))
     ids = lake.read(SCORES, columns=["transaction_id"])["transaction_id"]
     assert len(ids) == len(pc.unique(ids)) == runs.local.count(SCORES)
     features = ["transaction_id", *FEATURE_COLUMNS]

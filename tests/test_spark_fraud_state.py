@@ -27,15 +27,17 @@ from fraud_streams import (
     BAD_RECORDS,
     assert_same_tables,
     in_process_reference,
+    load_bank,
     sorted_table,
     troubled_stream,
 )
 from pyspark.sql import DataFrame, SparkSession
 
+from models.accounts import AccountChanges
 from models.job import ALERTS, CUSTOMER_STATE, FEATURES, SCORES, TERMINAL_STATE, TRANSACTIONS
 from models.registry import LoadedModel
 from models.simulate import Simulation
-from streamguard.commit import DEAD_LETTER_TABLE
+from streamguard.commit import DEAD_LETTER_TABLE, next_batch_id
 from streamguard.lake import Lake
 from streamguard.pipeline import load_labels
 from streamguard.spark import fraud_state
@@ -84,15 +86,17 @@ def runs(
     tmp_path_factory: pytest.TempPathFactory,
     spark: SparkSession,
     small_sim: Simulation,
+    small_bank: AccountChanges,
     tiny_model: LoadedModel,
 ) -> Runs:
     root = tmp_path_factory.mktemp("spark_fraud_state")
     payloads, keys = _payloads(small_sim)
     local, input_dir, n_batches = in_process_reference(
-        root, payloads, keys, small_sim.labels, tiny_model, BATCH_RECORDS
+        root, payloads, keys, small_sim.labels, tiny_model, BATCH_RECORDS, small_bank
     )
     store = Lake(root / "store")
     load_labels(store, small_sim.labels)
+    load_bank(store, small_bank, root / "dms")
     report = run_fraud_on_spark_state_store(
         spark,
         lambda s: jsonl_source(s, input_dir, 1),
@@ -128,7 +132,8 @@ def _assert_same_lake(want: Lake, got: Lake) -> None:
 def test_state_store_job_matches_the_in_process_runner(runs: Runs) -> None:
     """Same features, scores, alerts, dead letters and state, bit for bit, batch by batch."""
     assert runs.n_batches > 3
-    assert [b.batch_id for b in runs.report.batches] == list(range(runs.n_batches))
+    base = runs.report.batches[0].batch_id  # the lake's numbering, after the accounts' CDC batch
+    assert [b.batch_id for b in runs.report.batches] == list(range(base, base + runs.n_batches))
     assert runs.report.n_records == runs.n_records
     _assert_same_lake(runs.local, runs.store)
     reasons = runs.store.read(DEAD_LETTER_TABLE)["reason"].to_pylist()
@@ -139,14 +144,15 @@ def test_state_store_job_matches_the_in_process_runner(runs: Runs) -> None:
     rates = runs.store.read(FEATURES, columns=["terminal_fraud_rate_30d"])
     assert pc.max(rates["terminal_fraud_rate_30d"]).as_py() > 0
     plans = runs.store.read(SPARK_STORE_BATCHES)
-    assert sorted(plans["batch_id"].to_pylist()) == list(range(runs.n_batches))
-    assert plans["batch_id"].to_pylist() == plans["spark_batch_id"].to_pylist()
+    assert sorted(plans["batch_id"].to_pylist()) == list(range(base, base + runs.n_batches))
+    assert plans["batch_id"].to_pylist() == [base + i for i in plans["spark_batch_id"].to_pylist()]
 
 
 def test_crash_replay_and_lost_checkpoint_recover_exactly(
     runs: Runs,
     spark: SparkSession,
     small_sim: Simulation,
+    small_bank: AccountChanges,
     tiny_model: LoadedModel,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -167,6 +173,8 @@ def test_crash_replay_and_lost_checkpoint_recover_exactly(
         shutil.copy2(path, (first if i < k else rest) / path.name)
     lake = Lake(runs.root / "recover")
     load_labels(lake, small_sim.labels)
+    load_bank(lake, small_bank, runs.root / "dms")
+    base = next_batch_id(lake)  # the lake's numbering, after the accounts' CDC batch
     checkpoint = runs.root / "recover-checkpoint"
 
     def run(folder: Path) -> SparkFraudReport:
@@ -189,7 +197,7 @@ def test_crash_replay_and_lost_checkpoint_recover_exactly(
         app_id: str | None = None,
         version: int = 0,
     ) -> bool:
-        if name == CUSTOMER_STATE and version == k - 1 and not crashed:
+        if name == CUSTOMER_STATE and version == base + k - 1 and not crashed:
             crashed.append(version)
             raise RuntimeError("crash between Delta commits")
         return upsert(name, data, keys, app_id, version)
@@ -197,19 +205,19 @@ def test_crash_replay_and_lost_checkpoint_recover_exactly(
     monkeypatch.setattr(lake, "upsert", crash_once)
     with pytest.raises(Exception, match="crash between Delta commits"):
         run(first)
-    assert crashed == [k - 1]
+    assert crashed == [base + k - 1]
     (app,) = set(lake.read(SPARK_STORE_BATCHES)["app_id"].to_pylist())
-    assert lake.transaction_version(FEATURES, app) == k - 1  # written before the crash
-    assert lake.transaction_version(CUSTOMER_STATE, app) == k - 2
+    assert lake.transaction_version(FEATURES, app) == base + k - 1  # written before the crash
+    assert lake.transaction_version(CUSTOMER_STATE, app) == base + k - 2
     replay = run(first)
     assert replay.app_id == app
-    assert [b.batch_id for b in replay.batches] == [k - 1]
+    assert [b.batch_id for b in replay.batches] == [base + k - 1]
     assert set(replay.rows_written) == {CUSTOMER_STATE, TERMINAL_STATE}  # only what was missing
 
     shutil.rmtree(checkpoint)  # lost: the new query starts from Delta
     recovered = run(rest)
     assert recovered.app_id != app
-    assert [b.batch_id for b in recovered.batches] == list(range(k, runs.n_batches))
+    assert [b.batch_id for b in recovered.batches] == list(range(base + k, base + runs.n_batches))
     _assert_same_lake(runs.local, lake)
 
     versions = {name: lake.version(name) for name in (FEATURES, CUSTOMER_STATE, TERMINAL_STATE)}

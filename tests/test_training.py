@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
 
 from models.features import FEATURE_COLUMNS, KEY_COLUMNS
 from models.training import (
     DEFAULT_CANDIDATE,
     LogitBlend,
     TrainResult,
+    arrow_feature_matrix,
     evaluate,
     feature_matrix,
     fit,
     label_frame,
+    make_baseline,
+    make_candidate,
     make_default_model,
     make_pipeline,
     score,
@@ -256,3 +266,125 @@ def test_train_refuses_a_split_without_fraud() -> None:
     features, labels = synthetic(n=500, days=10)
     with pytest.raises(ValueError, match="both fraud and legitimate"):
         train(features, labels.iloc[:0], T0 + 20 * DAY)
+
+
+# --------------------------------------------------------------------------- scoring from Arrow
+
+
+def arrow_features(frame: pd.DataFrame, infinite: bool = True) -> pa.Table:
+    """Feature rows as the job holds them: Arrow, several chunks, real nulls next to NaN (and
+    ±inf unless not `infinite`: a random forest refuses them), an integer count column."""
+    table = pa.Table.from_pandas(frame[[*KEY_COLUMNS, *FEATURE_COLUMNS]], preserve_index=False)
+    n = table.num_rows
+    rng = np.random.default_rng(5)
+    ratio = table["amount_balance_ratio"].to_numpy().copy()
+    ratio[rng.random(n) < 0.05] = np.nan  # a NaN value, not a null
+    ratio[:3] = [np.inf, -np.inf, np.nan] if infinite else [np.nan] * 3
+    table = table.set_column(
+        table.schema.get_field_index("amount_balance_ratio"),
+        "amount_balance_ratio",
+        pa.array(ratio, pa.float64(), from_pandas=False),
+    )
+    gone = pa.array(rng.random(n) < 0.1)  # nulls in a column that had none
+    column = table["balance_before"]
+    table = table.set_column(
+        table.schema.get_field_index("balance_before"),
+        "balance_before",
+        pc.if_else(gone, pa.scalar(None, pa.float64()), column),
+    )
+    table = table.set_column(
+        table.schema.get_field_index("count_1h"),
+        "count_1h",
+        pc.cast(table["count_1h"], pa.int64()),
+    )
+    assert table["balance_before"].null_count > 0 and table["amount_balance_ratio"].null_count == 0
+    third = n // 3
+    return pa.concat_tables(
+        [table.slice(0, third), table.slice(third, third), table.slice(2 * third)]
+    )
+
+
+def test_arrow_feature_matrix_is_the_pandas_matrix() -> None:
+    features, _ = synthetic(n=1000, days=5)
+    table = arrow_features(features)
+    matrix = arrow_feature_matrix(table)
+    expected = np.asarray(feature_matrix(table.to_pandas()))
+    assert matrix.dtype == np.float64 and matrix.shape == (1000, len(FEATURE_COLUMNS))
+    assert matrix.flags["F_CONTIGUOUS"] and expected.flags["F_CONTIGUOUS"]
+    assert matrix.tobytes(order="A") == expected.tobytes(order="A")  # nulls -> NaN, bit for bit
+    assert np.isnan(matrix[:, FEATURE_COLUMNS.index("balance_before")]).any()
+    with pytest.raises(ValueError, match="lack column"):
+        arrow_feature_matrix(table.drop_columns(["hour_of_day"]))
+
+
+@pytest.mark.parametrize(
+    ("candidate", "params", "infinite"),
+    [
+        (DEFAULT_CANDIDATE, {"max_iter": 30}, True),
+        ("hist_gradient_boosting", {"max_iter": 30}, True),
+        ("logistic_regression", None, True),
+        ("random_forest", {"n_estimators": 8}, False),
+    ],
+)
+def test_score_from_arrow_is_bit_identical_to_pandas(
+    candidate: str, params: dict[str, Any] | None, infinite: bool
+) -> None:
+    features, labels = synthetic(n=4000, days=30)
+    frame = training_frame(features, labels, T0 + 35 * DAY, pd.Timedelta(days=2))
+    model = fit(make_candidate(candidate, params), frame)
+    table = arrow_features(features, infinite)
+    from_pandas = score(model, table.to_pandas())  # what the scoring job does today
+    from_arrow = score(model, table)
+    assert from_arrow.dtype == np.float64 and from_arrow.shape == (table.num_rows,)
+    assert from_arrow.tobytes() == from_pandas.tobytes()
+    assert score(model, table.slice(0, 0)).shape == (0,)
+
+
+def test_score_from_arrow_refuses_a_model_fitted_on_other_columns() -> None:
+    features, labels = synthetic(n=2000, days=20)
+    frame = training_frame(features, labels, T0 + 25 * DAY, pd.Timedelta(days=2))
+    renamed = feature_matrix(frame).rename(columns={"amount": "amount_v0"})
+    model = make_default_model({"max_iter": 10})
+    model.fit(renamed, frame["label"].to_numpy())
+    with pytest.raises(ValueError, match="feature names"):  # scikit-learn's own check
+        score(model, features)
+    with pytest.raises(ValueError, match="other feature columns"):
+        score(model, arrow_features(features))
+
+
+PREDICTS: Counter[str] = Counter()
+
+
+class CountingBoosting(HistGradientBoostingClassifier):
+    """A real gradient boosting that counts its predictions (scikit-learn clones keep the class)."""
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        PREDICTS["boosting"] += 1
+        return np.asarray(super().predict_proba(X))
+
+
+class CountingLogistic(LogisticRegression):
+    """A real logistic regression that counts its predictions."""
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        PREDICTS["linear"] += 1
+        return np.asarray(super().predict_proba(X))
+
+
+def test_score_predicts_each_blend_member_once_per_call() -> None:
+    features, labels = synthetic(n=2000, days=20)
+    frame = training_frame(features, labels, T0 + 25 * DAY, pd.Timedelta(days=2))
+    boosting = make_pipeline({"max_iter": 10})
+    boosting.steps[-1] = ("model", CountingBoosting(**boosting.named_steps["model"].get_params()))
+    linear = make_baseline()
+    linear.steps[-1] = ("model", CountingLogistic(**linear.named_steps["model"].get_params()))
+    model = fit(Pipeline([("model", LogitBlend(boosting, linear))]), frame)
+    blend = model.named_steps["model"]
+    assert isinstance(blend.boosting_.named_steps["model"], CountingBoosting)
+    assert isinstance(blend.linear_.named_steps["model"], CountingLogistic)
+    PREDICTS.clear()
+    first = score(model, features)
+    assert PREDICTS == {"boosting": 1, "linear": 1}
+    second = score(model, arrow_features(features))
+    assert PREDICTS == {"boosting": 2, "linear": 2}
+    assert first.shape == second.shape == (len(features),)

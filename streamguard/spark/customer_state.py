@@ -17,12 +17,15 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
 from pyspark.sql.streaming.stateful_processor import (
     StatefulProcessor,
     StatefulProcessorHandle,
     TimerValues,
 )
 
+from models.accounts import HISTORY_COLUMNS, history_filter, with_accounts
 from models.features import (
     CUSTOMER_STATE_SCHEMA,
     HISTORY_SECONDS,
@@ -93,6 +96,8 @@ OUT_FIELDS = [
     *PARSED_FIELDS[1:],
     *[(c, "double") for c in OUT_FEATURES],
     *[(n, t) for n, t in STORED_FIELDS if not n.startswith("seen_")],
+    # On 'f' rows: the `accounts_history` version the batch's as-of lookup read (null: none).
+    ("accounts_version", "bigint"),
 ]
 OUT_COLUMNS = [name for name, _ in OUT_FIELDS]
 OUT_DDL = ", ".join(f"{n} {t}" for n, t in OUT_FIELDS)
@@ -183,6 +188,46 @@ def _empty_columns(n: int, skip: set[str]) -> dict[str, pa.Array]:
     return {f.name: pa.nulls(n, f.type) for f in OUT_SCHEMA if f.name not in skip}
 
 
+class AccountsAsOf:
+    """The bank's account history as it was at a batch's processing time, read on an executor.
+
+    The operator replays a batch with its recorded processing time, so a replay reads the same
+    version; the version goes out with the feature rows and the driver records it in the plan.
+    """
+
+    def __init__(self, uri: str | None) -> None:
+        self.uri = uri
+        self._ms: int | None = None
+        self._table: DeltaTable | None = None
+
+    def at(self, ms: int) -> DeltaTable | None:
+        """The table at the last version committed by `ms` (None: no table, or none by then)."""
+        if self.uri is None:
+            return None
+        if ms != self._ms:
+            self._ms, self._table = ms, None
+            try:
+                latest = DeltaTable(self.uri)
+            except TableNotFoundError:
+                return None
+            # The commits' own timestamps (delta-rs's `load_as_version(datetime)` loads version 0
+            # for a time before the table existed).
+            by_then = [c["version"] for c in latest.history() if c["timestamp"] <= ms]
+            if by_then:
+                self._table = DeltaTable(self.uri, version=max(by_then))
+        return self._table
+
+    def lookup(self, transactions: pa.Table, ms: int) -> tuple[pa.Table, int | None]:
+        """`transactions` with their account as of each event, and the version read."""
+        table = self.at(ms)
+        if table is None:
+            return with_accounts(transactions, None), None
+        history = table.to_pyarrow_dataset().to_table(
+            columns=HISTORY_COLUMNS, filter=history_filter(transactions)
+        )
+        return with_accounts(transactions, history), table.version()
+
+
 class CustomerProcessor(StatefulProcessor):
     """Per customer: duplicate check and `compute_features` against the state-store state.
 
@@ -191,8 +236,9 @@ class CustomerProcessor(StatefulProcessor):
     to dead-letter ('d'); the parser's rejects (group `""`) pass through untouched.
     """
 
-    def __init__(self, ttl_ms: int | None) -> None:
+    def __init__(self, ttl_ms: int | None, accounts_uri: str | None = None) -> None:
         self.ttl_ms = ttl_ms
+        self.accounts = AccountsAsOf(accounts_uri)
 
     def init(self, handle: StatefulProcessorHandle) -> None:
         self.customers = handle.getMapState(
@@ -214,9 +260,9 @@ class CustomerProcessor(StatefulProcessor):
         if key[0] == REJECTED_KEY:
             yield _frame(_dead(frame, frame["reason"].tolist()))
             return
-        yield from self._customers(frame)
+        yield from self._customers(frame, timerValues.getCurrentProcessingTimeInMs())
 
-    def _customers(self, frame: pd.DataFrame) -> Iterator[pd.DataFrame]:
+    def _customers(self, frame: pd.DataFrame, now_ms: int) -> Iterator[pd.DataFrame]:
         order = arrival_order(frame["shard_id"], frame["sequence_number"])
         frame = frame.iloc[order].reset_index(drop=True)
         ids = frame["transaction_id"].to_numpy(dtype=object)
@@ -238,7 +284,7 @@ class CustomerProcessor(StatefulProcessor):
         tx = frame[keep].reset_index(drop=True)
         if tx.empty:
             return
-        transactions = _transactions(tx)
+        transactions, accounts_version = self.accounts.lookup(_transactions(tx), now_ms)
         result = compute_features(
             transactions,
             FeatureState(_state_table(stored), TERMINAL_STATE_SCHEMA.empty_table()),
@@ -250,6 +296,7 @@ class CustomerProcessor(StatefulProcessor):
                 "row_type": pa.array(["f"] * len(tx), pa.string()),
                 **{c: _column(tx[c], OUT_SCHEMA.field(c).type) for c in carried},
                 **{c: result.features[c] for c in OUT_FEATURES},
+                "accounts_version": pa.array([accounts_version] * len(tx), pa.int64()),
             }
         )
         yield _frame(features)

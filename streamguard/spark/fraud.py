@@ -44,6 +44,7 @@ the first attempt did.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -52,6 +53,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -69,18 +71,19 @@ from models.features import (
     FeatureResult,
     FeatureState,
     compute_features,
+    feature_input,
 )
 from models.job import (
     ALERTS,
     OUTPUTS,
     FraudScoringJob,
     ScoringContext,
+    feature_inputs,
     load_state,
     prepare,
-    reported_frauds,
 )
 from models.registry import CHAMPION, MODEL_NAME, LoadedModel
-from models.schema import TIMESTAMP, TRANSACTION_SCHEMA
+from models.schema import FEATURE_INPUT_SCHEMA, TIMESTAMP
 from streamguard.commit import (
     AlertSink,
     batch_written,
@@ -112,10 +115,6 @@ SPARK_BATCH_SCHEMA = pa.schema(
 RECORD_COLUMNS = ("shard_id", "sequence_number", "partition_key", "data", "arrival_time")
 
 
-_TX_DDL = (
-    "_seq bigint, transaction_id string, event_time timestamp, customer_id string, "
-    "terminal_id string, amount double, kind string, channel string, location string"
-)
 _CSTATE_DDL = (
     "customer_id string, balance double, last_event_time timestamp, n_transactions bigint, "
     "locations array<string>, history_times array<timestamp>, history_amounts array<double>"
@@ -156,6 +155,10 @@ def _ddl(schema: pa.Schema) -> str:
     return ", ".join(f"{f.name} {spark_types[f.type]}" for f in schema)
 
 
+# The feature function's input (transactions and their account as of each event), in arrival order.
+_TX_DDL = "_seq bigint, " + _ddl(FEATURE_INPUT_SCHEMA)
+
+
 def _part(
     key_features: list[str],
     out_schema: pa.Schema,
@@ -168,7 +171,7 @@ def _part(
     if transactions.num_rows == 0:
         return out_schema.empty_table()
     transactions = transactions.sort_by("_seq")  # arrival order breaks event-time ties
-    tx = transactions.select(TRANSACTION_SCHEMA.names).cast(TRANSACTION_SCHEMA)
+    tx = transactions.select(FEATURE_INPUT_SCHEMA.names).cast(FEATURE_INPUT_SCHEMA)
     if customers:
         given = FeatureState(
             state.select(CUSTOMER_STATE_SCHEMA.names).cast(CUSTOMER_STATE_SCHEMA),
@@ -222,7 +225,7 @@ def spark_features(
     """
     if transactions.num_rows == 0:
         return compute_features(transactions, state, known_frauds)
-    tx = transactions.select(TRANSACTION_SCHEMA.names).cast(TRANSACTION_SCHEMA)
+    tx = feature_input(transactions)
     tx = tx.add_column(0, "_seq", pa.array(np.arange(tx.num_rows), pa.int64()))
     tx_df = _frame(spark, tx, _TX_DDL)
     c_df = _frame(spark, state.customers.cast(CUSTOMER_STATE_SCHEMA), _CSTATE_DDL)
@@ -403,13 +406,20 @@ def plan_batch(
     batch_id: int,
     spark_batch_id: int,
     n_records: int,
+    accounts_version: int | Literal["plan"] | None = "plan",
 ) -> ScoringContext:
-    """The batch's context: recorded whole in `plans` on the first attempt, read on replays."""
+    """The batch's context: recorded whole in `plans` on the first attempt, read on replays.
+
+    `accounts_version`: the version an engine already read (the state-store executors), instead
+    of the one the plan would pick.
+    """
     filt = (pc.field("app_id") == app_id) & (pc.field("batch_id") == batch_id)
     done = lake.read(plans, columns=["context"], filter=filt, schema=SPARK_BATCH_SCHEMA)
     if done.num_rows:
         return job.load_context(done["context"][0].as_py())
     context = job.plan_context(lake)
+    if accounts_version != "plan":
+        context = dataclasses.replace(context, accounts_version=accounts_version)
     row = {
         "app_id": app_id,
         "batch_id": batch_id,
@@ -477,7 +487,7 @@ def _process_batch(batch: DataFrame, spark_batch_id: int, app_id: str, ctx: _Bat
     now = datetime.now(UTC)
     valid, transactions, rejected = prepare(records, batch_id, lake, now)
     state = load_state(lake, valid)
-    frauds = reported_frauds(lake, valid, batch_id, context.labels_version)
+    valid, frauds = feature_inputs(lake, valid, batch_id, context)
     t2 = time.perf_counter()
     timing.prepare_s = t2 - t
     result = spark_features(ctx.spark, valid, state, frauds, ctx.buckets)

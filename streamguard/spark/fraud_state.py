@@ -90,6 +90,7 @@ from deltalake import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from models.accounts import ACCOUNTS_HISTORY
 from models.features import (
     CUSTOMER_STATE_SCHEMA,
     FEATURE_SCHEMA,
@@ -226,6 +227,10 @@ def _process_store_batch(
         timing.skipped = True
         timing.total_s = time.perf_counter() - started
         return
+    # The executors looked the accounts up at the batch's processing time: record that version.
+    read = pc.unique(pc.drop_null(feats["accounts_version"])).to_pylist()
+    if len(read) > 1:
+        raise RuntimeError(f"the executors read accounts_history versions {read} in one batch")
     context = plan_batch(
         lake,
         SPARK_STORE_BATCHES,
@@ -235,6 +240,7 @@ def _process_store_batch(
         batch_id=batch_id,
         spark_batch_id=spark_batch_id,
         n_records=n_records,
+        accounts_version=read[0] if read else None,
     )
     now = datetime.now(UTC)
     order = arrival_order(feats["shard_id"].to_pylist(), feats["sequence_number"].to_pylist())
@@ -423,10 +429,12 @@ def customer_features_stream(
     initial: DataFrame | None,
     customer_ttl: timedelta | None = DEFAULT_CUSTOMER_TTL,
     buckets: int | None = None,
+    accounts_uri: str | None = None,
 ) -> DataFrame:
     """Raw records -> the processor's rows: parse on executors, then the stateful operator.
 
     One stateful operator (`transformWithStateInPandas`, processing-time mode for the TTL).
+    `accounts_uri`: the `accounts_history` table the processor looks the accounts up in.
     """
     parsed = frame.select(
         "shard_id",
@@ -444,7 +452,7 @@ def customer_features_stream(
         ).select(*PARSED_COLUMNS)
     ttl_ms = None if customer_ttl is None else int(customer_ttl.total_seconds() * 1000)
     return parsed.groupBy("gkey").transformWithStateInPandas(
-        statefulProcessor=CustomerProcessor(ttl_ms),
+        statefulProcessor=CustomerProcessor(ttl_ms, accounts_uri),
         outputStructType=OUT_DDL,
         outputMode="Append",
         timeMode="ProcessingTime",
@@ -496,7 +504,8 @@ def run_fraud_on_spark_state_store(
         report = SparkFraudReport(app_id="")
         ctx = _StoreContext(lake, scoring, job, report, list(sinks))
         initial = initial_state(session, lake, checkpoint, customer_ttl, buckets)
-        rows = customer_features_stream(frame, initial, customer_ttl, buckets)
+        accounts_uri = str(lake.path(ACCOUNTS_HISTORY))
+        rows = customer_features_stream(frame, initial, customer_ttl, buckets, accounts_uri)
         report.app_id = run_available_now(
             rows,
             f"fraud_scoring_store_{checkpoint.name}",
