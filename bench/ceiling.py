@@ -24,6 +24,7 @@ from deltalake import write_deltalake
 
 from models.features import FeatureResult, FeatureState, compute_features
 from models.job import OUTPUTS, FraudScoringJob, ScoringContext, with_lineage
+from models.known_frauds import KnownFrauds
 from models.registry import LoadedModel
 from models.schema import RESCUED_DATA, ParseResult, parse_each, parse_records
 from models.training import arrow_feature_matrix, score
@@ -162,7 +163,9 @@ def _bench_writes(
             partition_keys=pa.array([keys[i] for i in index], pa.string()),
             rescued=valid[RESCUED_DATA],
         )
-        tables = job.assemble(out.features, out.state, rows, context, batch_id, now)
+        tables = job.assemble(
+            out.features, out.state, rows, context, batch_id, now, KnownFrauds.empty()
+        )
         for spec in OUTPUTS:
             data = tables[spec.name].cast(spec.schema)
             started = time.perf_counter()

@@ -29,10 +29,17 @@ from models.features import (
     FEATURE_COLUMNS,
     FEATURE_SCHEMA,
     FEATURE_VERSION,
-    KNOWN_FRAUD_SCHEMA,
     TERMINAL_STATE_SCHEMA,
     FeatureState,
     compute_features,
+)
+from models.known_frauds import (
+    KNOWN_FRAUDS,
+    KNOWN_FRAUDS_TABLE_SCHEMA,
+    KNOWN_LABEL_FILES,
+    KNOWN_LABEL_FILES_SCHEMA,
+    KnownFrauds,
+    known_frauds,
 )
 from models.protocols import LakeReader, Processed, RecordLike, TableOutput
 from models.registry import (
@@ -49,6 +56,7 @@ from models.schema import (
     DUPLICATE_EARLIER,
     DUPLICATE_IN_BATCH,
     LABEL_SCHEMA,
+    LABELS,
     RESCUED_DATA,
     TIMESTAMP,
     TRANSACTION_SCHEMA,
@@ -63,7 +71,7 @@ ALERTS = "alerts"
 SHADOW_SCORES = "shadow_scores"
 CUSTOMER_STATE = "customer_state"
 TERMINAL_STATE = "terminal_state"
-LABELS = "labels"
+EVENT_DATE = "event_date"
 
 _LINEAGE = [
     pa.field("batch_id", pa.int64(), nullable=False),
@@ -77,8 +85,13 @@ _LINEAGE = [
     # What the source could not fit to its schema (a file source's `_rescued_data`), as canonical
     # JSON text; null where there was nothing. Never seen by the feature function.
     pa.field(RESCUED_DATA, pa.string()),
+    # The event time's UTC date: the table's partition column, so reads by time (the duplicate
+    # lookup, the known frauds) open only the days they need, however long the lake has run.
+    pa.field(EVENT_DATE, pa.date32()),
 ]
 TRANSACTIONS_TABLE_SCHEMA = pa.schema([*TRANSACTION_SCHEMA, *_LINEAGE])
+# A repeated transaction id is looked for on its own event date (a producer retry or a replayed
+# record repeats the whole record, its event time with it).
 FEATURES_TABLE_SCHEMA = pa.schema(
     [
         *FEATURE_SCHEMA,
@@ -137,11 +150,13 @@ TERMINAL_STATE_TABLE_SCHEMA = pa.schema([*TERMINAL_STATE_SCHEMA, *_UPDATED])
 
 # Written in this order; state last, so a replayed batch reads the state from before it.
 OUTPUTS: tuple[TableOutput, ...] = (
-    TableOutput(TRANSACTIONS, TRANSACTIONS_TABLE_SCHEMA),
+    TableOutput(TRANSACTIONS, TRANSACTIONS_TABLE_SCHEMA, partition_by=(EVENT_DATE,)),
     TableOutput(FEATURES, FEATURES_TABLE_SCHEMA),
     TableOutput(SCORES, SCORES_TABLE_SCHEMA),
     TableOutput(ALERTS, ALERTS_TABLE_SCHEMA),
     TableOutput(SHADOW_SCORES, SHADOW_SCORES_TABLE_SCHEMA),
+    TableOutput(KNOWN_FRAUDS, KNOWN_FRAUDS_TABLE_SCHEMA, ("transaction_id",)),
+    TableOutput(KNOWN_LABEL_FILES, KNOWN_LABEL_FILES_SCHEMA),
     TableOutput(CUSTOMER_STATE, CUSTOMER_STATE_TABLE_SCHEMA, ("customer_id",)),
     TableOutput(TERMINAL_STATE, TERMINAL_STATE_TABLE_SCHEMA, ("terminal_id",)),
 )
@@ -300,14 +315,17 @@ class FraudScoringJob:
     ) -> Processed:
         now = datetime.now(UTC)
         valid, transactions, rejected = prepare(records, batch_id, lake, now)
-        valid, frauds = feature_inputs(lake, valid, batch_id, context)
-        result = compute_features(valid, load_state(lake, valid), frauds)
-        tables = self.assemble(result.features, result.state, transactions, context, batch_id, now)
+        valid, known = feature_inputs(lake, valid, batch_id, context)
+        result = compute_features(valid, load_state(lake, valid), known.frauds)
+        tables = self.assemble(
+            result.features, result.state, transactions, context, batch_id, now, known
+        )
         stats = {
             "valid": valid.num_rows,
             "rejected": len(rejected),
             "alerts": tables[ALERTS].num_rows,
-            "known_frauds": frauds.num_rows,
+            "known_frauds": known.frauds.num_rows,
+            "known_frauds_added": known.new.num_rows,
             "model_version": context.model_version,
             "challenger_version": context.challenger_version or "",
             "shadow_scored": tables[SHADOW_SCORES].num_rows,
@@ -322,6 +340,7 @@ class FraudScoringJob:
         context: ScoringContext,
         batch_id: int,
         now: datetime,
+        known: KnownFrauds,
     ) -> dict[str, pa.Table]:
         """Every output table of a batch from its features and new state, whatever computed them.
 
@@ -330,6 +349,8 @@ class FraudScoringJob:
         tables = self.score(features, context, batch_id, now)
         tables[SHADOW_SCORES] = self.shadow_score(features, context, batch_id, now)
         tables[TRANSACTIONS] = transactions
+        tables[KNOWN_FRAUDS] = known.new
+        tables[KNOWN_LABEL_FILES] = known.label_files
         tables[CUSTOMER_STATE] = _stamped(state.customers, batch_id, now)
         tables[TERMINAL_STATE] = _stamped(state.terminals, batch_id, now)
         return tables
@@ -485,6 +506,7 @@ def with_lineage(
         )
         .append_column("headers", pa.nulls(n, pa.string()) if headers is None else headers)
         .append_column(RESCUED_DATA, pa.nulls(n, pa.string()) if rescued is None else rescued)
+        .append_column(EVENT_DATE, pc.cast(valid["event_time"], pa.date32()))
     )
 
 
@@ -503,7 +525,11 @@ def drop_duplicates(
 ) -> tuple[pa.Table, list[tuple[int, str]]]:
     """A transaction id is scored once: repeats (in the batch or earlier) are rejected.
 
-    `valid` carries `record_index`; the rejected come back as (record_index, reason).
+    Earlier batches are searched on the batch's event dates only (the partitions of
+    `transactions`), so the lookup costs the same on the lake's first day and its thousandth; a
+    repeat with another event date is not caught there (a retry repeats the whole record). Rows
+    written before the table had `event_date` are always searched. `valid` carries
+    `record_index`; the rejected come back as (record_index, reason).
     """
     ids = valid["transaction_id"].to_numpy(zero_copy_only=False)
     first = np.zeros(len(ids), dtype=bool)
@@ -517,7 +543,8 @@ def drop_duplicates(
         TRANSACTIONS,
         columns=["transaction_id"],
         # combine_chunks: a chunkless column would make an untyped (null) value set
-        filter=pc.field("transaction_id").isin(valid["transaction_id"].combine_chunks())
+        filter=_on_dates(valid)
+        & pc.field("transaction_id").isin(valid["transaction_id"].combine_chunks())
         & (pc.field("batch_id") < batch_id),
         schema=TRANSACTIONS_TABLE_SCHEMA,
     )["transaction_id"]
@@ -528,6 +555,12 @@ def drop_duplicates(
         ]
         valid = valid.filter(pc.invert(again))
     return valid, rejected
+
+
+def _on_dates(valid: pa.Table) -> pc.Expression:
+    """Rows of `transactions` on the batch's event dates (or from before the date column)."""
+    dates = pc.unique(pc.cast(valid["event_time"], pa.date32()).combine_chunks())
+    return pc.field(EVENT_DATE).isin(dates) | pc.field(EVENT_DATE).is_null()
 
 
 def load_state(lake: LakeReader, valid: pa.Table) -> FeatureState:
@@ -554,12 +587,30 @@ def load_terminal_state(lake: LakeReader, valid: pa.Table) -> pa.Table:
 
 def feature_inputs(
     lake: LakeReader, valid: pa.Table, batch_id: int, context: ScoringContext
-) -> tuple[pa.Table, pa.Table]:
+) -> tuple[pa.Table, KnownFrauds]:
     """What the feature function reads besides the state, as the plan pinned it: the valid
     transactions with their account as of each event (FEATURE_INPUT_SCHEMA), the known frauds."""
-    frauds = reported_frauds(lake, valid, batch_id, context.labels_version)
+    known = batch_known_frauds(lake, valid, batch_id, context.labels_version)
     accounts = load_accounts(lake, valid, context.accounts_version)
-    return with_accounts(valid, accounts), frauds
+    return with_accounts(valid, accounts), known
+
+
+def batch_known_frauds(
+    lake: LakeReader, valid: pa.Table, batch_id: int, labels_version: int | None
+) -> KnownFrauds:
+    """The frauds reported by the batch's events and what the batch adds to `known_frauds`, at
+    the labels version the plan recorded (`models.known_frauds`)."""
+    return known_frauds(
+        lake, valid, batch_id, labels_version, TRANSACTIONS, TRANSACTIONS_TABLE_SCHEMA, _since
+    )
+
+
+def _since(moment: pa.Scalar) -> pc.Expression:
+    """Rows of `transactions` with event time after `moment` (their partitions only)."""
+    day = pc.cast(moment, pa.date32())
+    return (pc.field(EVENT_DATE).is_null() | (pc.field(EVENT_DATE) >= day)) & (
+        pc.field("event_time") > moment
+    )
 
 
 def load_accounts(
@@ -578,35 +629,3 @@ def load_accounts(
         filter=history_filter(valid),
         version=accounts_version,
     )
-
-
-def reported_frauds(
-    lake: LakeReader, valid: pa.Table, batch_id: int, labels_version: int | None
-) -> pa.Table:
-    """Frauds reported by the batch's last event, with their terminal and time.
-
-    Labels are read at the version recorded in the batch plan, so a replayed batch sees exactly
-    what the first attempt saw.
-    """
-    if labels_version is None or valid.num_rows == 0:
-        return KNOWN_FRAUD_SCHEMA.empty_table()
-    latest = pc.max(valid["event_time"])
-    labels = lake.read(
-        LABELS,
-        columns=["transaction_id", "reported_at"],
-        filter=(pc.field("is_fraud") == True) & (pc.field("reported_at") <= latest),  # noqa: E712
-        version=labels_version,
-        schema=LABEL_SCHEMA,
-    )
-    if labels.num_rows == 0:
-        return KNOWN_FRAUD_SCHEMA.empty_table()
-    earlier = lake.read(
-        TRANSACTIONS,
-        columns=["transaction_id", "terminal_id", "event_time"],
-        filter=pc.field("transaction_id").isin(labels["transaction_id"])
-        & (pc.field("batch_id") < batch_id),
-        schema=TRANSACTIONS_TABLE_SCHEMA,
-    )
-    txs = pa.concat_tables([earlier, valid.select(["transaction_id", "terminal_id", "event_time"])])
-    joined = txs.join(labels, "transaction_id", join_type="inner")
-    return joined.select(KNOWN_FRAUD_SCHEMA.names).cast(KNOWN_FRAUD_SCHEMA)

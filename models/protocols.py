@@ -24,9 +24,12 @@ class LakeReader(Protocol):
         filter: Any = None,
         version: Any = None,
         schema: Any = None,
+        files: Any = None,
     ) -> pa.Table: ...
 
     def version(self, name: str) -> int | None: ...
+
+    def files(self, name: str, version: int | None = None) -> list[str]: ...
 
 
 class RecordLike(Protocol):
@@ -58,6 +61,7 @@ class TableOutput:
     name: str
     schema: pa.Schema
     key: tuple[str, ...] | None = None  # None: append; else upsert on these columns
+    partition_by: tuple[str, ...] = ()  # the table's partition columns (when created)
 
 
 @dataclass

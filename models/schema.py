@@ -65,6 +65,7 @@ ACCOUNT_AS_OF_SCHEMA = pa.schema(
 # What the feature function reads per transaction.
 FEATURE_INPUT_SCHEMA = pa.schema([*TRANSACTION_SCHEMA, *ACCOUNT_AS_OF_SCHEMA])
 
+LABELS = "labels"  # the lake table of LABEL_SCHEMA
 LABEL_SCHEMA = pa.schema(
     [
         pa.field("transaction_id", pa.string(), nullable=False),

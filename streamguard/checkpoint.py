@@ -74,16 +74,21 @@ class Checkpoints:
         self.app_plan = f"{job}:plan"
         self.app_commit = f"{job}:commit"
 
-    def _rows(self, kind: str) -> pa.Table:
-        filt = (pc.field("job") == self.job) & (pc.field("kind") == kind)
-        return self.lake.read(CHECKPOINT_TABLE, filter=filt, schema=CHECKPOINT_SCHEMA)
-
     def last_plan(self) -> BatchPlan | None:
-        rows = self._rows("plan")
-        if rows.num_rows == 0:
+        """The last planned batch: its id from the Delta log, its rows from the few files whose
+        statistics hold that id (the table gains files every batch; this read does not grow)."""
+        last = self.lake.transaction_version(CHECKPOINT_TABLE, self.app_plan)
+        if last is None:
             return None
-        last = pc.max(rows["batch_id"]).as_py()
-        mine = rows.filter(pc.equal(rows["batch_id"], last)).to_pylist()
+        filt = (
+            (pc.field("job") == self.job)
+            & (pc.field("kind") == "plan")
+            & (pc.field("batch_id") == last)
+        )
+        files = self.lake.files_covering(CHECKPOINT_TABLE, "batch_id", last)
+        mine = self.lake.read(CHECKPOINT_TABLE, filter=filt, files=files).to_pylist()
+        if not mine:
+            return None
         ranges = {
             r["shard_id"]: ShardRange(r["after_seq"], r["end_seq"], r["n_records"]) for r in mine
         }

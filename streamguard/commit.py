@@ -123,7 +123,7 @@ def write_batch(
     for spec in outputs:
         data = tables[spec.name].cast(spec.schema)
         if spec.key is None:
-            done = lake.append(spec.name, data, app_id, batch_id)
+            done = lake.append(spec.name, data, app_id, batch_id, spec.partition_by)
         else:
             done = lake.upsert(spec.name, data, spec.key, app_id, batch_id)
         if done:

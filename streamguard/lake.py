@@ -47,11 +47,19 @@ class Lake:
     def exists(self, name: str) -> bool:
         return (self.path(name) / "_delta_log").is_dir()
 
-    def ensure(self, name: str, schema: pa.Schema) -> None:
-        """Create the table empty if it does not exist, so readers and the catalog see it early."""
+    def ensure(self, name: str, schema: pa.Schema, partition_by: Sequence[str] = ()) -> None:
+        """Create the table empty if it does not exist, so readers and the catalog see it early.
+
+        `partition_by` applies to a table created here; an existing table keeps its layout.
+        """
         if not self.exists(name):
             self.path(name).mkdir(parents=True, exist_ok=True)
-            write_deltalake(self.uri(name), schema.empty_table(), mode="append")
+            write_deltalake(
+                self.uri(name),
+                schema.empty_table(),
+                mode="append",
+                partition_by=list(partition_by) or None,
+            )
 
     def version(self, name: str) -> int | None:
         table = self.table(name)
@@ -64,8 +72,12 @@ class Lake:
         filter: pc.Expression | None = None,
         version: int | None = None,
         schema: pa.Schema | None = None,
+        files: Sequence[str] | None = None,
     ) -> pa.Table:
-        """Read a table (or `schema`'s empty table when it does not exist yet)."""
+        """Read a table (or `schema`'s empty table when it does not exist yet).
+
+        `files`: only these of the version's data files (paths as `files` lists them).
+        """
         table = self.table(name, version=version)
         if table is None:
             if schema is None:
@@ -73,6 +85,14 @@ class Lake:
             empty = schema.empty_table()
             return empty.select(list(columns)) if columns else empty
         dataset = _dataset(table)
+        if files is not None:
+            wanted = set(files)
+            dataset = ds.FileSystemDataset(
+                [f for f in dataset.get_fragments() if f.path in wanted],
+                dataset.schema,
+                dataset.format,
+                dataset.filesystem,
+            )
         cols = list(columns) if columns else None
         try:
             return dataset.to_table(columns=cols, filter=filter)
@@ -81,6 +101,31 @@ class Lake:
             # them by statistics against a plain-string filter. Filter after reading instead.
             whole = dataset.to_table().filter(filter)
             return whole.select(cols) if cols else whole
+
+    def files(self, name: str, version: int | None = None) -> list[str]:
+        """The data files of the table's version (paths relative to the table), [] if none."""
+        table = self.table(name, version=version)
+        if table is None:
+            return []
+        return [str(p) for p in pa.table(table.get_add_actions(flatten=True))["path"].to_pylist()]
+
+    def files_covering(self, name: str, column: str, value: int) -> list[str]:
+        """The data files whose statistics say `column` may equal `value` (files without
+        statistics included): a point read that opens a few files, however many there are."""
+        table = self.table(name)
+        if table is None:
+            return []
+        actions = pa.table(table.get_add_actions(flatten=True))
+        paths = actions["path"].to_pylist()
+        low, high = f"min.{column}", f"max.{column}"
+        if low not in actions.column_names or high not in actions.column_names:
+            return [str(p) for p in paths]
+        lows, highs = actions[low].to_pylist(), actions[high].to_pylist()
+        return [
+            str(p)
+            for p, lo, hi in zip(paths, lows, highs, strict=True)
+            if lo is None or hi is None or lo <= value <= hi
+        ]
 
     def count(self, name: str) -> int:
         table = self.table(name)
@@ -123,16 +168,28 @@ class Lake:
     def _commit(self, app_id: str, version: int) -> CommitProperties:
         return CommitProperties(app_transactions=[Transaction(app_id=app_id, version=version)])
 
-    def append(self, name: str, data: pa.Table, app_id: str, version: int) -> bool:
-        """Append once per (app_id, version): False when this batch is already in the table."""
+    def append(
+        self,
+        name: str,
+        data: pa.Table,
+        app_id: str,
+        version: int,
+        partition_by: Sequence[str] = (),
+    ) -> bool:
+        """Append once per (app_id, version): False when this batch is already in the table.
+
+        `partition_by` applies when this append creates the table.
+        """
         done = self.transaction_version(name, app_id)
         if done is not None and done >= version:
             return False
+        creates = not self.exists(name)
         self.path(name).mkdir(parents=True, exist_ok=True)
         write_deltalake(
             self.uri(name),
             data,
             mode="append",
+            partition_by=(list(partition_by) or None) if creates else None,
             # Columns a newer release adds to a table (nullable lineage, say) join the table's
             # schema instead of failing the append on a lake written before them.
             schema_mode="merge",

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from deltalake import DeltaTable
+from deltalake import DeltaTable, write_deltalake
 
 from models.accounts import ACCOUNTS_HISTORY, HISTORY_COLUMNS
 from models.backtest import read_dataset
@@ -75,7 +75,7 @@ def scoring_job_name(source: str, stream: str) -> str:
 def ensure_tables(lake: Lake) -> None:
     """Create every table of the scoring job empty, so the catalog and readers see them."""
     for output in OUTPUTS:
-        lake.ensure(output.name, output.schema)
+        lake.ensure(output.name, output.schema, output.partition_by)
     lake.ensure(DEAD_LETTER_TABLE, DEAD_LETTER_SCHEMA)
     lake.ensure(CHECKPOINT_TABLE, CHECKPOINT_SCHEMA)
     lake.ensure(LABELS, LABEL_SCHEMA)
@@ -121,11 +121,34 @@ def read_labels(path: Path) -> pa.Table:
 
 
 def load_labels(lake: Lake, labels: pa.Table) -> int:
-    """Upsert labels by transaction id: loading the same file twice changes nothing."""
+    """Add labels by transaction id: loading the same file twice changes nothing.
+
+    New transaction ids are appended (the scoring batches fold each new label file into
+    `known_frauds` once); only a label that changed (another verdict or report time) is
+    upserted, which rewrites the files holding it.
+    """
     lake.ensure(LABELS, LABEL_SCHEMA)
-    if labels.num_rows:
-        lake.upsert(LABELS, labels.cast(LABEL_SCHEMA), ["transaction_id"])
+    labels = labels.cast(LABEL_SCHEMA)
+    if labels.num_rows == 0:
+        return 0
+    stored = lake.read(LABELS, filter=pc.field("transaction_id").isin(labels["transaction_id"]))
+    known = pc.is_in(labels["transaction_id"], value_set=stored["transaction_id"].combine_chunks())
+    new = labels.filter(pc.invert(known))
+    if new.num_rows:
+        write_deltalake(lake.uri(LABELS), new, mode="append")
+    changed = _changed(labels.filter(known), stored)
+    if changed.num_rows:
+        lake.upsert(LABELS, changed, ["transaction_id"])
     return labels.num_rows
+
+
+def _changed(labels: pa.Table, stored: pa.Table) -> pa.Table:
+    """The labels whose row differs from the stored one of the same transaction id."""
+    if labels.num_rows == 0:
+        return labels
+    verdict = ["transaction_id", "is_fraud", "reported_at"]
+    same = labels.join(stored.select(verdict), verdict, join_type="left semi")
+    return labels.join(same.select(["transaction_id"]), "transaction_id", join_type="left anti")
 
 
 @dataclass

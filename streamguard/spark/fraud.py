@@ -487,13 +487,15 @@ def _process_batch(batch: DataFrame, spark_batch_id: int, app_id: str, ctx: _Bat
     now = datetime.now(UTC)
     valid, transactions, rejected = prepare(records, batch_id, lake, now)
     state = load_state(lake, valid)
-    valid, frauds = feature_inputs(lake, valid, batch_id, context)
+    valid, known = feature_inputs(lake, valid, batch_id, context)
     t2 = time.perf_counter()
     timing.prepare_s = t2 - t
-    result = spark_features(ctx.spark, valid, state, frauds, ctx.buckets)
+    result = spark_features(ctx.spark, valid, state, known.frauds, ctx.buckets)
     t3 = time.perf_counter()
     timing.features_s = t3 - t2
-    tables = job.assemble(result.features, result.state, transactions, context, batch_id, now)
+    tables = job.assemble(
+        result.features, result.state, transactions, context, batch_id, now, known
+    )
     t4 = time.perf_counter()
     timing.score_s = t4 - t3
     dead = rejected_records(ctx.job_name, batch_id, records, rejected, now)

@@ -104,9 +104,9 @@ from models.job import (
     OUTPUTS,
     TRANSACTIONS,
     FraudScoringJob,
+    batch_known_frauds,
     drop_duplicates,
     load_terminal_state,
-    reported_frauds,
     with_lineage,
 )
 from models.registry import CHAMPION, MODEL_NAME, LoadedModel
@@ -273,11 +273,11 @@ def _process_store_batch(
         rescued=feats[RESCUED_DATA],
     )
     terminals = load_terminal_state(lake, valid)
-    frauds = reported_frauds(lake, valid, batch_id, context.labels_version)
+    known = batch_known_frauds(lake, valid, batch_id, context.labels_version)
     t2 = time.perf_counter()
     timing.prepare_s = t2 - t
     terminal = compute_features(
-        valid, FeatureState(CUSTOMER_STATE_SCHEMA.empty_table(), terminals), frauds
+        valid, FeatureState(CUSTOMER_STATE_SCHEMA.empty_table(), terminals), known.frauds
     )
     parts = {c: valid[c] for c in ("transaction_id", "event_time", "customer_id", "terminal_id")}
     parts |= {c: feats[c] for c in CUSTOMER_SIDE_FEATURES}
@@ -287,7 +287,7 @@ def _process_store_batch(
     timing.features_s += t3 - t2
     states = _customer_state(rows.filter(pc.equal(kind, "s")))
     new_state = FeatureState(states, terminal.state.terminals)
-    tables = job.assemble(features, new_state, transactions, context, batch_id, now)
+    tables = job.assemble(features, new_state, transactions, context, batch_id, now, known)
     t4 = time.perf_counter()
     timing.score_s = t4 - t3
     letters = _dead_letters(dead, ctx.job_name, batch_id, now)
