@@ -32,14 +32,20 @@ from models.schema import (
 )
 
 # 2: the bank's account as of each event (CDC): card_blocked, account_not_open, and the balance
-# re-anchored on the ledger balance.
-FEATURE_VERSION = "2"
+# re-anchored on the ledger balance. 3: terminal windows in calendar days (bounded state).
+FEATURE_VERSION = "3"
 
 # Sliding event-time windows over the customer's own earlier transactions.
 CUSTOMER_WINDOWS: dict[str, int] = {"1h": 3600, "1d": 86_400, "7d": 7 * 86_400, "30d": 30 * 86_400}
-# Windows over the terminal's transactions, for the share already reported as fraud.
-TERMINAL_WINDOWS: dict[str, int] = {"1d": 86_400, "7d": 7 * 86_400, "30d": 30 * 86_400}
-HISTORY_SECONDS = max(max(CUSTOMER_WINDOWS.values()), max(TERMINAL_WINDOWS.values()))
+# Windows over the terminal's transactions, for the share already reported as fraud: calendar
+# days (UTC), "w days" being the event's day so far and the w days before it. A terminal's state
+# is then one count per day (at most 31), whatever its traffic; a customer's sliding windows keep
+# the customer's own events of the last 30 days.
+TERMINAL_WINDOWS: dict[str, int] = {"1d": 1, "7d": 7, "30d": 30}  # days before the event's day
+TERMINAL_DAYS = max(TERMINAL_WINDOWS.values())
+HISTORY_SECONDS = max(CUSTOMER_WINDOWS.values())
+# How far back a fraud can still count for an event: the longest terminal window's first day.
+LOOKBACK_SECONDS = (TERMINAL_DAYS + 1) * 86_400
 
 # What a feature is computed from: the customer's state and earlier events, the terminal's state
 # and known frauds, or the event alone.
@@ -80,15 +86,17 @@ FEATURES: tuple[Feature, ...] = (
     Feature("amount_to_mean_30d", "customer", "Amount over the customer's 30-day mean debit."),
     *(
         feature
-        for w in TERMINAL_WINDOWS
+        for w, d in TERMINAL_WINDOWS.items()
         for feature in (
             Feature(
-                f"terminal_tx_count_{w}", "terminal", f"The terminal's events in the last {w}."
+                f"terminal_tx_count_{w}",
+                "terminal",
+                f"The terminal's events that day so far and the {d} day(s) before (UTC).",
             ),
             Feature(
                 f"terminal_fraud_rate_{w}",
                 "terminal",
-                f"Share of those already reported as fraud, in the last {w}.",
+                f"Share of those already reported as fraud by the event's time ({w}).",
             ),
         )
     ),
@@ -131,7 +139,9 @@ TERMINAL_STATE_SCHEMA = pa.schema(
         pa.field("terminal_id", pa.string(), nullable=False),
         pa.field("last_event_time", TIMESTAMP),
         pa.field("n_transactions", pa.int64()),
-        pa.field("history_times", pa.list_(TIMESTAMP)),
+        # The terminal's events per UTC day (days since 1970-01-01), the last TERMINAL_DAYS + 1.
+        pa.field("days", pa.list_(pa.int64())),
+        pa.field("day_counts", pa.list_(pa.int64())),
     ]
 )
 # Frauds known to the platform: which terminal, when the fraud happened, when it was reported.
@@ -153,6 +163,7 @@ FEATURE_SCHEMA = pa.schema(
 )
 
 _US = 1_000_000
+_DAY_US = 86_400 * _US
 
 
 @dataclass(frozen=True)
@@ -254,23 +265,28 @@ def _prefix_sums(codes: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def _window_sums(
-    tl: _Timeline, values: np.ndarray, windows: dict[str, int], weights: np.ndarray | None = None
+    tl: _Timeline,
+    values: np.ndarray,
+    windows: dict[str, int] | dict[str, np.ndarray],
+    weights: np.ndarray | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Count and sum of `values` over earlier rows of the same key in each window, per batch row.
 
-    Earlier means before the row in processing order and with event time > t - window. With
-    `weights` (0/1 per row), only rows of weight 1 are counted.
+    Earlier means before the row in processing order and with event time > t - window, a window
+    being seconds, or per batch row (arrival order) microseconds. With `weights` (a count per
+    row: 0/1, or a day's events), rows count that many times.
     """
     n_batch = len(tl.codes) - tl.n_hist
     out = {w: (np.zeros(n_batch, np.int64), np.zeros(n_batch)) for w in windows}
     if n_batch == 0:
         return out
+    offsets = {w: _offsets(v, n_batch) for w, v in windows.items()}
     codes = tl.codes[tl.order]
     times = tl.times[tl.order]
     vals = values[tl.order]
     csum = _prefix_sums(codes, vals)
     wsum = None if weights is None else _prefix_sums(codes, weights[tl.order])
-    wmax = max(windows.values()) * _US
+    wmax = max(int(o.max()) for o in offsets.values())
     tmin = int(times.min())
     span = int(times.max()) - tmin + wmax + 1
     rel = times - tmin + wmax
@@ -287,8 +303,8 @@ def _window_sums(
         gb = batch_pos[group[batch_pos] == g]
         rows = batch_row[group[batch_pos] == g]
         local = np.searchsorted(gpos, gb)  # position of each batch row inside the group
-        for w, seconds in windows.items():
-            query = packed[local] - seconds * _US
+        for w, offset in offsets.items():
+            query = packed[local] - offset[rows]
             start = np.searchsorted(packed, query, side="right")
             if wsum is None:
                 count = local - start
@@ -299,6 +315,13 @@ def _window_sums(
             out[w][0][rows] = count
             out[w][1][rows] = csum[gpos[0] + local] - csum[gpos[0] + start]
     return out
+
+
+def _offsets(window: int | np.ndarray, n: int) -> np.ndarray:
+    """A window as microseconds per batch row."""
+    if isinstance(window, np.ndarray):
+        return window.astype(np.int64)
+    return np.full(n, window * _US, np.int64)
 
 
 @dataclass(frozen=True)
@@ -399,7 +422,7 @@ def compute_features(
     balances = _balances(order, start, batch, customers.k)
     spend = _spend_history(customers, batch)
     locations = _locations(customers, order, batch.locations)
-    terminal_timeline = _key_timeline(terminals, batch.times)
+    terminal_days = _terminal_days(terminals, batch.times)
     frauds = _known_fraud_counts(batch.terminals, batch.times, known_frauds)
     values = {
         **_event_features(batch),
@@ -407,13 +430,13 @@ def compute_features(
         **_recency_features(order, start),
         **_location_features(locations, order, customers.k),
         **_spend_features(spend, batch.amounts),
-        **_terminal_features(terminal_timeline, frauds),
+        **_terminal_features(terminal_days, batch.times, frauds),
     }
     new_state = FeatureState(
         _new_customer_state(
             customers, balance=balances.after, spend=spend, locations=locations, batch=batch
         ),
-        _new_terminal_state(terminals, terminal_timeline, batch.times),
+        _new_terminal_state(terminals, terminal_days, batch.times),
     )
     return FeatureResult(_feature_table(transactions, values), new_state)
 
@@ -681,10 +704,38 @@ def _spend_features(spend: _SpendHistory, amounts: np.ndarray) -> dict[str, np.n
     return features
 
 
+@dataclass(frozen=True)
+class _TerminalDays:
+    """The terminals' stored day counts (as rows at their day's start) then the batch's rows."""
+
+    timeline: _Timeline
+    weights: np.ndarray  # events per timeline row: a stored day's count, 1 per batch row
+
+
+def _terminal_days(terminals: _Keys, times: np.ndarray) -> _TerminalDays:
+    parents, days = _flatten(terminals.state, "days")
+    counts = _ints(_flatten(terminals.state, "day_counts")[1])
+    stored_times = _ints(days) * _DAY_US
+    timeline = _timeline(terminals.state_codes[parents], stored_times, terminals.batch_codes, times)
+    weights = np.concatenate([counts, np.ones(len(times), np.int64)]).astype(np.float64)
+    return _TerminalDays(timeline, weights)
+
+
+def _window_starts(times: np.ndarray) -> dict[str, np.ndarray]:
+    """Per event, how far back each terminal window reaches (us): to its first day's start."""
+    day_start = times // _DAY_US * _DAY_US
+    return {w: times - (day_start - days * _DAY_US) + 1 for w, days in TERMINAL_WINDOWS.items()}
+
+
 def _terminal_features(
-    timeline: _Timeline, fraud_counts: dict[str, np.ndarray]
+    terminal_days: _TerminalDays, times: np.ndarray, fraud_counts: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    sums = _window_sums(timeline, np.ones(len(timeline.codes)), TERMINAL_WINDOWS)
+    sums = _window_sums(
+        terminal_days.timeline,
+        terminal_days.weights,
+        _window_starts(times),
+        weights=terminal_days.weights,
+    )
     features: dict[str, np.ndarray] = {}
     for w, (count, _) in sums.items():
         features[f"terminal_tx_count_{w}"] = count.astype(np.float64)
@@ -716,8 +767,11 @@ def _known_fraud_counts(
     fe = _micros(known_frauds["event_time"])
     fr = _micros(known_frauds["reported_at"])
     fterm = np.asarray(known_frauds["terminal_id"].to_numpy(zero_copy_only=False), dtype=object)
-    wmax = max(TERMINAL_WINDOWS.values()) * _US
-    useful = (fr <= times.max()) & (fe > times.min() - wmax) & np.isin(fterm, np.unique(term))
+    useful = (
+        (fr <= times.max())
+        & (fe > times.min() - LOOKBACK_SECONDS * _US)
+        & np.isin(fterm, np.unique(term))
+    )
     if not useful.any():
         return out
     frauds = pd.DataFrame({"terminal_id": fterm[useful], "fe": fe[useful], "fr": fr[useful]})
@@ -726,8 +780,9 @@ def _known_fraud_counts(
     t, pe, pr = pairs["t"].to_numpy(), pairs["fe"].to_numpy(), pairs["fr"].to_numpy()
     rows = pairs["row"].to_numpy()
     known = (pe <= t) & (pr <= t)
-    for w, seconds in TERMINAL_WINDOWS.items():
-        mask = known & (pe > t - seconds * _US)
+    fraud_day, event_day = pe // _DAY_US, t // _DAY_US
+    for w, days in TERMINAL_WINDOWS.items():
+        mask = known & (fraud_day >= event_day - days)
         out[w] = np.bincount(rows[mask], minlength=n).astype(np.float64)
     return out
 
@@ -810,15 +865,26 @@ def _new_customer_state(
     )
 
 
-def _new_terminal_state(terminals: _Keys, timeline: _Timeline, times: np.ndarray) -> pa.Table:
+def _new_terminal_state(
+    terminals: _Keys, terminal_days: _TerminalDays, times: np.ndarray
+) -> pa.Table:
+    """Per terminal, its events per day: the stored days and the batch's, the last ones only."""
     latest = _latest_times(terminals, times)
-    keep, codes = _history(timeline, latest)
+    tl = terminal_days.timeline
+    days = tl.times // _DAY_US
+    keep = days >= latest[tl.codes] // _DAY_US - TERMINAL_DAYS
+    frame = pd.DataFrame(
+        {"code": tl.codes[keep], "day": days[keep], "n": terminal_days.weights[keep]}
+    )
+    per_day = frame.groupby(["code", "day"], sort=True)["n"].sum()
+    codes = per_day.index.get_level_values("code").to_numpy()
     return pa.Table.from_arrays(
         [
             pa.array(terminals.keys, pa.string()),
             _timestamps(latest),
             pa.array(_event_counts(terminals), pa.int64()),
-            _lists(codes, _timestamps(timeline.times[keep]), terminals.k),
+            _lists(codes, pa.array(per_day.index.get_level_values("day"), pa.int64()), terminals.k),
+            _lists(codes, pa.array(np.rint(per_day.to_numpy()).astype(np.int64)), terminals.k),
         ],
         schema=TERMINAL_STATE_SCHEMA,
     )

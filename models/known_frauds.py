@@ -7,7 +7,7 @@ joined rows, and each batch adds only what is new since the batches before it:
 
 - **Labels that arrived since** (the label files no batch has folded in yet: `known_label_files`
   records the files each batch folded) joined with the transactions of the last
-  `HISTORY_SECONDS` before the batch (the only ones any later window can still reach; the
+  `LOOKBACK_SECONDS` before the batch (the only ones any later window can still reach; the
   `transactions` table is partitioned by event date, so only those days are read).
 - **The batch's own transactions that already have a label** (labels that arrived before their
   transaction was scored, as in a replay of history): labels reported at or after the batch's
@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from models.features import HISTORY_SECONDS, KNOWN_FRAUD_SCHEMA
+from models.features import KNOWN_FRAUD_SCHEMA, LOOKBACK_SECONDS
 from models.protocols import LakeReader
 from models.schema import LABEL_SCHEMA, LABELS, TIMESTAMP
 
@@ -92,7 +92,7 @@ def known_frauds(
         return KnownFrauds.empty()
     first = pc.min(valid["event_time"])
     last = pc.max(valid["event_time"])
-    reach = pa.scalar(first.as_py() - timedelta(seconds=HISTORY_SECONDS), TIMESTAMP)
+    reach = pa.scalar(first.as_py() - timedelta(seconds=LOOKBACK_SECONDS), TIMESTAMP)
     # Labels that arrived since the files folded by earlier batches.
     folded = lake.read(
         KNOWN_LABEL_FILES,

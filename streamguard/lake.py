@@ -76,7 +76,8 @@ class Lake:
     ) -> pa.Table:
         """Read a table (or `schema`'s empty table when it does not exist yet).
 
-        `files`: only these of the version's data files (paths as `files` lists them).
+        `files`: only these of the version's data files (paths as `files` lists them). With
+        `schema`, requested columns a table written by an older release lacks come back null.
         """
         table = self.table(name, version=version)
         if table is None:
@@ -85,6 +86,11 @@ class Lake:
             empty = schema.empty_table()
             return empty.select(list(columns)) if columns else empty
         dataset = _dataset(table)
+        missing: list[str] = []
+        requested = list(columns) if columns else None
+        if columns and schema is not None:
+            missing = [c for c in columns if c not in dataset.schema.names and c in schema.names]
+            columns = [c for c in columns if c not in missing]
         if files is not None:
             wanted = set(files)
             dataset = ds.FileSystemDataset(
@@ -95,12 +101,18 @@ class Lake:
             )
         cols = list(columns) if columns else None
         try:
-            return dataset.to_table(columns=cols, filter=filter)
+            read = dataset.to_table(columns=cols, filter=filter)
         except pa.ArrowNotImplementedError:
             # Files written by delta-rs MERGE store string_view columns; pyarrow cannot prune
             # them by statistics against a plain-string filter. Filter after reading instead.
             whole = dataset.to_table().filter(filter)
-            return whole.select(cols) if cols else whole
+            read = whole.select(cols) if cols else whole
+        for name in missing:
+            assert schema is not None
+            read = read.append_column(
+                schema.field(name), pa.nulls(read.num_rows, schema.field(name).type)
+            )
+        return read
 
     def files(self, name: str, version: int | None = None) -> list[str]:
         """The data files of the table's version (paths relative to the table), [] if none."""
@@ -230,6 +242,9 @@ class Lake:
                 predicate=predicate,
                 source_alias="s",
                 target_alias="t",
+                # Columns a newer release adds to a state table join its schema (older rows
+                # null), as appends do.
+                merge_schema=True,
                 commit_properties=None if app_id is None else self._commit(app_id, version),
             )
             .when_matched_update_all()

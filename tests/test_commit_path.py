@@ -13,16 +13,19 @@ from fraud_streams import add_account_version
 from models.accounts import ACCOUNTS_HISTORY
 from models.job import (
     LABELS,
+    TERMINAL_STATE,
     TRANSACTIONS,
     TRANSACTIONS_TABLE_SCHEMA,
     FraudScoringJob,
     ScoringContext,
 )
 from models.registry import ALERT_THRESHOLD_TAG, LoadedModel
-from models.schema import LABEL_SCHEMA
+from models.schema import LABEL_SCHEMA, TIMESTAMP, to_payload
+from models.simulate import Simulation
 from streamguard.checkpoint import BatchPlan, Checkpoints, ShardRange
 from streamguard.lake import Lake
-from streamguard.pipeline import SCORING_JOB, ensure_tables
+from streamguard.pipeline import SCORING_JOB, ensure_tables, scoring_runner
+from streamguard.sources import MemorySource
 from streamguard.spark.fraud import SPARK_BATCH_SCHEMA, SPARK_BATCHES, plan_batch
 from streamguard.spark.fraud_state import SPARK_STORE_BATCHES
 
@@ -136,3 +139,33 @@ def test_a_lake_from_before_a_new_lineage_column_takes_the_next_batch(tmp_path: 
     )
     got = sorted(lake.read(TRANSACTIONS).to_pylist(), key=lambda r: r["transaction_id"])
     assert [r["headers"] for r in got] == [None, '[["k", "v"]]']
+
+
+def test_a_terminal_state_from_before_day_counts_keeps_scoring(
+    tmp_path: Path, small_sim: Simulation, tiny_model: LoadedModel
+) -> None:
+    """A lake whose terminal_state kept event lists (feature version 2) takes the day counts:
+    the MERGE adds the columns, its older rows read as no days yet."""
+    lake = Lake(tmp_path / "lake")
+    at = datetime(2025, 12, 31, tzinfo=UTC)
+    old = pa.schema(
+        [
+            ("terminal_id", pa.string()),
+            ("last_event_time", TIMESTAMP),
+            ("n_transactions", pa.int64()),
+            ("history_times", pa.list_(TIMESTAMP)),
+            ("batch_id", pa.int64()),
+            ("updated_at", TIMESTAMP),
+        ]
+    )
+    terminal = small_sim.transactions["terminal_id"][0].as_py()
+    row = {"terminal_id": terminal, "last_event_time": at, "n_transactions": 3,
+           "history_times": [at], "batch_id": 0, "updated_at": at}  # fmt: skip
+    lake.upsert(TERMINAL_STATE, pa.Table.from_pylist([row], old), ["terminal_id"])
+    rows = small_sim.transactions.slice(0, 600).to_pylist()
+    source = MemorySource.split([to_payload(r) for r in rows], [r["customer_id"] for r in rows], 1)
+    report = scoring_runner(lake, source, None, max_batch_records=200, model=tiny_model).run()
+    assert len(report.batches) == 3
+    state = {r["terminal_id"]: r for r in lake.read(TERMINAL_STATE).to_pylist()}
+    assert {"days", "day_counts", "history_times"} <= set(state[terminal])
+    assert state[terminal]["n_transactions"] > 3 and state[terminal]["day_counts"]

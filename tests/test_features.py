@@ -187,13 +187,15 @@ def test_replay_with_all_labels_leaks_no_future_label() -> None:
     # r2 happened on day 2 but was reported on day 6: days 3..6 cannot know, 7+ do.
     for i in range(3, 7):
         assert f[f"r{i}"]["terminal_fraud_rate_7d"] == 0.0
-    # Windows are (t - 7 d, t): r7 sees days 1..6, r8 days 2..7; r9's window starts at day 2
-    # exactly, so r2 has left it.
-    assert f["r7"]["terminal_fraud_rate_7d"] == pytest.approx(1 / 6)
-    assert f["r8"]["terminal_fraud_rate_7d"] == pytest.approx(1 / 6)
-    assert f["r9"]["terminal_fraud_rate_7d"] == 0.0
+    # Terminal windows are calendar days: "7d" is the event's day so far and the 7 days before.
+    # r7 sees days 0..6, r8 days 1..7, r9 days 2..8 (r2 still in: day 2 is 7 days back).
+    assert f["r7"]["terminal_fraud_rate_7d"] == pytest.approx(1 / 7)
+    assert f["r8"]["terminal_fraud_rate_7d"] == pytest.approx(1 / 7)
+    assert f["r9"]["terminal_fraud_rate_7d"] == pytest.approx(1 / 7)
+    assert f["r9"]["terminal_tx_count_7d"] == 7
     assert f["r8"]["terminal_fraud_rate_30d"] == pytest.approx(1 / 8)
-    assert f["r9"]["terminal_fraud_rate_1d"] is None  # r8 is exactly 1 d back: outside
+    assert f["r9"]["terminal_tx_count_1d"] == 1  # yesterday's r8; r2 is out of "1d"
+    assert f["r9"]["terminal_fraud_rate_1d"] == 0.0
 
 
 def test_state_history_is_pruned_to_the_longest_window() -> None:
@@ -375,3 +377,33 @@ def test_without_accounts_the_balance_is_the_running_sum() -> None:
     nulls = compute_features(with_ledger(LEDGER_ROWS[:4], {}), state)
     assert plain.features.equals(nulls.features.cast(plain.features.schema))
     assert [r["balance_before"] for r in plain.features.to_pylist()] == [500.0, 400.0, 450.0, 420.0]
+
+
+def test_a_terminal_keeps_one_count_per_day_whatever_its_traffic() -> None:
+    """Bounded state: 2,000 events over 40 days at one terminal leave at most 31 day counts,
+    and the counts give the same windows as the events themselves (split or whole)."""
+    rows = [tx(f"b{i}", i * 29, customer=f"c{i % 50}", terminal="busy") for i in range(2_000)]
+    whole = compute_features(table(rows), FeatureState.empty())
+    (state,) = whole.state.terminals.to_pylist()
+    assert len(state["days"]) == len(state["day_counts"]) == 31
+    assert state["days"] == sorted(state["days"]) and state["n_transactions"] == 2_000
+    last_day = (T0 + timedelta(minutes=1999 * 29)).timestamp() // 86_400
+    assert state["days"][-1] == last_day and state["days"][0] == last_day - 30
+    per_day: dict[int, int] = {}
+    for r in rows:
+        day = int(r["event_time"].timestamp() // 86_400)
+        per_day[day] = per_day.get(day, 0) + 1
+    assert state["day_counts"] == [per_day[d] for d in state["days"]]
+    # The same features when the stream comes in pieces (the state carries the day counts).
+    current, parts = FeatureState.empty(), []
+    for i in range(0, len(rows), 300):
+        r = compute_features(table(rows[i : i + 300]), current)
+        parts.append(r.features)
+        current = current.updated(r.state)
+    assert pa.concat_tables(parts).equals(whole.features)
+    f = by_id(whole.features)
+    # The last event's 1-day window: its day so far and the whole day before.
+    t_last = rows[-1]["event_time"]
+    day_start = T0 + timedelta(days=int((t_last - T0).total_seconds() // 86_400))
+    expected = sum(1 for r in rows[:-1] if r["event_time"] >= day_start - timedelta(days=1))
+    assert f["b1999"]["terminal_tx_count_1d"] == expected

@@ -119,10 +119,6 @@ _CSTATE_DDL = (
     "customer_id string, balance double, last_event_time timestamp, n_transactions bigint, "
     "locations array<string>, history_times array<timestamp>, history_amounts array<double>"
 )
-_TSTATE_DDL = (
-    "terminal_id string, last_event_time timestamp, n_transactions bigint, "
-    "history_times array<timestamp>"
-)
 
 
 def _part_schema(features: list[str], state: pa.Schema) -> pa.Schema:
@@ -151,12 +147,14 @@ def _ddl(schema: pa.Schema) -> str:
         pa.list_(pa.string()): "array<string>",
         pa.list_(TIMESTAMP): "array<timestamp>",
         pa.list_(pa.float64()): "array<double>",
+        pa.list_(pa.int64()): "array<bigint>",
     }
     return ", ".join(f"{f.name} {spark_types[f.type]}" for f in schema)
 
 
 # The feature function's input (transactions and their account as of each event), in arrival order.
 _TX_DDL = "_seq bigint, " + _ddl(FEATURE_INPUT_SCHEMA)
+_TSTATE_DDL = _ddl(TERMINAL_STATE_SCHEMA)
 
 
 def _part(
