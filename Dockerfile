@@ -1,8 +1,8 @@
 # The streamguard code-location image: the project (with its Spark extra and Java for local
-# Spark), dagster-postgres for the shared Dagster storage, and the instance config. Its command
-# serves assets.definitions (what workspace.yaml loads locally) as a Dagster code server; the
-# ECS webserver and daemon services run the same image with their own commands
-# (platform/terraform/ecs.tf).
+# Spark; dagster-postgres and psycopg2 are project dependencies) and the Dagster instance config
+# with the shared storage on PostgreSQL. Its command serves assets.definitions (what
+# workspace.yaml loads locally) as a Dagster code server; the ECS webserver and daemon services
+# run the same image with their own commands (platform/terraform/ecs.tf).
 #
 #   docker build -t streamguard:$(git rev-parse --short HEAD) .
 #
@@ -31,19 +31,13 @@ COPY pyproject.toml README.md ./
 COPY streamguard ./streamguard
 COPY models ./models
 COPY assets ./assets
-# dagster-postgres: Dagster's run, event-log and schedule storage on PostgreSQL (psycopg2).
-RUN pip install ".[spark]" dagster-postgres
+RUN pip install ".[spark]"
 
-# Dagster instance: the repository's config (run queue, one scoring run per stream at a time)
-# plus the storage on PostgreSQL, its URL read from DAGSTER_PG_URL when the instance loads.
-COPY platform/dagster.yaml ${DAGSTER_HOME}/dagster.yaml
-RUN printf '\n%s\n' \
-        '# Added by the Dockerfile: production storage on PostgreSQL.' \
-        'storage:' \
-        '  postgres:' \
-        '    postgres_url:' \
-        '      env: DAGSTER_PG_URL' \
-        >> "${DAGSTER_HOME}/dagster.yaml"
+# Dagster instance: platform/dagster.yaml's settings (run queue, one scoring run per stream at a
+# time) with the run, event-log and schedule storage on PostgreSQL; the storage URL is read from
+# DAGSTER_PG_URL (`postgres_url: {env: DAGSTER_PG_URL}`, a postgresql+psycopg2:// URL) when the
+# instance loads. tests/test_dagster_postgres.py runs the daemon on this file.
+COPY platform/dagster-postgres.yaml ${DAGSTER_HOME}/dagster.yaml
 
 RUN useradd --system --uid 10001 --home-dir /var/lib/streamguard dagster \
     && mkdir -p "${STREAMGUARD_HOME}" "${DAGSTER_HOME}/storage" \

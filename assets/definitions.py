@@ -13,6 +13,7 @@ from assets import (
     backtest,
     cdc,
     checks,
+    continuous,
     maintenance,
     model,
     monitoring,
@@ -32,6 +33,7 @@ AREAS = (
     maintenance.defs,
     backtest.defs,
     cdc.defs,
+    continuous.defs,
 )
 
 

@@ -105,7 +105,7 @@ class _Outcome:
 
 
 @contextmanager
-def _alert_sinks(kafka: KafkaResource, job: str) -> Iterator[list[AlertSink]]:
+def alert_sinks(kafka: KafkaResource, job: str) -> Iterator[list[AlertSink]]:
     """Alerts go to the Kafka alerts topic whenever a cluster is configured (any source); the
     producer is closed when the run ends."""
     if not (kafka.enabled and kafka.alerts_topic):
@@ -141,7 +141,7 @@ def _run_in_process(
     else:
         source = KinesisSource(kinesis.client(), kinesis.stream_name)
         job = scoring_job_name("kinesis", kinesis.stream_name)
-    with _alert_sinks(kafka, job) as sinks:
+    with alert_sinks(kafka, job) as sinks:
         runner = scoring_runner(
             lake,
             source,
@@ -213,7 +213,7 @@ def _run_on_spark(
     # One checkpoint per stream and engine (Kinesis streams keep their original folder name).
     stream = kinesis.stream_name if config.source == "kinesis" else f"kafka-{kafka.topic}"
 
-    with _alert_sinks(kafka, "spark_store" if store else "spark") as sinks:
+    with alert_sinks(kafka, "spark_store" if store else "spark") as sinks:
         report = run(
             spark.session(),
             source,

@@ -2,7 +2,9 @@
 
 Both keep a JSON cursor of the last position per shard (Kinesis shard, Kafka `topic:partition`)
 that a run was requested for, and ask for exactly the range past it. The run key comes from the
-bounds, so a re-evaluated tick launches nothing twice.
+bounds, so a re-evaluated tick launches nothing twice. While a continuous scoring run holds the
+lake's scoring slot (assets/continuous.py) they request nothing and keep their cursor: the run
+they would launch could only queue behind it.
 """
 
 import hashlib
@@ -11,6 +13,7 @@ from collections.abc import Callable, Mapping
 
 import dagster as dg
 
+from assets.continuous import holder_of_the_scoring_slot
 from assets.resources import FilesResource, HomeResource, KafkaResource, KinesisResource
 from assets.scoring import ScoringConfig, scoring_job
 from streamguard.kinesis import latest_positions, list_shards
@@ -75,6 +78,9 @@ def kinesis_transactions_sensor(
 
     The run's executor comes from the resource (`KinesisResource.executor`).
     """
+    held = holder_of_the_scoring_slot(context)
+    if held:
+        return dg.SkipReason(held)
     client = kinesis.client()
     stream = kinesis.stream_name
     return next_range(
@@ -107,6 +113,9 @@ def kafka_transactions_sensor(
             "No Kafka cluster configured: set STREAMGUARD_KAFKA_BOOTSTRAP "
             "(or STREAMGUARD_EVENT_HUBS_CONNECTION_STRING) to score a Kafka topic."
         )
+    held = holder_of_the_scoring_slot(context)
+    if held:
+        return dg.SkipReason(held)
     from streamguard.kafka import KafkaSource
 
     with KafkaSource(kafka.config(), kafka.topic) as source:
@@ -137,6 +146,9 @@ def transaction_files_sensor(
     """
     if not files.enabled:
         return dg.SkipReason("No transaction folder configured: set STREAMGUARD_FILES_DIR.")
+    held = holder_of_the_scoring_slot(context)
+    if held:
+        return dg.SkipReason(held)
     source = files.source(home.lake())
     current = {
         path: [size, int(mtime.timestamp() * 1_000_000)]

@@ -424,19 +424,22 @@ def _score_files(args: argparse.Namespace) -> int:
         "after the batch in hand; a second signal stops at once)",
     ),
     arg(
-        "--idle-wait",
+        "--poll-interval",
         type=float,
         default=None,
-        help="with --continuous: seconds between polls of an idle stream (default "
-        "0.2; keep 0.2 or more on AWS Kinesis)",
+        help="with --continuous: seconds between reads of each Kinesis shard, or between polls "
+        "of an idle Kafka topic (default 0.2; AWS allows 5 reads per second per shard)",
     ),
 )
 def _cmd_score(args: argparse.Namespace) -> int:
+    from streamguard.continuous import idle_wait_for
+    from streamguard.kinesis_tail import DEFAULT_POLL_INTERVAL_S
     from streamguard.lake import Lake
     from streamguard.pipeline import scoring_job_name, scoring_runner
 
-    if args.idle_wait is not None and not args.continuous:
-        raise UsageError("--idle-wait is for --continuous")
+    if args.poll_interval is not None and not args.continuous:
+        raise UsageError("--poll-interval is for --continuous")
+    poll = DEFAULT_POLL_INTERVAL_S if args.poll_interval is None else args.poll_interval
     if args.files is not None or args.schema_mode is not None or args.schema_hints is not None:
         if args.continuous:
             raise UsageError("--continuous is for a stream or topic, not with --files")
@@ -458,13 +461,18 @@ def _cmd_score(args: argparse.Namespace) -> int:
                 sink = KafkaAlertSink(config, alerts, job=job)
                 stack.callback(sink.close)
                 sinks.append(sink)
+        elif args.continuous:
+            from streamguard.kinesis_tail import KinesisTailSource
+
+            job = scoring_job_name(kind, args.stream)
+            tail = KinesisTailSource(_client(args), args.stream, poll_interval_s=poll)
+            stack.callback(tail.close)
+            source = tail
         else:
-            from streamguard.continuous import KinesisTailSource
             from streamguard.sources import KinesisSource
 
             job = scoring_job_name(kind, args.stream)
-            tail = KinesisTailSource if args.continuous else KinesisSource
-            source = tail(_client(args), args.stream)
+            source = KinesisSource(_client(args), args.stream)
         runner = scoring_runner(
             Lake(home.lake),
             source,
@@ -474,7 +482,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
             sinks=sinks,
         )
         if args.continuous:
-            return _score_continuously(runner, args.idle_wait)
+            what = f"Kafka topic {args.topic}" if kind == "kafka" else f"stream {args.stream}"
+            return _score_continuously(runner, what, idle_wait_for(kind, poll))
         report = runner.run()
     print(
         f"{len(report.batches)} batch(es), {report.n_records:,} records, "
@@ -483,22 +492,19 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _score_continuously(runner: MicroBatchRunner, idle_wait: float | None) -> int:
+def _score_continuously(runner: MicroBatchRunner, what: str, idle_wait_s: float) -> int:
     """`score --continuous`: the runner batch after batch until Ctrl-C or SIGTERM, which stop it
     between batches (exit 0); a second signal interrupts the batch (exit 130, replayed next)."""
     from streamguard.continuous import (
-        DEFAULT_IDLE_WAIT_S,
         ContinuousSettings,
         StopRequest,
         run_continuous,
         stop_on_signals,
     )
 
-    settings = ContinuousSettings(
-        idle_wait_s=DEFAULT_IDLE_WAIT_S if idle_wait is None else idle_wait
-    )
+    settings = ContinuousSettings(idle_wait_s=idle_wait_s)
     stop = StopRequest()
-    print(f"scoring {runner.job} continuously; Ctrl-C to stop", flush=True)
+    print(f"scoring {what} continuously (checkpoint {runner.job}); Ctrl-C to stop", flush=True)
     with stop_on_signals(stop):
         report = run_continuous(
             runner, stop, settings, on_report=lambda r: print(r.summary(), flush=True)
@@ -746,6 +752,40 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         ordered = Path(tmp) / "transactions.parquet"
         pq.write_table(table, ordered)
         return _cmd_produce(argparse.Namespace(**{**vars(args), "path": str(ordered)}))
+
+
+@command(
+    "spark-cluster",
+    "start or stop a local Spark standalone cluster (a master and workers on loopback)",
+    SERVER_ACTION,
+    arg("--workers", type=_positive, default=1, help="workers to start (default 1)"),
+    arg("--cores", type=_positive, default=2, help="cores each worker offers (default 2)"),
+    arg("--memory", default="1g", help="memory each worker offers executors (default 1g)"),
+)
+def _cmd_spark_cluster(args: argparse.Namespace) -> int:
+    """`start` prints the `spark://` URL (for STREAMGUARD_SPARK_MASTER), `stop` stops master and
+    workers, `status` prints the URL and its live workers or exits 1. Recorded under
+    STREAMGUARD_HOME/spark-cluster, so any later command finds it."""
+    from streamguard.spark.cluster import SparkCluster, cluster_dir
+
+    cluster = SparkCluster(
+        cluster_dir(Home.from_env()), workers=args.workers, cores=args.cores, memory=args.memory
+    )
+    if args.action == "start":
+        print(cluster.start())
+    elif args.action == "stop":
+        cluster.stop()
+        print("stopped")
+    else:
+        state = cluster.status()
+        if not state.running:
+            print("not running")
+            return 1
+        plural = "" if state.workers == 1 else "s"
+        print(
+            f"{state.url} ({state.workers} worker{plural}, {state.cores} cores, UI {state.ui_url})"
+        )
+    return 0
 
 
 # --------------------------------------------------------------------------- entry point

@@ -38,6 +38,10 @@ STREAM = "transactions"
 ALERTS_TOPIC = "fraud-alerts"
 SCORING_JOB_NAME = "score_transactions_job"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The Dagster instance of `make dev`/`make demo`: storage in SQLite under DAGSTER_HOME.
+SQLITE_INSTANCE = REPO_ROOT / "platform" / "dagster.yaml"
+#: The same instance with its storage on PostgreSQL (DAGSTER_PG_URL): a shared deployment's.
+POSTGRES_INSTANCE = REPO_ROOT / "platform" / "dagster-postgres.yaml"
 
 
 def _bin(name: str) -> str:
@@ -47,12 +51,16 @@ def _bin(name: str) -> str:
 
 
 def dagster_env(
-    home: Home, endpoint: str | None, kafka_bootstrap: str | None = None
+    home: Home,
+    endpoint: str | None,
+    kafka_bootstrap: str | None = None,
+    *,
+    instance: Path = SQLITE_INSTANCE,
 ) -> dict[str, str]:
-    """Environment for Dagster processes: the same home, its own DAGSTER_HOME with our config."""
+    """Environment for Dagster processes: the same home, its own DAGSTER_HOME with `instance` as
+    its dagster.yaml (`POSTGRES_INSTANCE` also needs DAGSTER_PG_URL in the environment)."""
     home.ensure()
-    config = REPO_ROOT / "platform" / "dagster.yaml"
-    shutil.copyfile(config, home.dagster / "dagster.yaml")
+    shutil.copyfile(instance, home.dagster / "dagster.yaml")
     env = dict(os.environ)
     env.update(
         {

@@ -107,12 +107,13 @@ class Lake:
             # them by statistics against a plain-string filter. Filter after reading instead.
             whole = dataset.to_table().filter(filter)
             read = whole.select(cols) if cols else whole
+        if not missing:
+            return read
+        assert schema is not None and requested is not None
         for name in missing:
-            assert schema is not None
-            read = read.append_column(
-                schema.field(name), pa.nulls(read.num_rows, schema.field(name).type)
-            )
-        return read
+            field = schema.field(name)
+            read = read.append_column(field, pa.nulls(read.num_rows, field.type))
+        return read.select(requested)
 
     def files(self, name: str, version: int | None = None) -> list[str]:
         """The data files of the table's version (paths relative to the table), [] if none."""
@@ -197,8 +198,10 @@ class Lake:
             return False
         creates = not self.exists(name)
         self.path(name).mkdir(parents=True, exist_ok=True)
+        # The open table when there is one (just refreshed by `transaction_version`): writing
+        # to its URI would load the whole log again, on every append.
         write_deltalake(
-            self.uri(name),
+            self.uri(name) if creates else (self._open.get(name) or self.uri(name)),
             data,
             mode="append",
             partition_by=(list(partition_by) or None) if creates else None,

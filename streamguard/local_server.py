@@ -103,8 +103,11 @@ class LocalServer:
     address_key = "address"
     error_type: type[LocalServerError] = LocalServerError
     start_timeout_s = 15.0
-    #: How long a SIGTERM may take before SIGKILL (a server may save its data on the way out).
+    #: How long the stop signal may take before SIGKILL (a server may save its data first).
     stop_timeout_s = 5.0
+    #: The signal that asks the server to stop cleanly (PostgreSQL: SIGINT, its fast shutdown;
+    #: its SIGTERM waits for every client to disconnect).
+    stop_signal: signal.Signals = signal.SIGTERM
 
     def __init__(self, state_dir: Path, port: int | None = None) -> None:
         self.state_dir = Path(state_dir).absolute()  # the server runs with cwd=state_dir
@@ -351,8 +354,9 @@ class LocalServer:
         self._process, self._address, self._owned = None, None, False
 
     def _kill(self, pid: int, process: subprocess.Popen[bytes] | None) -> None:
-        """SIGTERM the process group, SIGKILL it if it lingers, and reap our own child."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        """Signal the process group to stop (`stop_signal`), SIGKILL it if it lingers, and reap
+        our own child."""
+        for sig in (self.stop_signal, signal.SIGKILL):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 if os.getpgid(pid) == pid:  # its own group (start_new_session): kill it whole
                     os.killpg(pid, sig)
@@ -367,8 +371,8 @@ class LocalServer:
                     _reap(pid)
                     return
                 time.sleep(0.02)
-            if sig == signal.SIGTERM:
-                log.warning("%s (pid %d) ignored SIGTERM: killing it", self.label, pid)
+            if sig != signal.SIGKILL:
+                log.warning("%s (pid %d) ignored %s: killing it", self.label, pid, sig.name)
 
     # -- context manager -------------------------------------------------------------------
 

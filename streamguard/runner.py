@@ -6,6 +6,13 @@ commit path every executor shares) with the Delta application
 transaction `(job, batch_id)`; mark the batch committed. After a crash at any point, the last
 planned but uncommitted batch is read again over the same range with the same context, and every
 table that already holds it is skipped. The processor holds all domain logic; this module none.
+
+`run` scores until the source (or a bound) is exhausted; a long-running caller (continuous mode,
+`streamguard.continuous`) calls `recover` once, then `step` batch after batch: the same batches.
+Within a runner the last plan is kept in memory rather than read back from `_checkpoints` before
+every batch (which grows with every batch); before each new plan the Delta log's application
+transaction of the job's plans is checked against it, so a second writer of the same job is
+detected instead of silently sharing batch ids.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from models.protocols import Processor
-from streamguard.checkpoint import BatchPlan, Checkpoints, ShardRange
+from streamguard.checkpoint import CHECKPOINT_TABLE, BatchPlan, Checkpoints, ShardRange
 from streamguard.commit import (
     AlertSink,
     next_batch_id,
@@ -62,6 +69,11 @@ class CrashError(RuntimeError):
     """Raised by test subclasses to stop a batch part-way, as a killed process would."""
 
 
+class ConcurrentWriterError(RuntimeError):
+    """Another runner planned a batch of the same job: two writers of one job would interleave
+    their batches, so this one stops before writing anything of its next batch."""
+
+
 class MicroBatchRunner:
     def __init__(
         self,
@@ -80,6 +92,8 @@ class MicroBatchRunner:
         self.job = job
         self.max_batch_records = max_batch_records
         self.checkpoints = Checkpoints(lake, job, processor.load_context)
+        self._last: BatchPlan | None = None
+        self._last_known = False
 
     # Hook for crash tests: called after each table write of a batch.
     def after_write(self, plan: BatchPlan, table: str) -> None:
@@ -94,23 +108,69 @@ class MicroBatchRunner:
         None or "" is skipped, a shard not in it is read to its end.
         """
         report = RunReport(self.job)
-        last = self.checkpoints.last_plan()
-        if last is not None and not self.checkpoints.is_committed(last):
-            log.warning("replaying uncommitted batch %s of %s", last.batch_id, self.job)
-            report.batches.append(self._execute(last, self._read_plan(last), replayed=True))
+        self._last_known = False  # another process may have moved the job since the last run
+        replayed = self.recover()
+        if replayed is not None:
+            report.batches.append(replayed)
         while max_batches is None or len(report.batches) < max_batches:
-            plan, records = self._next_batch(until or {})
-            if plan is None:
+            batch = self.step(until)
+            if batch is None:
                 break
-            self.checkpoints.write_plan(plan)
-            report.batches.append(self._execute(plan, records, replayed=False))
-        report.positions = self.checkpoints.positions()
+            report.batches.append(batch)
+        report.positions = self.positions()
         return report
+
+    def recover(self) -> BatchReport | None:
+        """Replay the last planned but uncommitted batch, if any, over its recorded range and
+        context; None when the job's last batch is committed. Call once before `step`."""
+        last = self._last_plan()
+        if last is None or self.checkpoints.is_committed(last):
+            return None
+        log.warning("replaying uncommitted batch %s of %s", last.batch_id, self.job)
+        return self._execute(last, self._read_plan(last), replayed=True)
+
+    def step(self, until: Mapping[str, str | None] | None = None) -> BatchReport | None:
+        """Plan, process and commit the next batch past the last plan.
+
+        None when the source has nothing new: then nothing at all is written, so a caller may
+        poll an idle stream as often as it likes without adding commits to the lake.
+        """
+        plan, records = self._next_batch(until or {})
+        if plan is None:
+            return None
+        self._write_plan(plan)
+        return self._execute(plan, records, replayed=False)
+
+    def positions(self) -> dict[str, str | None]:
+        """Per-shard position after the last planned batch (where the next batch starts)."""
+        last = self._last_plan()
+        return {} if last is None else last.positions()
+
+    def _last_plan(self) -> BatchPlan | None:
+        """The job's last plan: read from the lake once per run, then the one this runner wrote."""
+        if not self._last_known:
+            self._last = self.checkpoints.last_plan()
+            self._last_known = True
+        return self._last
+
+    def _write_plan(self, plan: BatchPlan) -> None:
+        """Record the plan, after checking that no other writer planned since our last plan."""
+        expected = None if self._last is None else self._last.batch_id
+        planned = self.lake.transaction_version(CHECKPOINT_TABLE, self.checkpoints.app_plan)
+        if planned != expected:
+            self._last_known = False
+            raise ConcurrentWriterError(
+                f"job {self.job}: the lake's last plan is batch {planned}, this runner's is "
+                f"{expected}; another process is scoring the same stream into this lake (run "
+                "one writer per stream: one Dagster scoring run, or one CLI process)"
+            )
+        self.checkpoints.write_plan(plan)
+        self._last = plan
 
     def _next_batch(
         self, until: Mapping[str, str | None]
     ) -> tuple[BatchPlan | None, list[StreamRecord]]:
-        last = self.checkpoints.last_plan()
+        last = self._last_plan()
         positions = {} if last is None else last.positions()
         shards = sorted(set(self.source.shards()) | set(positions))
         per_shard = max(1, self.max_batch_records // max(1, len(shards)))

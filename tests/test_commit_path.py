@@ -169,3 +169,14 @@ def test_a_terminal_state_from_before_day_counts_keeps_scoring(
     state = {r["terminal_id"]: r for r in lake.read(TERMINAL_STATE).to_pylist()}
     assert {"days", "day_counts", "history_times"} <= set(state[terminal])
     assert state[terminal]["n_transactions"] > 3 and state[terminal]["day_counts"]
+
+
+def test_columns_an_older_table_lacks_read_as_null_in_the_order_asked(tmp_path: Path) -> None:
+    lake = Lake(tmp_path / "lake")
+    lake.append("t", pa.table({"a": [1], "c": ["x"]}), "job", 0)
+    schema = pa.schema([("a", pa.int64()), ("b", pa.float64()), ("c", pa.string())])
+    got = lake.read("t", columns=["a", "b", "c"], schema=schema)
+    assert got.column_names == ["a", "b", "c"] and got.to_pylist() == [
+        {"a": 1, "b": None, "c": "x"}
+    ]
+    assert lake.read("t", columns=["c", "a"], schema=schema).column_names == ["c", "a"]

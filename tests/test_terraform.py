@@ -1336,7 +1336,7 @@ def test_ecs_environment_is_what_the_code_location_reads(
     read_by_project = {variable for fields in SETTINGS.values() for variable, _ in fields.values()}
     read_by_project.add("STREAMGUARD_DEPLOYMENT")
     assert "STREAMGUARD_DEPLOYMENT" in (REPO / "assets" / "definitions.py").read_text()
-    read_by_instance = {"DAGSTER_PG_URL"}  # the image's dagster.yaml (Dockerfile)
+    read_by_instance = {"DAGSTER_PG_URL"}  # the image's dagster.yaml (dagster-postgres.yaml)
     unknown = set(environment) | set(secrets)
     unknown -= read_by_project | read_by_instance
     assert unknown == set(), f"set in ECS but read by nobody: {sorted(unknown)}"
@@ -1372,7 +1372,8 @@ def test_ecs_environment_is_what_the_code_location_reads(
                 assert arn == secret_arn and key in keys, secret
             names = {e["name"] for e in resolve(container.get("environment", []))}
             assert not names & {"DAGSTER_PG_URL", "MLFLOW_TRACKING_URI"}, "secrets in plain env"
-    assert "env: DAGSTER_PG_URL" in (REPO / "Dockerfile").read_text()
+    instance = yaml.safe_load((REPO / "platform" / "dagster-postgres.yaml").read_text())
+    assert instance["storage"]["postgres"]["postgres_url"] == {"env": "DAGSTER_PG_URL"}
 
     # The init container's script is Python that compiles, with the database name filled in.
     script = resolve(module.locals["create_mlflow_database"])
@@ -1415,8 +1416,8 @@ def test_image_serves_the_workspace_code_location(module: Module) -> None:
     for package in packages:
         assert f"COPY {package} ./{package}" in text, package
         assert f"!{package}/" in ignore, package
-    assert "COPY platform/dagster.yaml ${DAGSTER_HOME}/dagster.yaml" in text
-    assert "!platform/dagster.yaml" in ignore
+    assert "COPY platform/dagster-postgres.yaml ${DAGSTER_HOME}/dagster.yaml" in text
+    assert "!platform/dagster-postgres.yaml" in ignore
     # The webserver and daemon reach that port.
     for service in ("webserver", "daemon"):
         (container,) = container_definitions(module, service)
