@@ -79,6 +79,18 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path, name: str) -> Iterator[None]:
+    """An exclusive lock file in `folder`, held across processes for the block."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / name).open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class LocalServerError(RuntimeError):
     """The local server could not be started (one line, saying what to do)."""
 
@@ -208,16 +220,9 @@ class LocalServer:
         tmp.write_text(json.dumps(info, indent=2) + "\n")
         tmp.replace(self.server_file)
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
+    def _lock(self) -> contextlib.AbstractContextManager[None]:
         """One start/stop at a time per state dir, across processes."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with (self.state_dir / "server.lock").open("w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return folder_lock(self.state_dir, "server.lock")
 
     # -- state -----------------------------------------------------------------------------
 

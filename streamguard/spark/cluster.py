@@ -24,7 +24,6 @@ own too), so they import this project as the driver does. The default worker off
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -36,13 +35,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
 from streamguard.config import Home
-from streamguard.local_server import HOST, LocalServer, LocalServerError
+from streamguard.local_server import HOST, LocalServer, LocalServerError, folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -333,16 +331,9 @@ class SparkCluster:
         )
         return [self.worker(i) for i in indices]
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
+    def _lock(self) -> contextlib.AbstractContextManager[None]:
         """One cluster start/stop at a time per folder, across processes."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with (self.state_dir / "cluster.lock").open("w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return folder_lock(self.state_dir, "cluster.lock")
 
     @property
     def url(self) -> str:
