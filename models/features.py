@@ -33,17 +33,32 @@ from models.schema import (
 
 # 2: the bank's account as of each event (CDC): card_blocked, account_not_open, and the balance
 # re-anchored on the ledger balance. 3: terminal windows in calendar days (bounded state).
-FEATURE_VERSION = "3"
+# 4: bounded customer state (7d/30d spend windows in calendar days, sums in cents), terminal
+# counts and risk over windows shifted by the label delay, weekend/night, amount and velocity
+# relative to the customer's own norm.
+FEATURE_VERSION = "4"
 
-# Sliding event-time windows over the customer's own earlier transactions.
-CUSTOMER_WINDOWS: dict[str, int] = {"1h": 3600, "1d": 86_400, "7d": 7 * 86_400, "30d": 30 * 86_400}
-# Windows over the terminal's transactions, for the share already reported as fraud: calendar
-# days (UTC), "w days" being the event's day so far and the w days before it. A terminal's state
-# is then one count per day (at most 31), whatever its traffic; a customer's sliding windows keep
-# the customer's own events of the last 30 days.
+# Exact sliding event-time windows over the customer's own earlier debits: the state keeps the
+# customer's debits of the last day, however many, which a day's activity bounds.
+CUSTOMER_WINDOWS: dict[str, int] = {"1h": 3600, "1d": 86_400}
+# Calendar-day windows (UTC) over the customer's debits: "w days" is the event's day so far and
+# the w days before it, from one count and one sum per day (at most 31 days kept per customer).
+CUSTOMER_DAY_WINDOWS: dict[str, int] = {"7d": 7, "30d": 30}
+# Windows over the terminal's transactions, also calendar days: the share already reported as
+# fraud (`terminal_fraud_rate_*`, which any label reported by the event's time feeds), and the
+# same counts shifted back by the label delay (`terminal_*_delayed`: the w days that end
+# LABEL_DELAY_DAYS before the event's day, old enough for most of their frauds to be known, as
+# in Le Borgne et al.'s handbook). A terminal's state is one count per day, whatever its traffic.
 TERMINAL_WINDOWS: dict[str, int] = {"1d": 1, "7d": 7, "30d": 30}  # days before the event's day
-TERMINAL_DAYS = max(TERMINAL_WINDOWS.values())
-HISTORY_SECONDS = max(CUSTOMER_WINDOWS.values())
+# The label delay the shifted windows assume (part of FEATURE_VERSION): the simulator's reporting
+# delays have a median of 4 days and most are within a week. `compute_features` takes another
+# delay up to MAX_LABEL_DELAY_DAYS, which the terminal's kept days cover.
+LABEL_DELAY_DAYS = 7
+MAX_LABEL_DELAY_DAYS = 14
+CUSTOMER_DAYS = max(CUSTOMER_DAY_WINDOWS.values())
+TERMINAL_DAYS = max(TERMINAL_WINDOWS.values()) + MAX_LABEL_DELAY_DAYS
+# How long a customer's exact debits are kept: the longest exact window.
+EXACT_SECONDS = max(CUSTOMER_WINDOWS.values())
 # How far back a fraud can still count for an event: the longest terminal window's first day.
 LOOKBACK_SECONDS = (TERMINAL_DAYS + 1) * 86_400
 
@@ -75,7 +90,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("seconds_since_prev", "customer", "Seconds since the customer's previous event."),
     *(
         feature
-        for w in CUSTOMER_WINDOWS
+        for w in [*CUSTOMER_WINDOWS, *CUSTOMER_DAY_WINDOWS]
         for feature in (
             Feature(f"count_{w}", "customer", f"The customer's debits in the last {w}."),
             Feature(
@@ -83,7 +98,13 @@ FEATURES: tuple[Feature, ...] = (
             ),
         )
     ),
+    Feature("amount_to_mean_7d", "customer", "Amount over the customer's 7-day mean debit."),
     Feature("amount_to_mean_30d", "customer", "Amount over the customer's 30-day mean debit."),
+    Feature(
+        "velocity_1d_to_30d",
+        "customer",
+        "Debits in the last day over the customer's daily mean of the 30-day window.",
+    ),
     *(
         feature
         for w, d in TERMINAL_WINDOWS.items()
@@ -100,8 +121,27 @@ FEATURES: tuple[Feature, ...] = (
             ),
         )
     ),
+    *(
+        feature
+        for w, d in TERMINAL_WINDOWS.items()
+        for feature in (
+            Feature(
+                f"terminal_tx_count_{w}_delayed",
+                "terminal",
+                f"The terminal's events in the {d} day(s) ending {LABEL_DELAY_DAYS} days before"
+                " the event's day.",
+            ),
+            Feature(
+                f"terminal_risk_{w}_delayed",
+                "terminal",
+                f"Share of those reported as fraud by the event's time ({w}, delayed).",
+            ),
+        )
+    ),
     *(Feature(f"channel_{c}", "event", f"1 if the channel is {c}.") for c in CHANNELS),
     Feature("hour_of_day", "event", "The event time's hour (UTC)."),
+    Feature("is_weekend", "event", "1 on a Saturday or Sunday (UTC)."),
+    Feature("is_night", "event", "1 between midnight and 6 am (UTC)."),
     Feature("card_blocked", "event", "1 if the bank had blocked the card at the event time."),
     Feature("account_not_open", "event", "1 if the bank had frozen or closed the account by then."),
 )
@@ -130,8 +170,14 @@ CUSTOMER_STATE_SCHEMA = pa.schema(
         pa.field("last_event_time", TIMESTAMP),
         pa.field("n_transactions", pa.int64()),
         pa.field("locations", pa.list_(pa.string())),
+        # The customer's debits of the last EXACT_SECONDS before its last event.
         pa.field("history_times", pa.list_(TIMESTAMP)),
         pa.field("history_amounts", pa.list_(pa.float64())),
+        # Its debits per UTC day (days since 1970-01-01), the last CUSTOMER_DAYS + 1: how many
+        # and their sum in cents (integers, so sums never depend on how batches were cut).
+        pa.field("days", pa.list_(pa.int64())),
+        pa.field("day_counts", pa.list_(pa.int64())),
+        pa.field("day_cents", pa.list_(pa.int64())),
     ]
 )
 TERMINAL_STATE_SCHEMA = pa.schema(
@@ -384,12 +430,24 @@ class _CustomerStart:
 
 @dataclass(frozen=True)
 class _SpendHistory:
-    """The customers' stored debits then the batch's rows, on one timeline."""
+    """The customers' stored debits of the last day then the batch's rows, on one timeline."""
 
     timeline: _Timeline
     amounts: np.ndarray  # per timeline row
     # 1 per row that counts as spend: every stored row (the state keeps debits only), batch debits.
     weights: np.ndarray
+
+
+@dataclass(frozen=True)
+class _DayCounts:
+    """Stored per-day counts as rows at their day's start, then the batch's rows, on one timeline.
+
+    A day row weighs its day's count and carries its day's sum; a batch row weighs 0 or 1.
+    """
+
+    timeline: _Timeline
+    weights: np.ndarray
+    values: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -406,14 +464,21 @@ class _Locations:
 
 
 def compute_features(
-    transactions: pa.Table, state: FeatureState, known_frauds: pa.Table | None = None
+    transactions: pa.Table,
+    state: FeatureState,
+    known_frauds: pa.Table | None = None,
+    label_delay_days: int = LABEL_DELAY_DAYS,
 ) -> FeatureResult:
     """Features of each transaction against the state just before it, and the state after the batch.
 
     The batch is processed in event-time order (arrival order breaks ties), after everything the
     state has seen. `known_frauds` may hold any frauds: one only counts for an event once it had
     been reported by the event's time, so replaying history with all labels leaks nothing.
+    `label_delay_days` shifts the `*_delayed` terminal windows (FEATURE_VERSION assumes the
+    default).
     """
+    if not 0 <= label_delay_days <= MAX_LABEL_DELAY_DAYS:
+        raise ValueError(f"label_delay_days must be 0..{MAX_LABEL_DELAY_DAYS}: {label_delay_days}")
     batch = _read_batch(transactions)
     customers = _keys(state.customers, "customer_id", batch.customers)
     terminals = _keys(state.terminals, "terminal_id", batch.terminals)
@@ -421,20 +486,26 @@ def compute_features(
     start = _customer_start(customers)
     balances = _balances(order, start, batch, customers.k)
     spend = _spend_history(customers, batch)
+    spend_days = _spend_days(customers, batch)
     locations = _locations(customers, order, batch.locations)
     terminal_days = _terminal_days(terminals, batch.times)
-    frauds = _known_fraud_counts(batch.terminals, batch.times, known_frauds)
+    frauds = _known_fraud_counts(batch.terminals, batch.times, known_frauds, label_delay_days)
     values = {
         **_event_features(batch),
         **_balance_features(balances, order, batch),
         **_recency_features(order, start),
         **_location_features(locations, order, customers.k),
-        **_spend_features(spend, batch.amounts),
-        **_terminal_features(terminal_days, batch.times, frauds),
+        **_spend_features(spend, spend_days, batch),
+        **_terminal_features(terminal_days, batch.times, frauds, label_delay_days),
     }
     new_state = FeatureState(
         _new_customer_state(
-            customers, balance=balances.after, spend=spend, locations=locations, batch=batch
+            customers,
+            balance=balances.after,
+            spend=spend,
+            spend_days=spend_days,
+            locations=locations,
+            batch=batch,
         ),
         _new_terminal_state(terminals, terminal_days, batch.times),
     )
@@ -562,6 +633,50 @@ def _spend_history(customers: _Keys, batch: _Batch) -> _SpendHistory:
     )
 
 
+def _cents(amounts: np.ndarray) -> np.ndarray:
+    """Amounts in whole cents (as float64, exact below 2**53): sums then never depend on order."""
+    return np.rint(amounts * 100.0)
+
+
+def _day_rows(
+    keys: _Keys, sums_column: str | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The stored days of the keys: code, day start (us), count and sum (0 without a column)."""
+    parents, days = _flatten(keys.state, "days")
+    counts = _ints(_flatten(keys.state, "day_counts")[1]).astype(np.float64)
+    sums = (
+        _ints(_flatten(keys.state, sums_column)[1]).astype(np.float64)
+        if sums_column
+        else np.zeros(len(counts))
+    )
+    return keys.state_codes[parents], _ints(days) * _DAY_US, counts, sums
+
+
+def _spend_days(customers: _Keys, batch: _Batch) -> _DayCounts:
+    """The customers' debits per day (counts, cents), then the batch's debits.
+
+    A state row written before the day columns existed (`days` null) holds its customer's debits
+    of the last 30 days one by one instead: they serve as rows of their own.
+    """
+    codes, starts, counts, sums = _day_rows(customers, "day_cents")
+    state = customers.state
+    if state.num_rows and "days" in state.column_names and state["days"].null_count:
+        legacy = np.asarray(pc.is_null(state["days"]).to_numpy(zero_copy_only=False), dtype=bool)
+        parents, times = _flatten(state, "history_times")
+        amounts = _floats(_flatten(state, "history_amounts")[1])
+        old = legacy[parents]
+        codes = np.concatenate([codes, customers.state_codes[parents][old]])
+        starts = np.concatenate([starts, _micros(times)[old]])
+        counts = np.concatenate([counts, np.ones(int(old.sum()))])
+        sums = np.concatenate([sums, _cents(amounts[old])])
+    debit = batch.is_debit.astype(np.float64)
+    return _DayCounts(
+        timeline=_timeline(codes, starts, customers.batch_codes, batch.times),
+        weights=np.concatenate([counts, debit]),
+        values=np.concatenate([sums, _cents(batch.amounts) * debit]),
+    )
+
+
 def _locations(customers: _Keys, order: _CustomerOrder, locations: np.ndarray) -> _Locations:
     """A location is seen before an event if stored or at the customer's earlier batch rows."""
     has = ~pd.isna(locations)
@@ -592,7 +707,11 @@ def _event_features(batch: _Batch) -> dict[str, np.ndarray]:
     for name in CHANNELS:
         is_channel = (batch.channels == name).astype(np.float64)
         features[f"channel_{name}"] = np.where(has_channel, is_channel, np.nan)
-    features["hour_of_day"] = ((batch.times // (3600 * _US)) % 24).astype(np.float64)
+    hours = (batch.times // (3600 * _US)) % 24
+    features["hour_of_day"] = hours.astype(np.float64)
+    # 1970-01-01 was a Thursday: Monday is 0, Saturday 5.
+    features["is_weekend"] = ((batch.times // _DAY_US + 3) % 7 >= 5).astype(np.float64)
+    features["is_night"] = (hours < 6).astype(np.float64)
     features["card_blocked"] = _flag(batch.card_status, (CARD_BLOCKED,), (CARD_ACTIVE,))
     features["account_not_open"] = _flag(
         batch.account_status, (ACCOUNT_FROZEN, ACCOUNT_CLOSED), (ACCOUNT_OPEN,)
@@ -691,57 +810,79 @@ def _location_features(
     }
 
 
-def _spend_features(spend: _SpendHistory, amounts: np.ndarray) -> dict[str, np.ndarray]:
-    sums = _window_sums(
-        spend.timeline, spend.amounts * spend.weights, CUSTOMER_WINDOWS, weights=spend.weights
+def _spend_features(
+    spend: _SpendHistory, spend_days: _DayCounts, batch: _Batch
+) -> dict[str, np.ndarray]:
+    exact = _window_sums(
+        spend.timeline,
+        _cents(spend.amounts) * spend.weights,
+        CUSTOMER_WINDOWS,
+        weights=spend.weights,
+    )
+    daily = _window_sums(
+        spend_days.timeline,
+        spend_days.values,
+        _calendar_offsets(batch.times, CUSTOMER_DAY_WINDOWS),
+        weights=spend_days.weights,
     )
     features: dict[str, np.ndarray] = {}
     with np.errstate(invalid="ignore", divide="ignore"):
-        for w, (count, total) in sums.items():
+        for w, (count, cents) in {**exact, **daily}.items():
             features[f"count_{w}"] = count.astype(np.float64)
-            features[f"mean_amount_{w}"] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-        features["amount_to_mean_30d"] = amounts / features["mean_amount_30d"]
+            mean = cents / np.maximum(count, 1) / 100.0
+            features[f"mean_amount_{w}"] = np.where(count > 0, mean, np.nan)
+        for w in CUSTOMER_DAY_WINDOWS:
+            features[f"amount_to_mean_{w}"] = batch.amounts / features[f"mean_amount_{w}"]
+        per_day = features["count_30d"] / CUSTOMER_DAY_WINDOWS["30d"]
+        features["velocity_1d_to_30d"] = np.where(
+            per_day > 0, features["count_1d"] / per_day, np.nan
+        )
     return features
 
 
-@dataclass(frozen=True)
-class _TerminalDays:
-    """The terminals' stored day counts (as rows at their day's start) then the batch's rows."""
-
-    timeline: _Timeline
-    weights: np.ndarray  # events per timeline row: a stored day's count, 1 per batch row
-
-
-def _terminal_days(terminals: _Keys, times: np.ndarray) -> _TerminalDays:
-    parents, days = _flatten(terminals.state, "days")
-    counts = _ints(_flatten(terminals.state, "day_counts")[1])
-    stored_times = _ints(days) * _DAY_US
-    timeline = _timeline(terminals.state_codes[parents], stored_times, terminals.batch_codes, times)
-    weights = np.concatenate([counts, np.ones(len(times), np.int64)]).astype(np.float64)
-    return _TerminalDays(timeline, weights)
+def _terminal_days(terminals: _Keys, times: np.ndarray) -> _DayCounts:
+    codes, starts, counts, _ = _day_rows(terminals, None)
+    timeline = _timeline(codes, starts, terminals.batch_codes, times)
+    weights = np.concatenate([counts, np.ones(len(times))])
+    return _DayCounts(timeline, weights, weights)
 
 
-def _window_starts(times: np.ndarray) -> dict[str, np.ndarray]:
-    """Per event, how far back each terminal window reaches (us): to its first day's start."""
+def _calendar_offsets(times: np.ndarray, windows: dict[str, int]) -> dict[str, np.ndarray]:
+    """Per event, how far back each calendar window reaches (us): to its first day's start."""
     day_start = times // _DAY_US * _DAY_US
-    return {w: times - (day_start - days * _DAY_US) + 1 for w, days in TERMINAL_WINDOWS.items()}
+    return {w: times - (day_start - days * _DAY_US) + 1 for w, days in windows.items()}
 
 
 def _terminal_features(
-    terminal_days: _TerminalDays, times: np.ndarray, fraud_counts: dict[str, np.ndarray]
+    terminal_days: _DayCounts, times: np.ndarray, fraud_counts: dict[str, np.ndarray], delay: int
 ) -> dict[str, np.ndarray]:
+    # From the event back to the start of each window, the delayed windows' both ends included:
+    # a delayed window's count is the events from its first day on minus those from its end on.
+    reach = {
+        **TERMINAL_WINDOWS,
+        "delay": delay,
+        **{f"{w}_delayed": d + delay for w, d in TERMINAL_WINDOWS.items()},
+    }
     sums = _window_sums(
         terminal_days.timeline,
         terminal_days.weights,
-        _window_starts(times),
+        _calendar_offsets(times, reach),
         weights=terminal_days.weights,
     )
+    counts = {w: sums[w][0] for w in reach}
+    for w in TERMINAL_WINDOWS:
+        counts[f"{w}_delayed"] = counts[f"{w}_delayed"] - counts["delay"]
     features: dict[str, np.ndarray] = {}
-    for w, (count, _) in sums.items():
-        features[f"terminal_tx_count_{w}"] = count.astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rate = np.where(count > 0, fraud_counts[w] / np.maximum(count, 1), np.nan)
-        features[f"terminal_fraud_rate_{w}"] = np.clip(rate, 0.0, 1.0)
+    for w in TERMINAL_WINDOWS:
+        for window, count_name, rate_name in (
+            (w, f"terminal_tx_count_{w}", f"terminal_fraud_rate_{w}"),
+            (f"{w}_delayed", f"terminal_tx_count_{w}_delayed", f"terminal_risk_{w}_delayed"),
+        ):
+            count = counts[window]
+            features[count_name] = count.astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rate = np.where(count > 0, fraud_counts[window] / np.maximum(count, 1), np.nan)
+            features[rate_name] = np.clip(rate, 0.0, 1.0)
     return features
 
 
@@ -757,11 +898,12 @@ def _feature_table(transactions: pa.Table, values: dict[str, np.ndarray]) -> pa.
 
 
 def _known_fraud_counts(
-    term: np.ndarray, times: np.ndarray, known_frauds: pa.Table | None
+    term: np.ndarray, times: np.ndarray, known_frauds: pa.Table | None, delay: int
 ) -> dict[str, np.ndarray]:
     """Frauds at the event's terminal inside each window that were reported by the event's time."""
     n = len(term)
-    out = {w: np.zeros(n) for w in TERMINAL_WINDOWS}
+    windows = [*TERMINAL_WINDOWS, *(f"{w}_delayed" for w in TERMINAL_WINDOWS)]
+    out = {w: np.zeros(n) for w in windows}
     if known_frauds is None or known_frauds.num_rows == 0 or n == 0:
         return out
     fe = _micros(known_frauds["event_time"])
@@ -784,6 +926,8 @@ def _known_fraud_counts(
     for w, days in TERMINAL_WINDOWS.items():
         mask = known & (fraud_day >= event_day - days)
         out[w] = np.bincount(rows[mask], minlength=n).astype(np.float64)
+        shifted = (fraud_day >= event_day - days - delay) & (fraud_day < event_day - delay)
+        out[f"{w}_delayed"] = np.bincount(rows[known & shifted], minlength=n).astype(np.float64)
     return out
 
 
@@ -800,12 +944,12 @@ def _timestamps(micros: np.ndarray) -> pa.Array:
 def _history(
     tl: _Timeline, last: np.ndarray, rows: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (processing order) of the rows still inside the longest window after the batch.
+    """Positions (processing order) of the rows still inside the exact windows after the batch.
 
     `rows` (bool per timeline row) restricts the history to the rows worth keeping.
     """
     codes, times = tl.codes[tl.order], tl.times[tl.order]
-    keep = times > last[codes] - HISTORY_SECONDS * _US
+    keep = times > last[codes] - EXACT_SECONDS * _US
     if rows is not None:
         keep &= rows[tl.order]
     return tl.order[keep], codes[keep]
@@ -840,17 +984,47 @@ def _location_lists(locations: _Locations, k: int) -> pa.ListArray:
     return _lists(codes[order], pa.array(values[order], pa.string()), k)
 
 
+def _day_lists(
+    day_counts: _DayCounts, latest: np.ndarray, keep_days: int, k: int
+) -> tuple[pa.ListArray, pa.ListArray, pa.ListArray]:
+    """Per key, its days with events (the last `keep_days` + 1 before its latest), counts, sums."""
+    tl = day_counts.timeline
+    days = tl.times // _DAY_US
+    keep = (days >= latest[tl.codes] // _DAY_US - keep_days) & (day_counts.weights > 0)
+    frame = pd.DataFrame(
+        {
+            "code": tl.codes[keep],
+            "day": days[keep],
+            "n": day_counts.weights[keep],
+            "sum": day_counts.values[keep],
+        }
+    )
+    per_day = frame.groupby(["code", "day"], sort=True)[["n", "sum"]].sum()
+    codes = per_day.index.get_level_values("code").to_numpy()
+
+    def ints(values: np.ndarray) -> pa.ListArray:
+        return _lists(codes, pa.array(np.rint(values).astype(np.int64), pa.int64()), k)
+
+    return (
+        ints(per_day.index.get_level_values("day").to_numpy()),
+        ints(per_day["n"].to_numpy()),
+        ints(per_day["sum"].to_numpy()),
+    )
+
+
 def _new_customer_state(
     customers: _Keys,
     *,
     balance: np.ndarray,
     spend: _SpendHistory,
+    spend_days: _DayCounts,
     locations: _Locations,
     batch: _Batch,
 ) -> pa.Table:
     k = customers.k
     latest = _latest_times(customers, batch.times)
     keep, codes = _history(spend.timeline, latest, spend.weights.astype(bool))
+    days, day_counts, day_cents = _day_lists(spend_days, latest, CUSTOMER_DAYS, k)
     return pa.Table.from_arrays(
         [
             pa.array(customers.keys, pa.string()),
@@ -860,31 +1034,25 @@ def _new_customer_state(
             _location_lists(locations, k),
             _lists(codes, _timestamps(spend.timeline.times[keep]), k),
             _lists(codes, pa.array(spend.amounts[keep], pa.float64()), k),
+            days,
+            day_counts,
+            day_cents,
         ],
         schema=CUSTOMER_STATE_SCHEMA,
     )
 
 
-def _new_terminal_state(
-    terminals: _Keys, terminal_days: _TerminalDays, times: np.ndarray
-) -> pa.Table:
+def _new_terminal_state(terminals: _Keys, terminal_days: _DayCounts, times: np.ndarray) -> pa.Table:
     """Per terminal, its events per day: the stored days and the batch's, the last ones only."""
     latest = _latest_times(terminals, times)
-    tl = terminal_days.timeline
-    days = tl.times // _DAY_US
-    keep = days >= latest[tl.codes] // _DAY_US - TERMINAL_DAYS
-    frame = pd.DataFrame(
-        {"code": tl.codes[keep], "day": days[keep], "n": terminal_days.weights[keep]}
-    )
-    per_day = frame.groupby(["code", "day"], sort=True)["n"].sum()
-    codes = per_day.index.get_level_values("code").to_numpy()
+    days, day_counts, _ = _day_lists(terminal_days, latest, TERMINAL_DAYS, terminals.k)
     return pa.Table.from_arrays(
         [
             pa.array(terminals.keys, pa.string()),
             _timestamps(latest),
             pa.array(_event_counts(terminals), pa.int64()),
-            _lists(codes, pa.array(per_day.index.get_level_values("day"), pa.int64()), terminals.k),
-            _lists(codes, pa.array(np.rint(per_day.to_numpy()).astype(np.int64)), terminals.k),
+            days,
+            day_counts,
         ],
         schema=TERMINAL_STATE_SCHEMA,
     )

@@ -17,6 +17,7 @@ from models.features import (
     FEATURES,
     KEY_COLUMNS,
     KNOWN_FRAUD_SCHEMA,
+    TERMINAL_DAYS,
     TERMINAL_FEATURES,
     TERMINAL_STATE_SCHEMA,
     FeatureState,
@@ -236,13 +237,18 @@ def test_every_feature_is_declared_once_with_its_entity() -> None:
         "n_locations_seen",
         "seconds_since_prev",
         *[f"{s}_{w}" for w in ("1h", "1d", "7d", "30d") for s in ("count", "mean_amount")],
+        "amount_to_mean_7d",
         "amount_to_mean_30d",
+        "velocity_1d_to_30d",
         *[f"terminal_{s}_{w}" for w in ("1d", "7d", "30d") for s in ("tx_count", "fraud_rate")],
+        *[f"terminal_{s}_{w}_delayed" for w in ("1d", "7d", "30d") for s in ("tx_count", "risk")],
         "channel_atm",
         "channel_pos",
         "channel_online",
         "channel_wire",
         "hour_of_day",
+        "is_weekend",
+        "is_night",
         "card_blocked",
         "account_not_open",
     ] == FEATURE_COLUMNS
@@ -380,15 +386,15 @@ def test_without_accounts_the_balance_is_the_running_sum() -> None:
 
 
 def test_a_terminal_keeps_one_count_per_day_whatever_its_traffic() -> None:
-    """Bounded state: 2,000 events over 40 days at one terminal leave at most 31 day counts,
+    """Bounded state: 2,400 events over 48 days at one terminal leave at most 45 day counts,
     and the counts give the same windows as the events themselves (split or whole)."""
-    rows = [tx(f"b{i}", i * 29, customer=f"c{i % 50}", terminal="busy") for i in range(2_000)]
+    rows = [tx(f"b{i}", i * 29, customer=f"c{i % 50}", terminal="busy") for i in range(2_400)]
     whole = compute_features(table(rows), FeatureState.empty())
     (state,) = whole.state.terminals.to_pylist()
-    assert len(state["days"]) == len(state["day_counts"]) == 31
-    assert state["days"] == sorted(state["days"]) and state["n_transactions"] == 2_000
-    last_day = (T0 + timedelta(minutes=1999 * 29)).timestamp() // 86_400
-    assert state["days"][-1] == last_day and state["days"][0] == last_day - 30
+    assert len(state["days"]) == len(state["day_counts"]) == TERMINAL_DAYS + 1 == 45
+    assert state["days"] == sorted(state["days"]) and state["n_transactions"] == 2_400
+    last_day = (T0 + timedelta(minutes=2399 * 29)).timestamp() // 86_400
+    assert state["days"][-1] == last_day and state["days"][0] == last_day - TERMINAL_DAYS
     per_day: dict[int, int] = {}
     for r in rows:
         day = int(r["event_time"].timestamp() // 86_400)
@@ -406,4 +412,152 @@ def test_a_terminal_keeps_one_count_per_day_whatever_its_traffic() -> None:
     t_last = rows[-1]["event_time"]
     day_start = T0 + timedelta(days=int((t_last - T0).total_seconds() // 86_400))
     expected = sum(1 for r in rows[:-1] if r["event_time"] >= day_start - timedelta(days=1))
-    assert f["b1999"]["terminal_tx_count_1d"] == expected
+    assert f["b2399"]["terminal_tx_count_1d"] == expected
+
+
+def test_weekend_and_night_by_hand() -> None:
+    # T0 is Thursday 2026-01-01 00:00 UTC.
+    rows = [tx("thu_night", 5 * 60 + 59), tx("thu_day", 6 * 60), tx("sat", 2 * 1440 + 600)]
+    rows += [tx("sun_night", 3 * 1440 + 30), tx("mon", 4 * 1440 + 30)]
+    f = by_id(compute_features(table(rows), FeatureState.empty()).features)
+    assert [f[t]["is_weekend"] for t in ("thu_night", "thu_day", "sat", "sun_night", "mon")] == [
+        0.0, 0.0, 1.0, 1.0, 0.0,
+    ]  # fmt: skip
+    assert [f[t]["is_night"] for t in ("thu_night", "thu_day", "sat", "sun_night", "mon")] == [
+        1.0, 0.0, 0.0, 1.0, 1.0,
+    ]  # fmt: skip
+
+
+DAY = 1440  # minutes
+
+
+@pytest.mark.parametrize("delay", [0, 3, 7])
+def test_delayed_terminal_risk_by_hand(delay: int) -> None:
+    """Days [d - delay - w, d - delay - 1] of the terminal, frauds among them reported by t."""
+    # One transaction per day at the terminal, days 0..39 at noon; frauds on days 20, 28, 31, 35.
+    rows = [tx(f"k{d}", d * DAY + 720, customer=f"c{d}", terminal="k") for d in range(40)]
+    fraud_days = {20: 1.0, 28: 2.5, 31: 0.5, 35: 4.5}  # day -> reporting delay in days
+    frauds = pa.Table.from_pylist(
+        [
+            {
+                "terminal_id": "k",
+                "event_time": T0 + timedelta(minutes=d * DAY + 720),
+                "reported_at": T0 + timedelta(minutes=d * DAY + 720 + late * DAY),
+            }
+            for d, late in fraud_days.items()
+        ],
+        schema=KNOWN_FRAUD_SCHEMA,
+    )
+    result = compute_features(table(rows), FeatureState.empty(), frauds, label_delay_days=delay)
+    f = by_id(result.features)
+    day = 38  # the event at noon of day 38
+    for w, days in {"1d": 1, "7d": 7, "30d": 30}.items():
+        first, last = day - delay - days, day - delay - 1  # both included
+        in_window = [d for d in range(first, last + 1) if d >= 0]
+        known = [
+            d for d in in_window if d in fraud_days and d + fraud_days[d] <= day
+        ]  # reported by the event's time (noon of day 38)
+        count = f[f"k{day}"][f"terminal_tx_count_{w}_delayed"]
+        assert count == len(in_window), (w, delay)
+        risk = f[f"k{day}"][f"terminal_risk_{w}_delayed"]
+        assert risk == pytest.approx(len(known) / len(in_window)), (w, delay)
+    # The edge: a fraud on the window's last day counts, one on the next day (inside the delay)
+    # does not; with delay 0 the event's own day is outside every delayed window.
+    edge = by_id(result.features)[f"k{29 + delay}"]
+    reported, event = 28.5 + 2.5, 29.5 + delay  # in days since T0
+    assert edge["terminal_risk_1d_delayed"] == (1.0 if reported <= event else 0.0)
+    # The same numbers when the days come in pieces (the terminal state carries them).
+    state, parts = FeatureState.empty(), []
+    for i in range(0, len(rows), 9):
+        r = compute_features(table(rows[i : i + 9]), state, frauds, label_delay_days=delay)
+        parts.append(r.features)
+        state = state.updated(r.state)
+    assert pa.concat_tables(parts).equals(result.features)
+    with pytest.raises(ValueError, match="label_delay_days"):
+        compute_features(table(rows), FeatureState.empty(), frauds, label_delay_days=15)
+
+
+def test_a_busy_customer_keeps_a_day_of_debits_and_day_sums() -> None:
+    """Bounded customer state: one day of debits and at most 31 day sums, whatever the traffic;
+    the 7/30-day calendar windows equal counting the debits themselves; exact 1h/1d windows."""
+    rows = [
+        tx(f"e{i}", i * 17, amount=round(1.37 * (i % 11) + 0.01, 2), kind="credit" if i % 7 == 0
+           else "debit", terminal=f"k{i % 5}")
+        for i in range(3_500)
+    ]  # fmt: skip
+    whole = compute_features(table(rows), FeatureState.empty())
+    (state,) = whole.state.customers.to_pylist()
+    last = rows[-1]["event_time"]
+    debits = [r for r in rows if r["kind"] == "debit"]
+    assert state["history_times"] == [
+        r["event_time"] for r in debits if r["event_time"] > last - timedelta(days=1)
+    ]
+    assert len(state["days"]) == 31 and state["days"][-1] == int(last.timestamp() // 86_400)
+    assert state["day_counts"] == [
+        sum(1 for r in debits if int(r["event_time"].timestamp() // 86_400) == d)
+        for d in state["days"]
+    ]
+    assert state["day_cents"] == [
+        sum(round(r["amount"] * 100) for r in debits if r["event_time"].timestamp() // 86_400 == d)
+        for d in state["days"]
+    ]
+    f = by_id(whole.features)
+    for r in rows[-200::37]:
+        t = r["event_time"]
+        earlier = [d for d in debits if d["event_time"] < t]
+        day_start = datetime(t.year, t.month, t.day, tzinfo=UTC)
+        for w, window_start in {
+            "1h": t - timedelta(hours=1),
+            "1d": t - timedelta(days=1),
+            "7d": day_start - timedelta(days=7),
+            "30d": day_start - timedelta(days=30),
+        }.items():
+            inside = [d["amount"] for d in earlier if d["event_time"] > window_start - EPS]
+            if w in ("1h", "1d"):
+                inside = [d["amount"] for d in earlier if d["event_time"] > window_start]
+            got = f[r["transaction_id"]]
+            assert got[f"count_{w}"] == len(inside), w
+            assert got[f"mean_amount_{w}"] == pytest.approx(sum(inside) / len(inside)), w
+        assert got["velocity_1d_to_30d"] == pytest.approx(got["count_1d"] / (got["count_30d"] / 30))
+        assert got["amount_to_mean_7d"] == pytest.approx(r["amount"] / got["mean_amount_7d"])
+    # Cut anywhere, the window numbers are the same bit for bit (sums are kept in cents; the
+    # running balance is a float sum, whose last bits depend on where it was stored).
+    current, parts = FeatureState.empty(), []
+    for i in range(0, len(rows), 413):
+        step = compute_features(table(rows[i : i + 413]), current)
+        parts.append(step.features)
+        current = current.updated(step.state)
+    balance = ["balance_before", "amount_balance_ratio"]
+    assert (
+        pa.concat_tables(parts).drop_columns(balance).equals(whole.features.drop_columns(balance))
+    )
+
+
+EPS = timedelta(microseconds=1)
+
+
+def test_a_customer_state_from_before_the_day_sums_scores_the_same() -> None:
+    """A customer_state row of feature version 3 (30 days of debits, no day columns) is read as
+    its debits one by one: the next batch's features equal those from a version 4 state.
+
+    (Version 3 kept the debits after last - 30 days; the oldest of the 31 calendar days may
+    then miss its first hours, so the first 30-day windows after the upgrade can count fewer.)"""
+    rows = [tx(f"e{i}", i * 97, amount=3.0 + i % 13, terminal=f"k{i % 3}") for i in range(600)]
+    head, tail = table(rows[:500]), table(rows[500:])
+    new_state = compute_features(head, FeatureState.empty()).state
+    (row,) = new_state.customers.to_pylist()
+    last = row["last_event_time"]
+    since = datetime(last.year, last.month, last.day, tzinfo=UTC) - timedelta(days=30)
+    old = {
+        **{k: row[k] for k in ("customer_id", "balance", "last_event_time", "n_transactions")},
+        "locations": row["locations"],
+        "history_times": [r["event_time"] for r in rows[:500] if r["event_time"] >= since],
+        "history_amounts": [r["amount"] for r in rows[:500] if r["event_time"] >= since],
+    }
+    legacy = FeatureState(
+        pa.Table.from_pylist([old], schema=CUSTOMER_STATE_SCHEMA), new_state.terminals
+    )
+    want = compute_features(tail, new_state)
+    got = compute_features(tail, legacy)
+    assert got.features.equals(want.features)
+    assert got.state.customers.equals(want.state.customers)

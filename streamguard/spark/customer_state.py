@@ -28,7 +28,6 @@ from pyspark.sql.streaming.stateful_processor import (
 from models.accounts import HISTORY_COLUMNS, history_filter, with_accounts
 from models.features import (
     CUSTOMER_STATE_SCHEMA,
-    HISTORY_SECONDS,
     TERMINAL_STATE_SCHEMA,
     FeatureState,
     compute_features,
@@ -49,7 +48,9 @@ from models.schema import (
 CUSTOMER_SIDE_FEATURES = feature_names("customer", "event")
 
 _US = 1_000_000
-HISTORY_US = HISTORY_SECONDS * _US
+# How long a customer's transaction ids stay in its state for duplicate detection.
+DUPLICATE_WINDOW_SECONDS = 30 * 86_400
+DUPLICATE_WINDOW_US = DUPLICATE_WINDOW_SECONDS * _US
 REJECTED_KEY = ""  # grouping key of records the parser rejected (never a valid customer id)
 
 # One stored customer (the map value; the map key is the customer id). Times: int64 microseconds.
@@ -60,10 +61,14 @@ STORED_FIELDS = [
     ("locations", "array<string>"),
     ("history_us", "array<bigint>"),
     ("history_amounts", "array<double>"),
+    ("days", "array<bigint>"),
+    ("day_counts", "array<bigint>"),
+    ("day_cents", "array<bigint>"),
     ("seen_ids", "array<string>"),
     ("seen_us", "array<bigint>"),
 ]
 STORED_COLUMNS = [name for name, _ in STORED_FIELDS]
+DAY_COLUMNS = ["days", "day_counts", "day_cents"]  # the customer's debits per day
 STORED_DDL = ", ".join(f"{n} {t}" for n, t in STORED_FIELDS)
 # Parsed records: the processor's input ('t' transaction / 'r' rejected by the parser).
 PARSED_FIELDS = [
@@ -319,14 +324,21 @@ class CustomerProcessor(StatefulProcessor):
             by_customer.setdefault(customer, []).append((tid, int(us)))
         out: dict[str, list[Any]] = {c: [] for c in ("customer_id", *STORED_COLUMNS[:-2])}
         rows = new.select(
-            ["customer_id", "balance", "n_transactions", "locations", "history_amounts"]
+            [
+                "customer_id",
+                "balance",
+                "n_transactions",
+                "locations",
+                "history_amounts",
+                *DAY_COLUMNS,
+            ]
         ).to_pylist()
         for row, last_us, hist_us in zip(rows, last, history, strict=True):
             customer = row["customer_id"]
             old = stored.get(customer)
             pairs = [] if old is None else list(zip(old[-2] or (), old[-1] or (), strict=True))
             pairs += by_customer.get(customer, [])
-            horizon = last_us - HISTORY_US
+            horizon = last_us - DUPLICATE_WINDOW_US
             pairs = [(t, u) for t, u in pairs if u > horizon]
             value = (
                 row["balance"],
@@ -335,6 +347,7 @@ class CustomerProcessor(StatefulProcessor):
                 row["locations"] or [],
                 hist_us or [],
                 row["history_amounts"] or [],
+                *(row[c] or [] for c in DAY_COLUMNS),
                 [t for t, _ in pairs],
                 [u for _, u in pairs],
             )
@@ -425,6 +438,7 @@ def _state_table(stored: dict[str, tuple[Any, ...]]) -> pa.Table:
                 pa.list_(TIMESTAMP)
             ),
             "history_amounts": pa.array(col("history_amounts"), pa.list_(pa.float64())),
+            **{c: pa.array(col(c), pa.list_(pa.int64())) for c in DAY_COLUMNS},
         },
         schema=CUSTOMER_STATE_SCHEMA,
     )

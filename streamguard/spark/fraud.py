@@ -115,12 +115,6 @@ SPARK_BATCH_SCHEMA = pa.schema(
 RECORD_COLUMNS = ("shard_id", "sequence_number", "partition_key", "data", "arrival_time")
 
 
-_CSTATE_DDL = (
-    "customer_id string, balance double, last_event_time timestamp, n_transactions bigint, "
-    "locations array<string>, history_times array<timestamp>, history_amounts array<double>"
-)
-
-
 def _part_schema(features: list[str], state: pa.Schema) -> pa.Schema:
     """Rows of one part: feature rows (kind 'f') and new-state rows (kind 's') in one table."""
     return pa.schema(
@@ -155,6 +149,7 @@ def _ddl(schema: pa.Schema) -> str:
 # The feature function's input (transactions and their account as of each event), in arrival order.
 _TX_DDL = "_seq bigint, " + _ddl(FEATURE_INPUT_SCHEMA)
 _TSTATE_DDL = _ddl(TERMINAL_STATE_SCHEMA)
+_CSTATE_DDL = _ddl(CUSTOMER_STATE_SCHEMA)
 
 
 def _part(

@@ -122,7 +122,8 @@ from streamguard.lake import Lake
 from streamguard.pipeline import SCORING_JOB, ensure_tables
 from streamguard.spark.customer_state import (
     CUSTOMER_SIDE_FEATURES,
-    HISTORY_US,
+    DAY_COLUMNS,
+    DUPLICATE_WINDOW_US,
     OUT_COLUMNS,
     OUT_DDL,
     PARSED_COLUMNS,
@@ -176,6 +177,7 @@ def _customer_state(rows: pa.Table) -> pa.Table:
                 pa.list_(TIMESTAMP)
             ),
             "history_amounts": rows["history_amounts"],
+            **{c: rows[c] for c in ("days", "day_counts", "day_cents")},
         }
     ).cast(CUSTOMER_STATE_SCHEMA)
 
@@ -366,7 +368,8 @@ def initial_state(
     state_ddl = (
         "customer_id string, balance double, last_event_time timestamp, n_transactions bigint, "
         "locations array<string>, history_times array<timestamp>, "
-        "history_amounts array<double>, updated_at timestamp"
+        "history_amounts array<double>, days array<bigint>, day_counts array<bigint>, "
+        "day_cents array<bigint>, updated_at timestamp"
     )
     customers = _delta_frame(
         spark, lake, CUSTOMER_STATE, _version_before(lake, CUSTOMER_STATE, app_id), state_ddl
@@ -385,7 +388,7 @@ def initial_state(
     recent = (
         txs.select("customer_id", "transaction_id", F.unix_micros("event_time").alias("event_us"))
         .join(last, "customer_id")
-        .where(F.col("event_us") > F.col("last_us") - F.lit(HISTORY_US))
+        .where(F.col("event_us") > F.col("last_us") - F.lit(DUPLICATE_WINDOW_US))
         .groupBy("customer_id")
         .agg(F.array_sort(F.collect_list(F.struct("event_us", "transaction_id"))).alias("seen"))
     )
@@ -400,6 +403,7 @@ def initial_state(
         "locations",
         F.transform("history_times", lambda t: F.unix_micros(t)).alias("history_us"),
         "history_amounts",
+        *(F.coalesce(c, F.array().cast("array<bigint>")).alias(c) for c in DAY_COLUMNS),
         F.coalesce(F.transform("seen", lambda s: s["transaction_id"]), empty_ids).alias("seen_ids"),
         F.coalesce(F.transform("seen", lambda s: s["event_us"]), empty_us).alias("seen_us"),
     )
