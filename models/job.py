@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,10 +47,12 @@ from models.registry import (
     CHALLENGER,
     MODEL_NAME,
     LoadedModel,
+    StoreStamp,
     alert_threshold,
     alias_version,
     load_model,
     resolve_version,
+    store_stamp,
 )
 from models.rules import RULES, AlertPolicy, decide, rule_hits
 from models.schema import (
@@ -148,17 +151,35 @@ CUSTOMER_STATE_TABLE_SCHEMA = pa.schema([*CUSTOMER_STATE_SCHEMA, *_UPDATED])
 TERMINAL_STATE_TABLE_SCHEMA = pa.schema([*TERMINAL_STATE_SCHEMA, *_UPDATED])
 
 
-# Written in this order; state last, so a replayed batch reads the state from before it.
+# The statistics kept per file: the ids and times reads filter on, and the batch id (the lake's
+# numbering, `streamguard.commit.next_batch_id`); not the features, scores and lists.
+_IDS = ("transaction_id", "event_time", "customer_id", "terminal_id", "batch_id")
+
+# Written in this order; state last, so a replayed batch reads the state from before it. Scores
+# and alerts first: they are what a reader waits for (each commit before them delays the alert by
+# its milliseconds); the other appends are independent of each other and of them.
 OUTPUTS: tuple[TableOutput, ...] = (
-    TableOutput(TRANSACTIONS, TRANSACTIONS_TABLE_SCHEMA, partition_by=(EVENT_DATE,)),
-    TableOutput(FEATURES, FEATURES_TABLE_SCHEMA),
-    TableOutput(SCORES, SCORES_TABLE_SCHEMA),
+    TableOutput(SCORES, SCORES_TABLE_SCHEMA, stats_columns=_IDS),
     TableOutput(ALERTS, ALERTS_TABLE_SCHEMA),
+    TableOutput(
+        TRANSACTIONS, TRANSACTIONS_TABLE_SCHEMA, partition_by=(EVENT_DATE,), stats_columns=_IDS
+    ),
+    TableOutput(FEATURES, FEATURES_TABLE_SCHEMA, stats_columns=_IDS),
     TableOutput(SHADOW_SCORES, SHADOW_SCORES_TABLE_SCHEMA),
     TableOutput(KNOWN_FRAUDS, KNOWN_FRAUDS_TABLE_SCHEMA, ("transaction_id",)),
     TableOutput(KNOWN_LABEL_FILES, KNOWN_LABEL_FILES_SCHEMA),
-    TableOutput(CUSTOMER_STATE, CUSTOMER_STATE_TABLE_SCHEMA, ("customer_id",)),
-    TableOutput(TERMINAL_STATE, TERMINAL_STATE_TABLE_SCHEMA, ("terminal_id",)),
+    TableOutput(
+        CUSTOMER_STATE,
+        CUSTOMER_STATE_TABLE_SCHEMA,
+        ("customer_id",),
+        stats_columns=("customer_id", "last_event_time", "batch_id"),
+    ),
+    TableOutput(
+        TERMINAL_STATE,
+        TERMINAL_STATE_TABLE_SCHEMA,
+        ("terminal_id",),
+        stats_columns=("terminal_id", "last_event_time", "batch_id"),
+    ),
 )
 TABLE_SCHEMAS: dict[str, pa.Schema] = {o.name: o.schema for o in OUTPUTS} | {LABELS: LABEL_SCHEMA}
 
@@ -202,6 +223,28 @@ class ScoringContext:
         )
 
 
+# How long a resolved alias is trusted without asking the registry again. A SQLite store is
+# looked at (`store_stamp`) before every plan, so a move of the alias there is seen by the next
+# batch; other stores are asked at most this often, and an alias move reaches the scoring this
+# late at most. Continuous mode plans a batch every few hundred milliseconds: asking every time
+# cost tens of milliseconds per batch.
+ALIAS_RECHECK_S = 5.0
+# A stamp whose newest file time is this recent may not show a write made in the same clock
+# tick yet: the aliases are asked again until the store has been still this long.
+STAMP_SETTLE_NS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """The champion and challenger versions as the registry gave them, and when."""
+
+    champion: str
+    challenger: str | None
+    at: float  # time.monotonic()
+    stamp: StoreStamp | None
+    settled: bool  # the stamp was older than STAMP_SETTLE_NS when taken
+
+
 class FraudScoringJob:
     """Scores micro-batches with one model version per batch (recorded in the batch plan).
 
@@ -213,6 +256,10 @@ class FraudScoringJob:
     on its validation period for an alert budget), else `policy.threshold`; it is resolved in the
     plan, so a replayed batch alerts exactly as planned. `rule_threshold` is lowered to it if
     needed (a rule hit never needs a higher score than no rule).
+
+    The aliases are resolved again only when the registry may have changed (`ALIAS_RECHECK_S`,
+    `store_stamp`); loaded models are kept, and those no alias points at any more are dropped
+    when the aliases move (a replay of an older plan loads its version again).
     """
 
     outputs = OUTPUTS
@@ -226,8 +273,12 @@ class FraudScoringJob:
         model: LoadedModel | None = None,
         challenger: LoadedModel | None = None,
         shadow: bool = True,
+        alias_recheck_s: float = ALIAS_RECHECK_S,
     ) -> None:
         self.tracking_uri = tracking_uri
+        self.alias_recheck_s = alias_recheck_s
+        self._resolved: _Resolved | None = None
+        self.alias_lookups = 0  # how many times the registry was asked (observability, tests)
         self.model_name = model_name
         self.alias = alias
         self.policy = policy or AlertPolicy()
@@ -257,16 +308,39 @@ class FraudScoringJob:
         version = alias_version(self.tracking_uri, self.model_name, CHALLENGER)
         return None if version == champion else version
 
+    def _registry_versions(self) -> tuple[str, str | None]:
+        """Champion and challenger versions from the registry, asked again only when it may
+        have changed since the last answer (see `ALIAS_RECHECK_S`)."""
+        assert self.tracking_uri is not None
+        now = time.monotonic()
+        stamp = store_stamp(self.tracking_uri)
+        last = self._resolved
+        if (
+            last is not None
+            and now - last.at < self.alias_recheck_s
+            and (stamp is None or (last.settled and stamp == last.stamp))
+        ):
+            return last.champion, last.challenger
+        self.alias_lookups += 1
+        champion = resolve_version(self.tracking_uri, self.model_name, self.alias)
+        challenger = self._challenger_version(champion)
+        settled = stamp is not None and time.time_ns() - stamp.newest_ns > STAMP_SETTLE_NS
+        self._resolved = _Resolved(champion, challenger, now, stamp, settled)
+        if last is not None and (last.champion, last.challenger) != (champion, challenger):
+            keep = {champion, challenger, self._fixed, self._fixed_challenger}
+            self._models = {v: m for v, m in self._models.items() if v in keep}
+        return champion, challenger
+
     def plan_context(self, lake: LakeReader) -> ScoringContext:
         if self._fixed:
             version = self._fixed
+            challenger = self._challenger_version(version)
         else:
-            assert self.tracking_uri is not None
-            version = resolve_version(self.tracking_uri, self.model_name, self.alias)
+            version, challenger = self._registry_versions()
         return ScoringContext(
             model_name=self.model_name,
             model_version=version,
-            challenger_version=self._challenger_version(version),
+            challenger_version=challenger,
             labels_version=lake.version(LABELS),
             alert_threshold=self._version_threshold(version),
             accounts_version=lake.version(ACCOUNTS_HISTORY),

@@ -62,6 +62,10 @@ class TableOutput:
     schema: pa.Schema
     key: tuple[str, ...] | None = None  # None: append; else upsert on these columns
     partition_by: tuple[str, ...] = ()  # the table's partition columns (when created)
+    # The columns whose file statistics the Delta log keeps (the ones reads prune on); empty:
+    # Delta's default, the first 32. Every commit handles every file's statistics, so a wide
+    # table written every few hundred milliseconds pays for each column kept.
+    stats_columns: tuple[str, ...] = ()
 
 
 @dataclass

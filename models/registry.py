@@ -61,6 +61,7 @@ __all__ = [
     "LoadedModel",
     "NoChampionError",
     "PromotionMetric",
+    "StoreStamp",
     "alert_threshold",
     "alias_version",
     "ensure_experiment",
@@ -70,6 +71,7 @@ __all__ = [
     "mlflow_client",
     "pip_requirements",
     "resolve_version",
+    "store_stamp",
     "utc_now",
 ]
 
@@ -95,9 +97,11 @@ SKOPS_TRUSTED_TYPES: list[str] = [
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
 ]
 # What the other candidate families of models.training.CANDIDATES add (random forest: the tree
-# structure). Saved and loaded models may use SKOPS_TRUSTED_TYPES + these.
+# structure), and the Platt calibration a searched model is wrapped in (models.training
+# .PlattCalibrated). Saved and loaded models may use SKOPS_TRUSTED_TYPES + these.
 CANDIDATE_TRUSTED_TYPES: list[str] = [
     "sklearn.tree._tree.Tree",
+    "models.training.PlattCalibrated",
 ]
 _TRUSTED = [*SKOPS_TRUSTED_TYPES, *CANDIDATE_TRUSTED_TYPES]
 # Version tags of the alert policy chosen on the validation period (training.choose_threshold).
@@ -127,15 +131,49 @@ class LoadedModel:
         return _threshold(self.tags)
 
 
+def _sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:` store (sqlite:////abs/path.db -> /abs/path.db)."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme != "sqlite" or parsed.path in ("", "/:memory:"):
+        return None
+    return Path(parsed.path[1:] if parsed.path.startswith("//") else parsed.path)
+
+
 def mlflow_client(tracking_uri: str) -> MlflowClient:
     """A client for this tracking store and its registry (same URI), never the global one."""
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme == "sqlite" and parsed.path not in ("", "/:memory:"):
-        # sqlite:////abs/path.db -> /abs/path.db; SQLite creates the file, not its directory.
-        Path(parsed.path[1:] if parsed.path.startswith("//") else parsed.path).parent.mkdir(
-            parents=True, exist_ok=True
-        )
+    database = _sqlite_file(tracking_uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)  # SQLite creates the file only
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+@dataclass(frozen=True)
+class StoreStamp:
+    """What a SQLite store's files looked like: any write to the store changes it."""
+
+    files: tuple[tuple[int, int, int], ...]  # (inode, size, mtime_ns) of the db and journals
+    newest_ns: int  # the latest modification time among them (ns since the epoch)
+
+
+def store_stamp(tracking_uri: str) -> StoreStamp | None:
+    """A stamp of the store's files, so a long-running scorer can tell (with a few `stat`s)
+    that the registry has not changed since it resolved an alias, instead of asking it again.
+
+    None for stores whose changes cannot be seen this way (a server, PostgreSQL). A write in the
+    same clock tick as a stamp may leave it equal: trust a stamp only once `newest_ns` is older
+    than the filesystem's timestamp granularity.
+    """
+    database = _sqlite_file(tracking_uri)
+    if database is None:
+        return None
+    files = []
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-journal")):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        files.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return StoreStamp(tuple(files), max((f[2] for f in files), default=0))
 
 
 def pip_requirements() -> list[str]:

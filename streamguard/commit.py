@@ -11,6 +11,7 @@ checkpoint, Spark's offset log).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -113,24 +114,69 @@ def write_batch(
 ) -> dict[str, int]:
     """Write one batch's dead letters and outputs (in `outputs` order), each at most once.
 
-    Returns the rows written per table; a table that already held the batch is left out.
+    Returns the rows written per table; a table that already held the batch is left out, and so
+    is one the batch has no row for. An empty write would add nothing but a Delta commit (each
+    costs milliseconds, most batches have no dead letter, alert or new label), and a replay
+    computes the same empty rows again; the last output is written even when empty, so its
+    application transaction still says the whole batch is written (`batch_written`).
+
+    The dead letters and the appends that lead `outputs` (up to the first keyed output) are
+    written at once, one thread per table: they are separate tables and commits, none is read
+    by the batch's own processing (earlier batches' rows only), so a crash amid them leaves some
+    written and the replay writes the rest, as it would after a crash between two of them in
+    turn. `after_write` is called for each, in order, once they are all written. The keyed
+    outputs (upserts, state last) and what follows them are written one after the other.
     """
     written: dict[str, int] = {}
-    if lake.append(DEAD_LETTER_TABLE, dead_letters, app_id, batch_id):
-        written[DEAD_LETTER_TABLE] = dead_letters.num_rows
-    if after_write is not None:
-        after_write(DEAD_LETTER_TABLE)
-    for spec in outputs:
-        data = tables[spec.name].cast(spec.schema)
+    specs = [TableOutput(DEAD_LETTER_TABLE, dead_letters.schema), *outputs]
+    data = {DEAD_LETTER_TABLE: dead_letters} | {
+        o.name: tables[o.name].cast(o.schema) for o in outputs
+    }
+    leading = 1
+    while leading < len(specs) and specs[leading].key is None and specs[leading] is not outputs[-1]:
+        leading += 1
+
+    def write(spec: TableOutput) -> bool:
+        rows = data[spec.name]
+        if rows.num_rows == 0 and spec is not outputs[-1]:
+            return False  # nothing to add (see above)
         if spec.key is None:
-            done = lake.append(spec.name, data, app_id, batch_id, spec.partition_by)
-        else:
-            done = lake.upsert(spec.name, data, spec.key, app_id, batch_id)
-        if done:
-            written[spec.name] = data.num_rows
+            return lake.append(spec.name, rows, app_id, batch_id, spec.partition_by)
+        return lake.upsert(spec.name, rows, spec.key, app_id, batch_id)
+
+    group = [s for s in specs[:leading] if data[s.name].num_rows]
+    if len(group) > 1:
+        futures = [_writers().submit(write, spec) for spec in group]
+        done = {
+            spec.name: f.exception() or f.result() for spec, f in zip(group, futures, strict=True)
+        }
+        for outcome in done.values():
+            if isinstance(outcome, BaseException):
+                raise outcome
+    else:
+        done = {spec.name: write(spec) for spec in group}
+    for spec in specs[:leading]:
+        if done.get(spec.name):
+            written[spec.name] = data[spec.name].num_rows
+        if after_write is not None:
+            after_write(spec.name)
+    for spec in specs[leading:]:
+        if write(spec):
+            written[spec.name] = data[spec.name].num_rows
         if after_write is not None:
             after_write(spec.name)
     return written
+
+
+_WRITERS: ThreadPoolExecutor | None = None
+
+
+def _writers() -> ThreadPoolExecutor:
+    """The threads `write_batch` writes independent tables on (delta-rs releases the GIL)."""
+    global _WRITERS
+    if _WRITERS is None:
+        _WRITERS = ThreadPoolExecutor(max_workers=6, thread_name_prefix="delta-write")
+    return _WRITERS
 
 
 def batch_written(lake: Lake, app_id: str, batch_id: int, outputs: Sequence[TableOutput]) -> bool:

@@ -6,7 +6,7 @@ path with the same exactly-once guarantee as a sensor-launched run; this module 
 to poll, when to stop, when to compact and what to report. A read that finds nothing writes
 nothing (the runner plans no batch), and the worker waits `idle_wait_s` before the next poll.
 Kinesis is read through `streamguard.kinesis_tail.KinesisTailSource`, which reads ahead while a
-batch is being written.
+batch is being written; the worker's tables are compacted on a thread of their own (`Compactor`).
 
 Stopping: a `StopRequest` (set by SIGINT/SIGTERM through `stop_on_signals`, by Dagster's run
 termination, or by a caller) is looked at between batches only, so the batch in hand is finished
@@ -28,6 +28,7 @@ from types import FrameType
 
 from streamguard.checkpoint import CHECKPOINT_TABLE
 from streamguard.commit import DEAD_LETTER_TABLE
+from streamguard.lake import Lake
 from streamguard.runner import BatchReport, MicroBatchRunner
 
 log = logging.getLogger(__name__)
@@ -110,10 +111,11 @@ class ContinuousSettings:
     """How the worker polls, compacts and reports (the batch size is the runner's)."""
 
     idle_wait_s: float = DEFAULT_IDLE_WAIT_S
-    # Between batches, at most every compact_every_s, the worker's table with the most files is
-    # compacted once it has compact_min_files: a batch every few hundred milliseconds otherwise
-    # leaves thousands of small files per table an hour, and every read of the table slows down.
-    # 0 turns it off (then the nightly compaction job is the only one).
+    # Every compact_every_s, on a thread beside the scoring (`Compactor`), the worker's append
+    # table with the most files is compacted once it has compact_min_files: a batch every few
+    # hundred milliseconds otherwise leaves thousands of small files per table an hour, and every
+    # commit and read of the table slows down. 0 turns it off (then the nightly compaction job is
+    # the only one).
     compact_every_s: float = DEFAULT_COMPACT_EVERY_S
     compact_min_files: int = DEFAULT_COMPACT_MIN_FILES
     report_every_s: float = DEFAULT_REPORT_EVERY_S
@@ -138,6 +140,7 @@ class ContinuousReport:
     replayed: int = 0
     idle_polls: int = 0
     compactions: int = 0
+    log_checkpoints: int = 0
     rows: Counter[str] = field(default_factory=Counter)
     batch_seconds_max: float = 0.0
     stop_reason: str = ""
@@ -165,39 +168,90 @@ class ContinuousReport:
 
 
 class Compactor:
-    """Compacts the worker's own tables one at a time between batches, the fullest first.
+    """Compacts the worker's append-only tables, the fullest first, and writes the Delta log
+    checkpoints of all its tables, on a thread of its own with a `Lake` of its own.
 
-    The worker is the only writer of its stream, so compacting between its batches never races
-    its own writes; one table per pause keeps each pause short.
+    A batch every few hundred milliseconds leaves thousands of small files per table an hour,
+    and every commit and read of a table slows down with its files. Compacting between batches
+    held up every record waiting meanwhile (a hundred milliseconds and more per table); on its
+    own thread (delta-rs releases the GIL) it overlaps the scoring. An OPTIMIZE never conflicts
+    with the worker's blind appends (it adds no row and the appends read nothing), and the
+    worker's kept tables see its commit like any other writer's; the state tables, which the
+    worker MERGEs (reading their files), are never compacted here.
+
+    Log checkpoints: delta-rs writes one within every 100th commit of a table, and the worker's
+    tables reach it in the same batch; the worker's commits skip them (`Lake.auto_checkpoint`)
+    and this thread writes the overdue ones. With `compact_every_s` 0 nothing runs here and the
+    commits write their checkpoints as usual.
     """
 
     def __init__(self, runner: MicroBatchRunner, settings: ContinuousSettings) -> None:
-        self.lake = runner.lake
+        self.worker_lake = runner.lake
         self.tables = [o.name for o in runner.processor.outputs if o.key is None] + [
+            DEAD_LETTER_TABLE,
+            CHECKPOINT_TABLE,
+        ]
+        self.written = [o.name for o in runner.processor.outputs] + [
             DEAD_LETTER_TABLE,
             CHECKPOINT_TABLE,
         ]
         self.every_s = settings.compact_every_s
         self.min_files = settings.compact_min_files
-        self.last = time.monotonic()
+        self.compactions = 0
+        self.checkpoints = 0
+        self.lake = Lake(runner.lake.root)
+        self.lake.auto_checkpoint = False
+        self._auto_checkpoint = runner.lake.auto_checkpoint
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def maybe_compact(self) -> str | None:
-        """Compact the table with the most files if it is time and it has enough; its name."""
-        if self.every_s <= 0 or time.monotonic() - self.last < self.every_s:
-            return None
-        self.last = time.monotonic()
+    def start(self) -> None:
+        """Start the thread (nothing when compaction is off)."""
+        if self.every_s <= 0 or self._thread is not None:
+            return
+        self.worker_lake.auto_checkpoint = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"compactor-{self.worker_lake.root.name}", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread after the table in hand; the worker's commits write their own log
+        checkpoints again."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.worker_lake.auto_checkpoint = self._auto_checkpoint
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.maintain()
+            except Exception as exc:  # an optimisation only: the next round tries again
+                log.warning("compacting %s failed (%s); trying again later", self.lake.root, exc)
+
+    def maintain(self) -> str | None:
+        """One round: every overdue log checkpoint, then the append-only table with the most
+        files compacted if it has enough; the name of the table compacted."""
+        for name in self.written:
+            if self._stop.is_set():
+                return None
+            if self.lake.checkpoint_due(name):
+                self.lake.checkpoint(name)
+                self.checkpoints += 1
         counts = {}
         for name in self.tables:
             table = self.lake.table(name)
             if table is not None:
                 counts[name] = len(table.file_uris())
-        if not counts:
+        if not counts or self._stop.is_set():
             return None
         name = max(counts, key=lambda n: counts[n])
         if counts[name] < self.min_files:
             return None
         started = time.perf_counter()
         metrics = self.lake.compact(name)
+        self.compactions += 1
         log.info(
             "compacted %s: %s files into %s in %.2fs",
             name,
@@ -205,7 +259,6 @@ class Compactor:
             metrics["files_added"],
             time.perf_counter() - started,
         )
-        self.last = time.monotonic()
         return name
 
 
@@ -230,34 +283,39 @@ def run_continuous(
     report = ContinuousReport(runner.job)
     compactor = Compactor(runner, settings)
     last_report = last_check = time.monotonic()
-    replayed = runner.recover()
-    if replayed is not None:
-        report.add(replayed)
-        if on_batch is not None:
-            on_batch(replayed)
-    log.info("%s: continuous scoring from %s", runner.job, runner.positions())
-    while not stop.is_set():
-        batch = runner.step()
-        if batch is None:
-            report.idle_polls += 1
-        else:
-            report.add(batch)
+    try:
+        compactor.start()
+        replayed = runner.recover()
+        if replayed is not None:
+            report.add(replayed)
             if on_batch is not None:
-                on_batch(batch)
-        now = time.monotonic()
-        if should_stop is not None and now - last_check >= settings.check_every_s:
-            last_check = now
-            reason = should_stop()
-            if reason:
-                stop.set(reason)
-                break
-        if compactor.maybe_compact() is not None:
-            report.compactions += 1
-        if on_report is not None and now - last_report >= settings.report_every_s:
-            last_report = now
-            on_report(report)
-        if batch is None:
-            stop.wait(settings.idle_wait_s)
+                on_batch(replayed)
+        log.info("%s: continuous scoring from %s", runner.job, runner.positions())
+        while not stop.is_set():
+            batch = runner.step()
+            if batch is None:
+                report.idle_polls += 1
+            else:
+                report.add(batch)
+                if on_batch is not None:
+                    on_batch(batch)
+            now = time.monotonic()
+            if should_stop is not None and now - last_check >= settings.check_every_s:
+                last_check = now
+                reason = should_stop()
+                if reason:
+                    stop.set(reason)
+                    break
+            report.compactions = compactor.compactions
+            if on_report is not None and now - last_report >= settings.report_every_s:
+                last_report = now
+                on_report(report)
+            if batch is None:
+                stop.wait(settings.idle_wait_s)
+    finally:
+        compactor.close()
+        report.compactions = compactor.compactions
+        report.log_checkpoints = compactor.checkpoints
     report.stop_reason = stop.reason
     report.positions = runner.positions()
     log.info("%s stopped (%s): %s", runner.job, report.stop_reason, report.summary())

@@ -3,18 +3,53 @@
 Every write of a micro-batch carries a Delta application transaction `(app_id, batch_id)`. A batch
 replayed after a crash skips the tables that already hold it, so a rerun adds no duplicate and
 misses no row, without any state outside the tables themselves.
+
+Open tables are kept, one handle per table, and are never trusted blindly: every use first looks
+for the log file of the version after the handle's (one `stat`; Delta versions are consecutive,
+and a commit is the atomic creation of that file), and only then reads the new commits. A commit
+made by any other writer is therefore seen by the next read or write, as with opening the table
+anew, at the cost of a file lookup instead of a log refresh (which lists the whole `_delta_log`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake import (
+    CommitProperties,
+    DeltaTable,
+    PostCommitHookProperties,
+    Transaction,
+    write_deltalake,
+)
 from deltalake.exceptions import TableNotFoundError
+
+# Delta's default distance between log checkpoints (`delta.checkpointInterval`).
+CHECKPOINT_INTERVAL = 100
+# The table property naming the columns whose statistics Delta keeps per file.
+STATS_COLUMNS = "delta.dataSkippingStatsColumns"
+
+
+@dataclass
+class _LogView:
+    """What the Lake keeps of one table's log at `version`, brought forward commit by commit.
+
+    `maxima`: per column asked about, the statistics' maximum in each data file (None: no
+    statistic); `txns`: per application id asked about, its last transaction version (None:
+    none). Both answer from memory what delta-rs answers by going over the whole log.
+    """
+
+    version: int
+    maxima: dict[str, dict[str, int | None]] = field(default_factory=dict)
+    txns: dict[str, int | None] = field(default_factory=dict)
 
 
 class Lake:
@@ -22,7 +57,14 @@ class Lake:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        # False: commits never write a log checkpoint themselves (delta-rs writes one every 100th
+        # version, within that commit, for every table in the same batch at once); the owner of
+        # the lake takes them between batches instead (`checkpoint_due`, `checkpoint`).
+        self.auto_checkpoint = True
         self._open: dict[str, DeltaTable] = {}
+        self._views: dict[str, _LogView] = {}
+        self._datasets: dict[str, tuple[int, ds.Dataset]] = {}
+        self._checkpointed: dict[str, int] = {}  # last log checkpoint version seen per table
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -30,28 +72,67 @@ class Lake:
     def uri(self, name: str) -> str:
         return str(self.path(name))
 
+    def _log_file(self, name: str, version: int) -> str:
+        return os.path.join(self.root, name, "_delta_log", f"{version:020d}.json")
+
     def table(self, name: str, version: int | None = None) -> DeltaTable | None:
-        """The table at `version`, or its latest version (kept open, refreshed incrementally)."""
+        """The table at `version`, or its latest version (kept open; see the module doc)."""
         try:
             if version is not None:
+                latest = self.table(name)
+                if latest is not None and latest.version() == version:
+                    return latest  # what the open table already is: no log to read again
                 return DeltaTable(self.uri(name), version=version)
             table = self._open.get(name)
             if table is None:
                 table = self._open[name] = DeltaTable(self.uri(name))
-            else:
-                table.update_incremental()
+                return table
+            current = table.version()
+            if os.path.exists(self._log_file(name, current + 1)):
+                table.update_incremental()  # someone (this lake or another writer) committed
+            elif not os.path.exists(self._log_file(name, current)):
+                # The table was removed (and perhaps made anew) under the open handle.
+                self._forget(name)
+                return self.table(name)
             return table
         except TableNotFoundError:
+            self._forget(name)
             return None
+
+    def _forget(self, name: str) -> None:
+        """Drop all that is kept of a table (it was removed, perhaps made anew)."""
+        self._open.pop(name, None)
+        self._views.pop(name, None)
+        self._datasets.pop(name, None)
+        self._checkpointed.pop(name, None)
+
+    def _dataset(self, name: str, table: DeltaTable) -> ds.Dataset:
+        """The Arrow dataset of `table`; of the open version, made once per version (making one
+        lists every data file, and most batches read tables that did not change)."""
+        if self._open.get(name) is not table:
+            return _arrow_dataset(table)
+        kept = self._datasets.get(name)
+        if kept is None or kept[0] != table.version():
+            kept = self._datasets[name] = (table.version(), _arrow_dataset(table))
+        return kept[1]
 
     def exists(self, name: str) -> bool:
         return (self.path(name) / "_delta_log").is_dir()
 
-    def ensure(self, name: str, schema: pa.Schema, partition_by: Sequence[str] = ()) -> None:
+    def ensure(
+        self,
+        name: str,
+        schema: pa.Schema,
+        partition_by: Sequence[str] = (),
+        stats_columns: Sequence[str] = (),
+    ) -> None:
         """Create the table empty if it does not exist, so readers and the catalog see it early.
 
         `partition_by` applies to a table created here; an existing table keeps its layout.
+        `stats_columns`: the only columns whose statistics the log keeps (files written from now
+        on; an existing table is altered once): each commit handles every file's statistics.
         """
+        config = {STATS_COLUMNS: ",".join(stats_columns)} if stats_columns else None
         if not self.exists(name):
             self.path(name).mkdir(parents=True, exist_ok=True)
             write_deltalake(
@@ -59,7 +140,20 @@ class Lake:
                 schema.empty_table(),
                 mode="append",
                 partition_by=list(partition_by) or None,
+                configuration=config,
             )
+            return
+        table = self.table(name)
+        if (
+            config
+            and table is not None
+            and table.metadata().configuration
+            != {
+                **table.metadata().configuration,
+                **config,
+            }
+        ):
+            table.alter.set_table_properties(config)
 
     def version(self, name: str) -> int | None:
         table = self.table(name)
@@ -85,7 +179,7 @@ class Lake:
                 raise FileNotFoundError(f"Delta table {name!r} does not exist under {self.root}")
             empty = schema.empty_table()
             return empty.select(list(columns)) if columns else empty
-        dataset = _dataset(table)
+        dataset = self._dataset(name, table)
         missing: list[str] = []
         requested = list(columns) if columns else None
         if columns and schema is not None:
@@ -144,7 +238,7 @@ class Lake:
         table = self.table(name)
         if table is None:
             return 0
-        return int(_dataset(table).count_rows())
+        return int(self._dataset(name, table).count_rows())
 
     def names(self) -> list[str]:
         """The Delta tables under the lake's folder."""
@@ -161,22 +255,112 @@ class Lake:
         table = self.table(name)
         if table is None:
             return None
-        actions = pa.table(table.get_add_actions(flatten=True))
-        if actions.num_rows == 0:
+        maxima = self._column_maxima(name, column, table)
+        if not maxima:
             return None
-        stat = f"max.{column}"
-        if stat in actions.column_names and actions[stat].null_count == 0:
-            return int(pc.max(actions[stat]).as_py())
+        if None not in maxima.values():
+            return int(max(v for v in maxima.values() if v is not None))
         if stats_only or column not in table.schema().to_arrow().names:
             return None
-        values = _dataset(table).to_table(columns=[column])[column]
+        values = self._dataset(name, table).to_table(columns=[column])[column]
         top = pc.max(values).as_py() if len(values) else None
         return None if top is None else int(top)
 
+    def _view(self, name: str, table: DeltaTable) -> _LogView:
+        """The table's log view at the open version: the commits since the last look are read
+        from their log files (a few small JSON files); started afresh when one cannot be read."""
+        version = table.version()
+        view = self._views.get(name)
+        if (
+            view is None
+            or view.version > version  # the table was made anew
+            or (view.version < version and not self._follow(name, view, version))
+        ):
+            view = self._views[name] = _LogView(version)
+        return view
+
+    def _follow(self, name: str, view: _LogView, version: int) -> bool:
+        """Apply the commits after `view.version` up to `version` to `view`; False (and `view`
+        unusable) when a commit's log file cannot be read."""
+        for v in range(view.version + 1, version + 1):
+            try:
+                with open(self._log_file(name, v), encoding="utf-8") as log:
+                    lines = log.read().splitlines()
+                for line in lines:
+                    action = json.loads(line) if line.strip() else {}
+                    if "add" in action:
+                        add = action["add"]
+                        stats = json.loads(add.get("stats") or "null") or {}
+                        top = stats.get("maxValues") or {}
+                        path = unquote(add["path"])
+                        for column, files in view.maxima.items():
+                            value = top.get(column)
+                            files[path] = None if value is None else int(value)
+                    elif "remove" in action:
+                        path = unquote(action["remove"]["path"])
+                        for files in view.maxima.values():
+                            files.pop(path, None)
+                    elif "txn" in action:
+                        txn = action["txn"]
+                        view.txns[str(txn["appId"])] = int(txn["version"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return False
+            view.version = v
+        return True
+
+    def _column_maxima(self, name: str, column: str, table: DeltaTable) -> dict[str, int | None]:
+        """Per data file of the open version, the file statistics' maximum of `column`: read
+        whole once, then kept by `_view`, so asking every batch does not grow with the files."""
+        view = self._view(name, table)
+        if column not in view.maxima:
+            actions = pa.table(table.get_add_actions(flatten=True))
+            paths = [unquote(str(p)) for p in actions["path"].to_pylist()]
+            stat = f"max.{column}"
+            values = actions[stat].to_pylist() if stat in actions.column_names else []
+            view.maxima[column] = dict(zip(paths, values or [None] * len(paths), strict=True))
+        return view.maxima[column]
+
     def transaction_version(self, name: str, app_id: str) -> int | None:
-        """The last batch `app_id` committed to this table, from the Delta log itself."""
+        """The last batch `app_id` committed to this table, from the Delta log itself (asked of
+        delta-rs once per app id, which reads the whole log; then followed commit by commit)."""
         table = self.table(name)
-        return None if table is None else table.transaction_version(app_id)
+        if table is None:
+            return None
+        view = self._view(name, table)
+        if app_id not in view.txns:
+            view.txns[app_id] = table.transaction_version(app_id)
+        return view.txns[app_id]
+
+    def _hooks(self) -> PostCommitHookProperties | None:
+        if self.auto_checkpoint:
+            return None  # delta-rs's defaults
+        return PostCommitHookProperties(create_checkpoint=False, cleanup_expired_logs=False)
+
+    def checkpoint_due(self, name: str, interval: int = CHECKPOINT_INTERVAL) -> int:
+        """How many versions the table is past its last log checkpoint by, when that is at
+        least `interval` (0 otherwise: not due, or no table)."""
+        table = self.table(name)
+        if table is None:
+            return 0
+        last = self._checkpointed.get(name)
+        if last is None:
+            try:
+                with open(os.path.join(self.root, name, "_delta_log", "_last_checkpoint")) as f:
+                    last = int(json.load(f)["version"])
+            except (OSError, ValueError, KeyError, TypeError):
+                last = 0
+            self._checkpointed[name] = last
+        behind = table.version() - last
+        return behind if behind >= interval else 0
+
+    def checkpoint(self, name: str) -> None:
+        """Write the table's log checkpoint at its current version (so opening it reads one
+        Parquet file and the commits since, not every commit), then drop expired log files."""
+        table = self.table(name)
+        if table is not None:
+            table.create_checkpoint()
+            table.cleanup_metadata()
+            self._checkpointed[name] = table.version()
 
     def _commit(self, app_id: str, version: int) -> CommitProperties:
         return CommitProperties(app_transactions=[Transaction(app_id=app_id, version=version)])
@@ -209,6 +393,7 @@ class Lake:
             # schema instead of failing the append on a lake written before them.
             schema_mode="merge",
             commit_properties=self._commit(app_id, version),
+            post_commithook_properties=self._hooks(),
         )
         return True
 
@@ -249,6 +434,7 @@ class Lake:
                 # null), as appends do.
                 merge_schema=True,
                 commit_properties=None if app_id is None else self._commit(app_id, version),
+                post_commithook_properties=self._hooks(),
             )
             .when_matched_update_all()
             .when_not_matched_insert_all()
@@ -266,7 +452,7 @@ class Lake:
         table = self.table(name)
         if table is None:
             return {"files_removed": 0, "files_added": 0, "vacuumed": 0}
-        metrics = table.optimize.compact()
+        metrics = table.optimize.compact(post_commithook_properties=self._hooks())
         vacuumed = 0
         if vacuum_hours is not None:
             vacuumed = len(
@@ -281,6 +467,6 @@ class Lake:
         }
 
 
-def _dataset(table: DeltaTable) -> ds.Dataset:
+def _arrow_dataset(table: DeltaTable) -> ds.Dataset:
     dataset: ds.Dataset = table.to_pyarrow_dataset()
     return dataset

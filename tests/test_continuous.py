@@ -40,8 +40,9 @@ from assets.resources import (
     SparkResource,
 )
 from assets.sensors import kinesis_transactions_sensor
-from models.job import ALERTS, SCORES, TRANSACTIONS
-from models.registry import LoadedModel
+from models.job import ALERTS, SCORES, TRANSACTIONS, FraudScoringJob
+from models.promotion import move_champion
+from models.registry import MODEL_NAME, LoadedModel, mlflow_client
 from models.schema import DUPLICATE_EARLIER
 from models.simulate import Simulation
 from streamguard.alerts import KafkaAlertSink
@@ -163,14 +164,18 @@ def test_a_kafka_topic_is_scored_as_it_arrives_each_alert_published_once(
     assert published == ids(lake, ALERTS) == produced
 
 
+@pytest.mark.parametrize("other_lake", ["same lake object", "its own lake object"])
 def test_a_second_writer_of_the_same_stream_is_stopped_before_it_writes(
-    tmp_path: Path, small_sim: Simulation, tiny_model: LoadedModel
+    tmp_path: Path, small_sim: Simulation, tiny_model: LoadedModel, other_lake: str
 ) -> None:
+    """Also when the other writer is another process's view of the lake: the worker's open
+    tables must see its commits (the kept `_checkpoints` handle included)."""
     records = list(transaction_records(small_sim.transactions.slice(0, 400)))
     source = MemorySource.split([r[0] for r in records], [r[1] for r in records], n_shards=2)
     lake = Lake(tmp_path / "lake")
+    theirs = lake if other_lake == "same lake object" else Lake(tmp_path / "lake")
     worker = scoring_runner(lake, source, None, max_batch_records=100, model=tiny_model)
-    other = scoring_runner(lake, source, None, max_batch_records=100, model=tiny_model)
+    other = scoring_runner(theirs, source, None, max_batch_records=100, model=tiny_model)
     assert worker.recover() is None and worker.step() is not None
     assert other.run(max_batches=1).n_records == 100  # another process moved the job on
     before = versions(lake)
@@ -186,6 +191,40 @@ def scoring_home(tmp_path: Path, champion_home: Home) -> Home:
     home = Home(tmp_path / "home")
     shutil.copytree(champion_home.mlflow, home.mlflow)
     return home
+
+
+def test_a_running_worker_scores_with_the_new_champion_once_the_alias_moves(
+    tmp_path: Path, small_sim: Simulation, scoring_home: Home
+) -> None:
+    """The worker asks the registry again only when it may have changed, and keeps the loaded
+    model meanwhile; a move of `champion` is seen by the very next batch."""
+    uri = scoring_home.mlflow_tracking_uri
+    database = scoring_home.mlflow / "mlflow.db"
+    past = time.time() - 60
+    os.utime(database, (past, past))  # a registry last written a minute ago
+    records = list(transaction_records(small_sim.transactions.slice(0, 400)))
+    source = MemorySource.split([r[0] for r in records], [r[1] for r in records], n_shards=2)
+    lake = Lake(tmp_path / "lake")
+    runner = scoring_runner(lake, source, uri, max_batch_records=100)
+    job = runner.processor
+    assert isinstance(job, FraudScoringJob)
+    first = [runner.step(), runner.step()]
+    assert job.alias_lookups == 1  # the second plan trusted the unchanged store
+
+    client = mlflow_client(uri)
+    champion = client.get_model_version(MODEL_NAME, "1")
+    second = client.create_model_version(MODEL_NAME, champion.source, champion.run_id).version
+    move_champion(uri, MODEL_NAME, str(second), "promotion", "a test moves the alias")
+    after = runner.step()
+    assert after is not None and job.alias_lookups == 2
+
+    scored = lake.read(SCORES, columns=["batch_id", "model_version"])
+    by_batch = dict(
+        zip(scored["batch_id"].to_pylist(), scored["model_version"].to_pylist(), strict=True)
+    )
+    assert [by_batch[b.batch_id] for b in first if b is not None] == ["1", "1"]
+    assert by_batch[after.batch_id] == str(second)
+    assert set(job._models) == {str(second)}  # the old champion's model is let go
 
 
 N_TX = 1_500

@@ -395,3 +395,30 @@ def test_local_kinesis_port_and_errors(
     with pytest.raises(LocalKinesisError) as missing:
         LocalKinesis(tmp_path / "c").start()
     assert str(missing.value) == NOT_INSTALLED
+
+
+def test_arrival_times_are_the_instants_botocores_own_parser_gives(
+    kinesis: Any, kinesis_server: str, stream_name: str
+) -> None:
+    """Our clients parse response timestamps without dateutil (a read's largest cost): the same
+    instants, as UTC, as a client with botocore's default parser."""
+    import boto3
+
+    put_records(kinesis, stream_name, [(b'{"n": %d}' % i, f"k{i}") for i in range(20)])
+    plain = boto3.session.Session().client(
+        "kinesis",
+        endpoint_url=kinesis_server,
+        region_name=kinesis.meta.region_name,
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+    )
+    for shard in list_shards(kinesis, stream_name):
+        ours = read_shard(kinesis, stream_name, shard.shard_id, None, None, 100)
+        theirs = read_shard(plain, stream_name, shard.shard_id, None, None, 100)
+        assert [r.sequence_number for r in ours] == [r.sequence_number for r in theirs]
+        assert [r.arrival_time for r in ours] == [r.arrival_time for r in theirs]
+        assert all(r.arrival_time.utcoffset() == timedelta(0) for r in ours)
+    raw = kinesis.describe_stream_summary(StreamName=stream_name)["StreamDescriptionSummary"]
+    created = raw["StreamCreationTimestamp"]
+    assert created.tzinfo is not None and created.utcoffset() == timedelta(0)
+    assert abs((datetime.now(UTC) - created).total_seconds()) < 3600

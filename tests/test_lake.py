@@ -1,0 +1,190 @@
+"""The Lake's open tables on real Delta tables: kept open, yet never stale.
+
+A `Lake` keeps one handle per table and brings it forward only when the table's log has a newer
+version; another writer (here: a second `Lake` on the same folder, as a second process would be)
+must still be seen by every read and write, and the lake-wide batch numbering (`next_batch_id`,
+kept per file from the commits' log entries) must equal what a freshly opened lake computes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable
+
+from streamguard.commit import next_batch_id
+from streamguard.lake import Lake
+
+SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("batch_id", pa.int64())])
+
+
+def rows(keys: list[str], batch_id: int) -> pa.Table:
+    return pa.table({"key": keys, "batch_id": [batch_id] * len(keys)}, schema=SCHEMA)
+
+
+def keys(lake: Lake, name: str) -> list[str]:
+    return sorted(lake.read(name, columns=["key"])["key"].to_pylist())
+
+
+def test_an_open_table_sees_the_commits_of_another_writer(tmp_path: Path) -> None:
+    mine, other = Lake(tmp_path), Lake(tmp_path)
+    assert mine.append("events", rows(["a", "b"], 0), "job", 0)
+    assert mine.count("events") == 2  # opened and kept by `mine`
+    assert other.append("events", rows(["c"], 1), "job", 1)
+
+    assert mine.count("events") == 3
+    assert mine.transaction_version("events", "job") == 1
+    assert mine.version("events") == other.version("events")
+    # The batch the other writer committed is not written again through the kept handle.
+    assert not mine.append("events", rows(["c"], 1), "job", 1)
+    assert keys(mine, "events") == ["a", "b", "c"]
+    # A write through the kept handle lands after the other writer's commit, keeping its rows.
+    assert mine.append("events", rows(["d"], 2), "job", 2)
+    assert keys(other, "events") == ["a", "b", "c", "d"]
+
+    assert mine.upsert("state", rows(["a"], 2), ["key"], "job", 2)
+    assert other.upsert("state", rows(["a", "b"], 3), ["key"], "job", 3)
+    assert not mine.upsert("state", rows(["a", "b"], 3), ["key"], "job", 3)
+    assert mine.upsert("state", rows(["c"], 4), ["key"], "job", 4)
+    state = Lake(tmp_path).read("state").sort_by("key")
+    assert state.to_pylist() == [
+        {"key": "a", "batch_id": 3},
+        {"key": "b", "batch_id": 3},
+        {"key": "c", "batch_id": 4},
+    ]
+
+
+def test_a_table_removed_and_made_anew_under_an_open_handle_is_opened_again(
+    tmp_path: Path,
+) -> None:
+    mine = Lake(tmp_path)
+    for batch in range(3):
+        mine.append("events", rows([f"old{batch}"], batch), "job", batch)
+    assert mine.version("events") == 2
+    shutil.rmtree(tmp_path / "events")
+    assert mine.table("events") is None and not mine.exists("events")
+    assert next_batch_id(mine) == 0
+
+    Lake(tmp_path).append("events", rows(["new"], 0), "other", 0)
+    assert keys(mine, "events") == ["new"]
+    assert mine.version("events") == 0
+    assert mine.transaction_version("events", "job") is None
+    assert next_batch_id(mine) == 1
+
+
+def test_the_next_batch_id_follows_appends_merges_compaction_and_deletes(tmp_path: Path) -> None:
+    mine, other = Lake(tmp_path), Lake(tmp_path)
+
+    def agree() -> int:
+        fresh = next_batch_id(Lake(tmp_path))
+        assert next_batch_id(mine) == fresh
+        return fresh
+
+    assert agree() == 0
+    mine.append("events", rows(["a"], 0), "job", 0)
+    assert agree() == 1
+    other.append("events", rows(["b"], 1), "job", 1)
+    other.upsert("state", rows(["a"], 2), ["key"], "job", 2)
+    assert agree() == 3
+    mine.upsert("state", rows(["a", "b"], 4), ["key"], "job", 4)  # rewrites batch 2's file
+    assert agree() == 5
+    for batch in range(5, 9):
+        mine.append("events", rows([f"e{batch}"], batch), "job", batch)
+    other.compact("events")  # removes every file and adds one holding them all
+    assert agree() == 9
+    # A delete that removes the file holding the highest id lowers the numbering back.
+    table = DeltaTable(str(tmp_path / "events"))
+    table.delete("batch_id >= 7")
+    assert other.read("events", filter=pc.field("batch_id") >= 7).num_rows == 0
+    assert agree() == 7
+    mine.ensure("empty", SCHEMA)  # a table without files adds nothing
+    assert agree() == 7
+
+
+def test_only_the_chosen_columns_keep_statistics_on_new_and_existing_tables(
+    tmp_path: Path,
+) -> None:
+    wide = pa.schema([*SCHEMA, *(pa.field(f"f{i}", pa.float64()) for i in range(40))])
+
+    def wide_rows(batch_id: int) -> pa.Table:
+        data = {"key": ["k"], "batch_id": [batch_id]} | {f"f{i}": [1.0] for i in range(40)}
+        return pa.table(data, schema=wide)
+
+    def stat_columns(lake: Lake, name: str) -> set[str]:
+        table = lake.table(name)
+        assert table is not None
+        actions = pa.table(table.get_add_actions(flatten=True)).to_pylist()
+        last = max(actions, key=lambda a: a["modification_time"])
+        return {k[4:] for k, v in last.items() if k.startswith("max.") and v is not None}
+
+    lake = Lake(tmp_path)
+    lake.ensure("new", wide, stats_columns=("key", "batch_id"))
+    lake.append("new", wide_rows(0), "job", 0)
+    assert stat_columns(lake, "new") == {"key", "batch_id"}
+
+    lake.ensure("old", wide)  # a table from before: Delta's default statistics
+    lake.append("old", wide_rows(1), "job", 1)
+    assert len(stat_columns(lake, "old")) == 32
+    version = lake.version("old")
+    lake.ensure("old", wide, stats_columns=("batch_id",))
+    assert lake.version("old") == (version or 0) + 1  # altered once
+    lake.ensure("old", wide, stats_columns=("batch_id",))
+    assert lake.version("old") == (version or 0) + 1  # and not again
+    lake.append("old", wide_rows(2), "job", 2)
+    assert stat_columns(lake, "old") == {"batch_id"}
+    assert lake.upsert("old", wide_rows(3), ["key"], "job", 3)
+    assert stat_columns(lake, "old") == {"batch_id"}
+    assert next_batch_id(lake) == next_batch_id(Lake(tmp_path)) == 4
+
+
+def test_application_transactions_are_followed_across_writers_and_compaction(
+    tmp_path: Path,
+) -> None:
+    """The kept log view answers what a freshly opened table answers, however it advanced."""
+    mine, other = Lake(tmp_path), Lake(tmp_path)
+
+    def agree(app_id: str) -> int | None:
+        fresh = DeltaTable(str(tmp_path / "events")).transaction_version(app_id)
+        assert mine.transaction_version("events", app_id) == fresh
+        return fresh
+
+    mine.append("events", rows(["a"], 0), "job", 0)
+    assert agree("job") == 0 and agree("other") is None
+    other.append("events", rows(["b"], 1), "other", 1)  # an app id `mine` asked about: absent
+    other.append("events", rows(["c"], 2), "job", 2)
+    assert agree("other") == 1 and agree("job") == 2
+    other.compact("events")
+    other.upsert("events", rows(["a"], 3), ["key"], "other", 3)
+    assert agree("other") == 3 and agree("job") == 2
+    assert not mine.append("events", rows(["b"], 1), "other", 1)  # held: skipped
+    assert keys(mine, "events") == ["a", "b", "c"]
+
+
+def test_a_lake_that_defers_log_checkpoints_writes_them_when_asked(tmp_path: Path) -> None:
+    """The continuous worker's commits write no log checkpoint; it takes them between batches."""
+    lake = Lake(tmp_path)
+    lake.auto_checkpoint = False
+    log = tmp_path / "events" / "_delta_log"
+    for batch in range(102):
+        lake.append("events", rows([f"k{batch}"], batch), "job", batch)
+    assert not list(log.glob("*.checkpoint.parquet"))
+    assert lake.checkpoint_due("events") == 101  # version 101, never checkpointed
+    lake.checkpoint("events")
+    assert [p.name for p in log.glob("*.checkpoint.parquet")] == [
+        "00000000000000000101.checkpoint.parquet"
+    ]
+    assert lake.checkpoint_due("events") == 0
+    lake.upsert("state", rows(["a"], 0), ["key"], "job", 0)
+    assert lake.checkpoint_due("state") == 0 and lake.checkpoint_due("missing") == 0
+    fresh = Lake(tmp_path)  # opens from the checkpoint: same rows and bookkeeping
+    assert fresh.count("events") == 102
+    assert fresh.transaction_version("events", "job") == 101
+    assert next_batch_id(fresh) == 102
+
+    lake.auto_checkpoint = True  # delta-rs's own rule again: a checkpoint at the 100th version
+    for batch in range(102, 201):
+        lake.append("events", rows([f"k{batch}"], batch), "job", batch)
+    assert (log / "00000000000000000199.checkpoint.parquet").exists()
