@@ -286,6 +286,9 @@ scoring_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(score_transactions),
     description="One sensor-triggered micro-batch run of the fraud scoring job.",
     tags={"streamguard/job": "fraud_scoring"},
+    # The asset and its checks run in the run worker itself: the default multiprocess executor
+    # starts a process per step, and each loads the whole code location again (seconds a run).
+    executor_def=dg.in_process_executor,
 )
 
 defs = dg.Definitions(assets=[score_transactions], jobs=[scoring_job])
