@@ -22,7 +22,7 @@ def log_backtest(
     artifact_root: Path,
     experiment: str = "fraud-backtest",
 ) -> str:
-    """Log a backtest (metrics of model and baseline, periods, plots, predictions) as one run.
+    """Log a backtest (metrics of the model and both baselines, periods, plots) as one run.
 
     Returns the MLflow run id, so the caller (the backtest asset) can link its metadata to it.
     """
@@ -30,8 +30,8 @@ def log_backtest(
     run = client.create_run(ensure_experiment(client, experiment, artifact_root))
     run_id = str(run.info.run_id)
     summary = result.to_dict()
-    for prefix, block in (("model", summary["model"]), ("baseline", summary["baseline"])):
-        for key, value in block.items():
+    for prefix in ("model", "literature_baseline", "baseline"):
+        for key, value in summary[prefix].items():
             if (
                 isinstance(value, int | float)
                 and not isinstance(value, bool)

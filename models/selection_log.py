@@ -10,6 +10,7 @@ import json
 import math
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
@@ -28,6 +29,15 @@ from models.training import Selection
 __all__ = ["log_selection"]
 
 
+def _ranking_json(ranking: list[dict[str, Any]], limit: int = 5000) -> str:
+    """The ranking as JSON within a tag's length: the best entries that fit (valid JSON)."""
+    for n in range(len(ranking), 0, -1):
+        text = json.dumps(ranking[:n], default=str)
+        if len(text) <= limit:
+            return text
+    return "[]"
+
+
 def log_selection(
     selection: Selection,
     tracking_uri: str,
@@ -35,10 +45,12 @@ def log_selection(
     experiment: str = EXPERIMENT,
     name: str = MODEL_NAME,
 ) -> str:
-    """Log a model selection: one parent run, one child run per (candidate, class weighting).
+    """Log a model selection (or search): one parent run, one child run per configuration.
 
-    Children carry the candidate's parameters and validation metrics and the tag
-    `mlflow.parentRunId`; the parent the ranking, the winner and the validation window. Returns
+    Children carry the configuration's parameters, validation metrics (`validation_*`), fit
+    seconds, scoring rate (`rows_per_second`), boosting iterations kept by early stopping and
+    whether it was fast enough to be selected, and the tag `mlflow.parentRunId`; the parent the
+    ranking, the winner, its scoring rate, the minimum rate and the validation window. Returns
     the parent run id (recorded on the version trained from the winner).
     """
     client = mlflow_client(tracking_uri)
@@ -61,7 +73,9 @@ def log_selection(
                     "model_name": name,
                     "candidate": result.candidate,
                     "class_weight": str(result.class_weight),
+                    "config": result.name,
                     "rank": str(rank),
+                    "selectable": str(result.selectable),
                 },
             )
             child_id = str(child.info.run_id)
@@ -72,7 +86,10 @@ def log_selection(
                     if math.isfinite(float(v))
                 },
                 "fit_seconds": result.fit_seconds,
+                "rows_per_second": result.rows_per_second,
+                **({"n_iter": float(result.n_iter)} if result.n_iter is not None else {}),
             }
+            metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
             client.log_batch(
                 child_id,
                 metrics=[Metric(k, v, now_ms, 0) for k, v in metrics.items()],
@@ -82,12 +99,19 @@ def log_selection(
                         "candidate": result.candidate,
                         "class_weight": str(result.class_weight),
                         **result.params,
+                        **(dict(result.config.params) if result.config is not None else {}),
                     }.items()
                 ],
             )
             client.set_terminated(child_id, "FINISHED")
         ranking = [
-            {"candidate": r.candidate, "class_weight": r.class_weight, **r.metrics}
+            {
+                "config": r.name,
+                "average_precision": r.metrics.get("average_precision"),
+                "roc_auc": r.metrics.get("roc_auc"),
+                "rows_per_second": round(r.rows_per_second),
+                "selectable": r.selectable,
+            }
             for r in selection.ranking
         ]
         client.log_batch(
@@ -97,7 +121,15 @@ def log_selection(
                 for v in [float(winner.metrics.get(selection.metric, math.nan))]
                 if math.isfinite(v)
             ]
-            + [Metric("selection_seconds", selection.seconds, now_ms, 0)],
+            + [
+                Metric(k, v, now_ms, 0)
+                for k, v in {
+                    "selection_seconds": selection.seconds,
+                    "winner_rows_per_second": winner.rows_per_second,
+                    "min_rows_per_second": selection.min_rows_per_second,
+                }.items()
+                if math.isfinite(v)
+            ],
             params=[
                 Param(k, v)
                 for k, v in {
@@ -113,7 +145,8 @@ def log_selection(
             tags=[
                 RunTag("winner", winner.candidate),
                 RunTag("winner_class_weight", str(winner.class_weight)),
-                RunTag("ranking", json.dumps(ranking, default=str)[:5000]),
+                RunTag("winner_config", winner.name),
+                RunTag("ranking", _ranking_json(ranking)),
             ],
         )
     except BaseException:

@@ -712,15 +712,18 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
         values = [m["average_precision"], m["card_precision_at_k"], m["recall_at_budget"]]
         shown = ["n/a" if v is None else f"{v:.3f}" for v in values]
         return (
-            f"  {name:<9} AP {shown[0]}  CP@{result.k} {shown[1]}  "
+            f"  {name:<10} AP {shown[0]}  CP@{result.k} {shown[1]}  "
             f"recall@{result.budget}/day {shown[2]}"
         )
 
     print(
         f"backtest: {result.n_train:,} training rows ({result.n_train_fraud} fraud), "
-        f"{result.n_test:,} test rows ({result.n_test_fraud} fraud) in "
+        f"{result.n_test:,} test rows ({result.n_test_fraud} fraud; customers known "
+        f"compromised left out: {(result.all_customers or {}).get('known_compromised', 0)}) in "
         f"{time.perf_counter() - started:.1f}s\n"
-        f"{line('model', metrics['model'])}\n{line('baseline', metrics['baseline'])}\n"
+        f"{line('model', metrics['model'])}\n"
+        f"{line('literature', metrics['literature_baseline'])}\n"
+        f"{line('baseline', metrics['baseline'])}\n"
         f"metrics written to {output}"
     )
     return 0

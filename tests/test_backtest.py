@@ -16,13 +16,18 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from models.accounts import account_history, simulate_accounts
 from models.backtest import (
+    LITERATURE_FEATURES,
     BacktestResult,
     backtest,
     backtest_data,
     card_precision_at_k,
+    known_compromised,
+    literature_matrix,
+    make_literature_baseline,
     normalize_labels,
     recall_at_daily_budget,
     scenario_recall,
@@ -42,6 +47,8 @@ JSON_KEYS = {
     "n_test",
     "model",
     "baseline",
+    "literature_baseline",
+    "all_customers",
     "scenario_recall",
     "periods",
     "card_precision_at_k_ceiling",
@@ -211,6 +218,77 @@ def test_labels_without_report_times_count_as_reported_after_the_delay(sim: Simu
         normalize_labels(sim.transactions, None)
 
 
+def test_known_compromised_by_hand() -> None:
+    when = pd.Timestamp(_t(10, 0))
+    labels = pd.DataFrame(
+        {
+            "customer_id": ["A", "A", "B", "C", "D", None],
+            "is_fraud": [True, True, True, False, True, True],
+            "reported_at": [_t(9), _t(12), _t(10, 0), _t(1), _t(10, 1), _t(1)],
+        }
+    )
+    # A (reported before), B (reported exactly then); not C (not a fraud), D (reported later).
+    assert sorted(known_compromised(labels, when)) == ["A", "B"]
+
+
+def test_the_test_set_leaves_out_customers_known_compromised_at_its_start(
+    sim: Simulation, train_start: date
+) -> None:
+    data = backtest_data(sim.transactions, sim.labels, train_start)
+    assert data.test_all is not None
+    reported = data.labels.loc[data.labels["is_fraud"]]
+    first = reported.groupby("customer_id")["reported_at"].min()
+    known = set(first[first <= data.periods.test_start].index)
+    everyone = set(data.test_all["customer_id"])
+    assert known & everyone  # the simulation has such customers in the test week
+    assert set(data.test["customer_id"]) == everyone - known
+    # Nothing else changes: the rows kept are the whole period's rows of the others.
+    kept = data.test_all.loc[~data.test_all["customer_id"].isin(known)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(data.test, kept)
+    # Those customers carry a good share of the week's frauds (blocked-card retries among them).
+    assert data.test_all["label"].sum() > data.test["label"].sum()
+
+
+def test_literature_matrix_is_its_15_columns_with_nan_as_zero() -> None:
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.random((6, len(LITERATURE_FEATURES))), columns=LITERATURE_FEATURES)
+    frame.loc[2, "mean_amount_30d"] = np.nan
+    frame["card_blocked"] = 1.0  # a project feature the literature does not have
+    matrix = literature_matrix(frame)
+    assert list(matrix.columns) == list(LITERATURE_FEATURES) and len(LITERATURE_FEATURES) == 15
+    assert matrix.loc[2, "mean_amount_30d"] == 0.0
+    assert matrix.drop(index=2).equals(frame[list(LITERATURE_FEATURES)].drop(index=2))
+    with pytest.raises(ValueError, match="terminal_risk_7d_delayed"):
+        literature_matrix(frame.drop(columns=["terminal_risk_7d_delayed"]))
+
+
+def test_literature_baseline_learns_from_its_features_only() -> None:
+    """Scaled logistic regression on the 15 columns: a signal in one of them is learnt, a signal
+    in a project feature it does not take is not."""
+    rng = np.random.default_rng(1)
+    n = 4000
+    frame = pd.DataFrame(
+        rng.normal(size=(n, len(LITERATURE_FEATURES))), columns=LITERATURE_FEATURES
+    )
+    frame["amount"] = rng.lognormal(3, 1, n)
+    frame["card_blocked"] = (rng.random(n) < 0.05).astype(np.float64)
+    train, test = frame.iloc[: n // 2], frame.iloc[n // 2 :]
+
+    def fitted(label: pd.Series) -> np.ndarray:
+        model = make_literature_baseline().fit(literature_matrix(train), label.iloc[: n // 2])
+        assert list(model.feature_names_in_) == list(LITERATURE_FEATURES)
+        # Standard scaling: the fitted means are the training columns' (NaN counted as 0).
+        np.testing.assert_allclose(
+            model.named_steps["scale"].mean_, literature_matrix(train).mean()
+        )
+        return np.asarray(model.predict_proba(literature_matrix(test))[:, 1])
+
+    risky = (frame["terminal_risk_7d_delayed"] > 1.5).astype(int)
+    assert roc_auc_score(risky.iloc[n // 2 :], fitted(risky)) > 0.95
+    blocked = frame["card_blocked"].astype(int)
+    assert roc_auc_score(blocked.iloc[n // 2 :], fitted(blocked)) < 0.65
+
+
 def test_periods_outside_the_data_are_refused(sim: Simulation, train_start: date) -> None:
     for start in (train_start - timedelta(days=30), train_start + timedelta(days=30)):
         with pytest.raises(ValueError, match="the data covers"):
@@ -231,7 +309,7 @@ def test_backtest_reports_both_models(result: BacktestResult, train_start: date)
     assert out["k"] == 50 and out["n_train"] > 0 and out["n_test"] > 0
     assert out["periods"]["train_start"].startswith(train_start.isoformat())
     assert out["periods"]["test_start"].startswith((train_start + timedelta(14)).isoformat())
-    for block in (out, out["model"], out["baseline"]):
+    for block in (out, out["model"], out["baseline"], out["literature_baseline"]):
         for name in METRICS:
             assert 0.0 <= block[name] <= 1.0, (name, block[name])
         assert block["scenario_recall"]
@@ -240,6 +318,7 @@ def test_backtest_reports_both_models(result: BacktestResult, train_start: date)
     estimator = "LogitBlend(HistGradientBoostingClassifier, LogisticRegression)"
     assert out["model"]["estimator"] == estimator
     assert out["baseline"]["name"] == "LogisticRegression"
+    assert out["literature_baseline"]["features"] == list(LITERATURE_FEATURES)
     assert out["card_precision_at_k"] <= out["card_precision_at_k_ceiling"] + 1e-12
     # A useful ranking, not a coin: far above the fraud rate on average precision.
     assert out["average_precision"] > 2 * out["n_test_fraud"] / out["n_test"]
@@ -247,6 +326,8 @@ def test_backtest_reports_both_models(result: BacktestResult, train_start: date)
     preds = result.predictions
     assert len(preds) == result.n_test
     assert set(preds["label"].unique()) <= {0, 1} and preds["score"].between(0, 1).all()
+    assert preds["literature_score"].between(0, 1).all()
+    assert result.predictions_table().num_rows == len(preds)
     times = pd.to_datetime(preds["event_time"], utc=True)
     assert times.min() >= result.periods.test_start and times.max() < result.periods.test_end
     pngs = result.plots()
@@ -382,7 +463,10 @@ def test_with_the_banks_accounts_the_hard_rules_are_reported(
     blocked = rules["blocked_card"]
     assert blocked["hits"] > 0 and blocked["fraud_hits"] == blocked["hits"]
     assert rules["blocked_card_frauds"] > 0 and rules["blocked_card_recall"] == 1.0
-    assert rules["frauds"] == with_accounts.n_test_fraud
+    # Reported over the whole test period: the cards the bank blocked belong to the customers
+    # the protocol's test set leaves out.
+    assert with_accounts.all_customers is not None
+    assert rules["frauds"] == with_accounts.all_customers["n_test_fraud"]
     assert rules["blocked_card_frauds"] <= rules["frauds_caught"] <= rules["frauds"]
     # The same rows, other features: the model saw the bank's facts.
     assert with_accounts.n_test == result.n_test

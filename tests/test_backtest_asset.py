@@ -28,11 +28,13 @@ def test_backtest_asset_reports_metrics_plots_and_logs_to_mlflow(tmp_path: Path)
     (event,) = result.asset_materializations_for_node("fraud_backtest")
     meta = event.metadata
     assert meta["n_test"].value > 0 and meta["train_start"].value == "2026-01-15"
-    for prefix in ("model", "baseline"):
+    for prefix in ("model", "literature_baseline", "baseline"):
         assert 0.0 <= meta[f"{prefix}_average_precision"].value <= 1.0
     assert "data:image/png;base64," in meta["pr_curve"].value
     client = mlflow_client(home.mlflow_tracking_uri)
     run = client.get_run(meta["mlflow_run_id"].value)
     assert run.data.metrics["model.average_precision"] == meta["model_average_precision"].value
+    literature = meta["literature_baseline_average_precision"].value
+    assert run.data.metrics["literature_baseline.average_precision"] == literature
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "pr_curve.png", "score_distribution.png"} <= names

@@ -35,13 +35,16 @@ def test_labels_loaded_between_batches_give_the_replays_terminal_risk(
     lake = Lake(tmp_path / "lake")
     runner = scoring_runner(lake, source, None, max_batch_records=BATCH, model=tiny_model)
     times = tx["event_time"]
-    loads = 0
+    loads = 0  # loads that brought new labels (each writes one label file)
+    loaded: set[str] = set()
     for start in range(0, tx.num_rows, BATCH):
         last = pc.max(times.slice(start, BATCH))
         due = labels.filter(pc.less_equal(labels["reported_at"], last))
         if due.num_rows:
             load_labels(lake, due)  # an upsert: labels loaded before change nothing
-            loads += 1
+            fresh = set(due["transaction_id"].to_pylist()) - loaded
+            loads += bool(fresh)
+            loaded |= fresh
         report = runner.run(max_batches=1)
         assert len(report.batches) == 1
     assert loads > 3

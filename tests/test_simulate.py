@@ -15,7 +15,11 @@ from models.schema import CHANNELS, KINDS, LABEL_SCHEMA, TRANSACTION_SCHEMA
 from models.simulate import (
     BLOCK_KINDS,
     BLOCK_REASONS,
+    CUSTOMER_DAYS,
+    CUSTOMER_FACTOR,
     FRAUD_SCENARIOS,
+    OVER_THRESHOLD_DOLLARS,
+    TERMINAL_28D_DAYS,
     Simulation,
     simulate,
     write_simulation,
@@ -41,6 +45,17 @@ def frame(sim: Simulation) -> pd.DataFrame:
     df["signed"] = np.where(df["kind"] == "debit", -cents, cents)
     df["balance_after"] = df.groupby("customer_id", sort=False)["signed"].cumsum()
     df["balance_before"] = df["balance_after"] - df["signed"]
+    return df
+
+
+@pytest.fixture(scope="module")
+def demo() -> pd.DataFrame:
+    """The demo's size (60 days x 1,000 customers, seed 7), transactions with their scenario."""
+    sim = simulate(days=60, customers=1000, seed=7)
+    df = sim.transactions.to_pandas()
+    labels = sim.labels.to_pandas()[["transaction_id", "fraud_scenario"]]
+    df = df.merge(labels, on="transaction_id", how="left", validate="one_to_one")
+    df["scenario"] = df["fraud_scenario"].fillna("legit")
     return df
 
 
@@ -287,17 +302,14 @@ def test_write_simulation_round_trips(sim: Simulation, tmp_path: Path) -> None:
     assert labels.equals(sim.labels)
 
 
-def test_drains_and_new_locations_happen_every_week() -> None:
+def test_drains_and_new_locations_happen_every_week(demo: pd.DataFrame) -> None:
     """The default demo data: each week after the warm-up has enough of the seeded scenarios.
 
     A backtest tests one week after 30 days of history, so the recall per scenario needs drains
     and new-location frauds in every week, not bunched at the start.
     """
-    sim = simulate(days=60, customers=1000, seed=7)
-    labels = sim.labels.to_pandas()
-    assert len(labels) / sim.transactions.num_rows < 0.02
-    times = sim.transactions.to_pandas()[["transaction_id", "event_time"]]
-    frauds = labels.merge(times, on="transaction_id", validate="one_to_one")
+    frauds = demo[demo["fraud_scenario"].notna()]
+    assert len(frauds) / len(demo) < 0.02
     day = (frauds["event_time"] - pd.Timestamp(START)).dt.days
     for first in range(14, 60 - 6, 7):
         week = frauds.loc[(day >= first) & (day < first + 7), "fraud_scenario"]
@@ -345,3 +357,68 @@ def test_blocks_decline_the_customers_debits_and_fraudsters_retry_blocked_cards(
     start = retries["customer_id"].map(reported["start_at"])
     assert (retries["event_time"] > start).all()
     assert (retries["event_time"] <= start + timedelta(days=2)).all()
+
+
+# --------------------------------------------------------------------------- the literature's
+
+
+def test_every_card_payment_above_the_threshold_is_fraud(demo: pd.DataFrame) -> None:
+    card = (demo["kind"] == "debit") & demo["channel"].isin(["atm", "pos", "online"])
+    above = card & (demo["amount"] > OVER_THRESHOLD_DOLLARS)
+    assert above.sum() > 20
+    assert (demo.loc[above, "scenario"] != "legit").all()
+    frauds = demo[demo["scenario"] == "amount_over_threshold"]
+    assert len(frauds) > 10
+    assert (frauds["amount"] > OVER_THRESHOLD_DOLLARS).all()
+    assert (frauds["kind"] == "debit").all() and frauds["channel"].isin(
+        ["atm", "pos", "online"]
+    ).all()
+    # Only card payments: wire transfers above it stay legitimate, and so do credits.
+    wire = (demo["channel"] == "wire") & (demo["amount"] > OVER_THRESHOLD_DOLLARS)
+    assert (demo.loc[wire, "scenario"] == "legit").sum() > 100
+    # A rare event, as in the literature (about 0.1 % of the transactions).
+    assert len(frauds) / len(demo) < 0.003
+
+
+def test_compromised_terminal_28d_takes_every_payment_for_weeks(demo: pd.DataFrame) -> None:
+    frauds = demo[demo["scenario"] == "compromised_terminal_28d"]
+    assert len(frauds) > 50
+    assert frauds["channel"].isin(["atm", "pos", "online"]).all()
+    spans = []
+    for terminal, rows in frauds.groupby("terminal_id"):
+        lo, hi = rows["event_time"].min(), rows["event_time"].max()
+        at = demo[
+            (demo["terminal_id"] == terminal)
+            & (demo["event_time"] >= lo)
+            & (demo["event_time"] <= hi)
+        ]
+        assert (at["scenario"] != "legit").all(), terminal
+        assert hi - lo < pd.Timedelta(days=TERMINAL_28D_DAYS)
+        # The terminal was used legitimately outside its window.
+        assert (demo.loc[demo["terminal_id"] == terminal, "scenario"] == "legit").any()
+        assert rows["customer_id"].nunique() > 1
+        spans.append(hi - lo)
+    assert max(spans) > pd.Timedelta(days=14)  # weeks, not a day
+
+
+def test_compromised_customer_pays_five_times_as_much_on_a_third(demo: pd.DataFrame) -> None:
+    frauds = demo[demo["scenario"] == "compromised_customer"]
+    assert len(frauds) > 30
+    assert (frauds["kind"] == "debit").all() and frauds["channel"].isin(
+        ["atm", "pos", "online"]
+    ).all()
+    cents = np.rint(frauds["amount"].to_numpy() * 100).astype(np.int64)
+    assert (cents % CUSTOMER_FACTOR == 0).all()  # a legit amount multiplied, never capped
+    card = demo[(demo["kind"] == "debit") & (demo["channel"] != "wire")]
+    legit = card[card["scenario"] == "legit"]
+    usual = legit.groupby(["customer_id", "channel"])["amount"].median()
+    keys = pd.MultiIndex.from_frame(frauds[["customer_id", "channel"]])
+    ratio = frauds["amount"].to_numpy() / usual.reindex(keys).to_numpy()
+    assert 3.5 < np.nanmedian(ratio) < 7
+    hit = in_window = 0
+    for customer, rows in frauds.groupby("customer_id"):
+        lo, hi = rows["event_time"].min(), rows["event_time"].max()
+        assert hi - lo < pd.Timedelta(days=CUSTOMER_DAYS)
+        mine = card[(card["customer_id"] == customer) & card["event_time"].between(lo, hi)]
+        hit, in_window = hit + len(rows), in_window + len(mine)
+    assert 0.2 < hit / in_window < 0.6  # about a third (the window's ends are frauds)
