@@ -11,9 +11,21 @@ TOOLS := $(VENV)/tools
 CHECKOV_VERSION := 3.3.30
 TOOLS_STAMP := $(TOOLS)/.checkov-$(CHECKOV_VERSION)
 
-.PHONY: setup test lint demo dev bench clean
+.PHONY: setup system test lint demo dev bench clean
 
-setup: $(STAMP) $(NODE_STAMP) $(TOOLS_STAMP)
+setup: $(STAMP) $(NODE_STAMP) $(TOOLS_STAMP) system
+
+# Debian packages the tests start for real: PostgreSQL 15 (Dagster on PostgreSQL) and Chromium
+# (tests/test_browser.py drives it with Playwright; Playwright's own browser download is not used).
+# Installed only when missing (apt needs root; otherwise say what to install).
+DEB_PACKAGES := postgresql-15 chromium
+system:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "install the Debian packages: $$missing (sudo apt-get install $$missing)"; exit 1; fi; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)

@@ -729,6 +729,18 @@ def print_report(results: dict[str, Any]) -> None:
         print(f"  {name[:52]:52} {v['first_s']:>7.3f} {v['last_s']:>7.3f} {v['growth_s']:>+8.3f}")
 
 
+def merge_latest(latest: Path, results: dict) -> None:
+    """Put the growth ratio next to the other headline numbers, keeping every key already there."""
+    summary = json.loads(latest.read_text()) if latest.exists() else {}
+    summary["scale_growth_ratio"] = results["scale_growth_ratio"]
+    summary["scale"] = {
+        k: results[k]
+        for k in ("when", "transactions", "batches", "tx_per_s", "peak_rss_mib", "control_ratio")
+        if k in results
+    } | {"customers": results.get("customers"), "details": "bench/results/scale.json"}
+    latest.write_text(json.dumps(summary, indent=1, default=str))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -756,6 +768,11 @@ def main() -> int:
         "--no-profile", dest="profile", action="store_false", help="no per-step timing"
     )
     parser.add_argument("--out", default=str(RESULTS / "scale.json"))
+    parser.add_argument(
+        "--latest",
+        default=str(RESULTS / "latest.json"),
+        help="merge scale_growth_ratio into this bench summary ('' to leave it alone)",
+    )
     parser.add_argument("--png", default=str(RESULTS / "scale.png"))
     parser.add_argument(
         "--work", default=None, help="folder for the stream and the lake (kept); default a temp"
@@ -846,6 +863,8 @@ def main() -> int:
     plot(log, summary, title, png, [d["before_batch"] for d in run["days"]])
     results["png"] = str(png.relative_to(ROOT) if png.is_relative_to(ROOT) else png)
     out.write_text(json.dumps(results, indent=1, default=str))
+    if args.latest:
+        merge_latest(Path(args.latest), results)
     print_report(results)
     print(f"\nwrote {out} and {png}")
     return 0
