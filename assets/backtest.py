@@ -100,7 +100,7 @@ def fraud_backtest(
         k=config.k,
         accounts=accounts,
     )
-    run_id = log_backtest(result, mlflow.uri(place), place.mlflow_artifacts)
+    run_id = log_backtest(result, mlflow.uri(place), place.mlflow_artifact_root)
     summary = result.to_dict()
     metadata: dict[str, dg.RawMetadataValue] = {
         "train_start": start,

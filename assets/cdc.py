@@ -96,7 +96,7 @@ def _apply(
             "dead_letters": dg.MetadataValue.int(report.total("dead_letters")),
             "rows_total": dg.MetadataValue.int(lake.count(target)),
             "delta_version": dg.MetadataValue.int(report.version or 0),
-            "path": dg.MetadataValue.path(str(lake.path(target))),
+            "path": dg.MetadataValue.path(lake.uri(target)),
         }
     )
 

@@ -132,6 +132,7 @@ def fraud_model(
         "n_holdout": outcome.n_holdout,
         "cutoff": outcome.cutoff.isoformat(),
         "source": outcome.source,
+        "feature_version": outcome.feature_version,  # with the label delay D it estimated
     }
     metadata.update({k: float(v) for k, v in outcome.metrics.items() if not math.isnan(v)})
     evaluated = evaluation_metadata(outcome.evaluation)

@@ -40,12 +40,23 @@ class HomeResource(dg.ConfigurableResource):
     """The platform's state root: the lake, MLflow's local store, checkpoints, data files."""
 
     root: str = Field(default=DEFAULT_HOME, description="State folder (STREAMGUARD_HOME)")
+    lake_uri: str | None = Field(
+        default=None,
+        description="The lake in an object store, s3://bucket/prefix (STREAMGUARD_LAKE_URI); "
+        "unset: the folder lake/ under root",
+    )
+    mlflow_artifacts_uri: str | None = Field(
+        default=None,
+        description="MLflow artifact root for new experiments, e.g. s3://bucket/mlflow "
+        "(STREAMGUARD_MLFLOW_ARTIFACTS_URI); unset: mlflow/artifacts under root",
+    )
 
     def home(self) -> Home:
-        return Home(Path(self.root).resolve()).ensure()
+        root = Path(self.root).resolve()
+        return Home(root, self.lake_uri or None, self.mlflow_artifacts_uri or None).ensure()
 
     def lake(self) -> Lake:
-        return Lake(self.home().lake)
+        return Lake(self.home().lake_uri)
 
 
 class KinesisResource(dg.ConfigurableResource):
@@ -212,7 +223,11 @@ class SparkResource(dg.ConfigurableResource):
 # Where each setting comes from: resource -> field -> (environment variable, local default).
 # A secret is only ever passed as an EnvVar, so its value never lands in the run config.
 SETTINGS: dict[str, dict[str, tuple[str, Any]]] = {
-    "home": {"root": ("STREAMGUARD_HOME", DEFAULT_HOME)},
+    "home": {
+        "root": ("STREAMGUARD_HOME", DEFAULT_HOME),
+        "lake_uri": ("STREAMGUARD_LAKE_URI", None),
+        "mlflow_artifacts_uri": ("STREAMGUARD_MLFLOW_ARTIFACTS_URI", None),
+    },
     "kinesis": {
         "stream": ("STREAMGUARD_STREAM", "transactions"),
         "endpoint_url": ("AWS_ENDPOINT_URL_KINESIS", None),

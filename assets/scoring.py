@@ -276,7 +276,7 @@ def score_transactions(
                 "model_versions": dg.MetadataValue.text(", ".join(outcome.versions) or "-"),
                 "executor": dg.MetadataValue.text(config.executor),
                 "source": dg.MetadataValue.text(config.source),
-                "path": dg.MetadataValue.path(str(lake.path(name))),
+                "path": dg.MetadataValue.path(lake.uri(name)),
             },
         )
 

@@ -97,7 +97,7 @@ def weather_window_averages(
                 "rows_written": dg.MetadataValue.int(report.rows_written[name]),
                 "rows_total": dg.MetadataValue.int(lake.count(name)),
                 "delta_version": dg.MetadataValue.int(lake.version(name) or 0),
-                "path": dg.MetadataValue.path(str(lake.path(name))),
+                "path": dg.MetadataValue.path(lake.uri(name)),
             },
         )
 
@@ -147,7 +147,7 @@ def weather_region_hourly(home: HomeResource) -> dg.MaterializeResult:
             "rows": dg.MetadataValue.int(len(summary)),
             "regions": dg.MetadataValue.int(int(summary["region"].nunique())),
             "preview": dg.MetadataValue.md(summary.head(12).to_markdown(index=False)),
-            "path": dg.MetadataValue.path(str(lake.path(REGION_HOURLY))),
+            "path": dg.MetadataValue.path(lake.uri(REGION_HOURLY)),
         }
     )
 

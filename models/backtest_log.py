@@ -19,7 +19,7 @@ __all__ = ["log_backtest"]
 def log_backtest(
     result: BacktestResult,
     tracking_uri: str,
-    artifact_root: Path,
+    artifact_root: Path | str,
     experiment: str = "fraud-backtest",
 ) -> str:
     """Log a backtest (metrics of the model and both baselines, periods, plots) as one run.

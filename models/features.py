@@ -46,13 +46,16 @@ CUSTOMER_WINDOWS: dict[str, int] = {"1h": 3600, "1d": 86_400}
 CUSTOMER_DAY_WINDOWS: dict[str, int] = {"7d": 7, "30d": 30}
 # Windows over the terminal's transactions, also calendar days: the share already reported as
 # fraud (`terminal_fraud_rate_*`, which any label reported by the event's time feeds), and the
-# same counts shifted back by the label delay (`terminal_*_delayed`: the w days that end
-# LABEL_DELAY_DAYS before the event's day, old enough for most of their frauds to be known, as
-# in Le Borgne et al.'s handbook). A terminal's state is one count per day, whatever its traffic.
+# same counts shifted back by the label delay (`terminal_*_delayed`: the w days that end D days
+# (the label delay, below) before the event's day, old enough for most of their frauds to be
+# known, as in Le Borgne et al.'s handbook). A terminal's state is one count per day, whatever
+# its traffic.
 TERMINAL_WINDOWS: dict[str, int] = {"1d": 1, "7d": 7, "30d": 30}  # days before the event's day
-# The label delay the shifted windows assume (part of FEATURE_VERSION): the simulator's reporting
-# delays have a median of 4 days and most are within a week. `compute_features` takes another
-# delay up to MAX_LABEL_DELAY_DAYS, which the terminal's kept days cover.
+# The label delay D the shifted windows assume by default: training estimates it from the
+# reporting delays of the labels (`models.label_delay`: a high quantile, this when too few labels
+# are old enough), up to MAX_LABEL_DELAY_DAYS, which the terminal's kept days cover. D is part of
+# the feature version (`feature_version`: FEATURE_VERSION itself for this default), stored with
+# the model, and a model scores only features computed with its own D.
 LABEL_DELAY_DAYS = 7
 MAX_LABEL_DELAY_DAYS = 14
 CUSTOMER_DAYS = max(CUSTOMER_DAY_WINDOWS.values())
@@ -61,6 +64,79 @@ TERMINAL_DAYS = max(TERMINAL_WINDOWS.values()) + MAX_LABEL_DELAY_DAYS
 EXACT_SECONDS = max(CUSTOMER_WINDOWS.values())
 # How far back a fraud can still count for an event: the longest terminal window's first day.
 LOOKBACK_SECONDS = (TERMINAL_DAYS + 1) * 86_400
+
+
+class FeatureVersionError(ValueError):
+    """Features computed with one version were about to be scored by a model of another."""
+
+
+def feature_version(label_delay_days: int = LABEL_DELAY_DAYS) -> str:
+    """The feature version of features computed with this delay: a model scores only its own.
+
+    FEATURE_VERSION itself for the default delay (so the tables and models from before the delay
+    was estimated stay valid), else FEATURE_VERSION + ".d<days>" (e.g. "4.d3").
+    """
+    _check_delay(label_delay_days)
+    if label_delay_days == LABEL_DELAY_DAYS:
+        return FEATURE_VERSION
+    return f"{FEATURE_VERSION}.d{label_delay_days}"
+
+
+def label_delay_of(version: str) -> int:
+    """The delay a feature version's shifted windows use, so a scorer can compute them alike.
+
+    Raises FeatureVersionError for a version this code cannot compute (another FEATURE_VERSION).
+    """
+    if version == FEATURE_VERSION:
+        return LABEL_DELAY_DAYS
+    base, _, suffix = version.partition(".d")
+    # One spelling per delay: "4.d3", never "4.d03" nor "4.d7" (that is "4").
+    if (
+        base == FEATURE_VERSION
+        and suffix.isdigit()
+        and int(suffix) <= MAX_LABEL_DELAY_DAYS
+        and feature_version(int(suffix)) == version
+    ):
+        return int(suffix)
+    raise FeatureVersionError(
+        f"feature version {version!r} cannot be computed by this code (FEATURE_VERSION "
+        f"{FEATURE_VERSION}, delays 0..{MAX_LABEL_DELAY_DAYS}): retrain the model"
+    )
+
+
+def _check_delay(label_delay_days: int) -> None:
+    if not 0 <= label_delay_days <= MAX_LABEL_DELAY_DAYS:
+        raise ValueError(f"label_delay_days must be 0..{MAX_LABEL_DELAY_DAYS}: {label_delay_days}")
+
+
+# The schema metadata key under which a feature table says which version computed it.
+_VERSION_KEY = b"streamguard.feature_version"
+
+
+def with_feature_version(features: pa.Table, label_delay_days: int) -> pa.Table:
+    """`features` marked with the version they were computed at, for `check_feature_version`."""
+    return features.replace_schema_metadata({_VERSION_KEY: feature_version(label_delay_days)})
+
+
+def feature_version_of(features: pa.Table) -> str:
+    """The version a feature table is marked with; unmarked tables are the default version."""
+    metadata = features.schema.metadata or {}
+    return metadata.get(_VERSION_KEY, FEATURE_VERSION.encode()).decode()
+
+
+def check_feature_version(features: pa.Table, model_version: str, what: str = "the model") -> None:
+    """Refuse to score features of another version than the model's: the numbers would differ.
+
+    `model_version` is the model's `feature_version` tag; `what` names it in the error.
+    """
+    computed = feature_version_of(features)
+    if computed != model_version:
+        raise FeatureVersionError(
+            f"{what} was trained on feature version {model_version} but the features were "
+            f"computed at version {computed}: compute them with the model's label delay "
+            f"(`label_delay_of({model_version!r})`) before scoring"
+        )
+
 
 # What a feature is computed from: the customer's state and earlier events, the terminal's state
 # and known frauds, or the event alone.
@@ -128,8 +204,8 @@ FEATURES: tuple[Feature, ...] = (
             Feature(
                 f"terminal_tx_count_{w}_delayed",
                 "terminal",
-                f"The terminal's events in the {d} day(s) ending {LABEL_DELAY_DAYS} days before"
-                " the event's day.",
+                f"The terminal's events in the {d} day(s) ending D days before the event's day"
+                f" (D: the model's label delay, {LABEL_DELAY_DAYS} by default).",
             ),
             Feature(
                 f"terminal_risk_{w}_delayed",
@@ -474,11 +550,10 @@ def compute_features(
     The batch is processed in event-time order (arrival order breaks ties), after everything the
     state has seen. `known_frauds` may hold any frauds: one only counts for an event once it had
     been reported by the event's time, so replaying history with all labels leaks nothing.
-    `label_delay_days` shifts the `*_delayed` terminal windows (FEATURE_VERSION assumes the
-    default).
+    `label_delay_days` shifts the `*_delayed` terminal windows (part of the version:
+    `feature_version`).
     """
-    if not 0 <= label_delay_days <= MAX_LABEL_DELAY_DAYS:
-        raise ValueError(f"label_delay_days must be 0..{MAX_LABEL_DELAY_DAYS}: {label_delay_days}")
+    _check_delay(label_delay_days)
     batch = _read_batch(transactions)
     customers = _keys(state.customers, "customer_id", batch.customers)
     terminals = _keys(state.terminals, "terminal_id", batch.terminals)
@@ -1090,12 +1165,14 @@ def replay(
     state: FeatureState | None = None,
     chunk_seconds: int = 86_400,
     accounts: pa.Table | None = None,
+    label_delay_days: int = LABEL_DELAY_DAYS,
 ) -> FeatureResult:
     """Replay history through `compute_features` in event-time chunks: features as they were.
 
     This is how training gets point-in-time features without a feature log: every transaction
     sees only earlier transactions, only labels reported before it and, with `accounts` (the
-    `accounts_history` SCD 2 versions), the bank's account as of its time.
+    `accounts_history` SCD 2 versions), the bank's account as of its time. `label_delay_days`:
+    the delayed windows' shift, the one the model trained on them will score with.
     """
     transactions = transactions.sort_by([("event_time", "ascending")])
     if accounts is not None:
@@ -1104,7 +1181,7 @@ def replay(
     current = state or FeatureState.empty()
     parts = []
     for chunk in time_chunks(transactions, chunk_seconds):
-        result = compute_features(chunk, current, frauds)
+        result = compute_features(chunk, current, frauds, label_delay_days)
         parts.append(result.features)
         current = current.updated(result.state)
     features = pa.concat_tables(parts) if parts else FEATURE_SCHEMA.empty_table()

@@ -29,10 +29,13 @@ from models.features import (
     CUSTOMER_STATE_SCHEMA,
     FEATURE_COLUMNS,
     FEATURE_SCHEMA,
-    FEATURE_VERSION,
     TERMINAL_STATE_SCHEMA,
     FeatureState,
+    FeatureVersionError,
+    check_feature_version,
     compute_features,
+    feature_version_of,
+    with_feature_version,
 )
 from models.known_frauds import (
     KNOWN_FRAUDS,
@@ -390,9 +393,20 @@ class FraudScoringJob:
         now = datetime.now(UTC)
         valid, transactions, rejected = prepare(records, batch_id, lake, now)
         valid, known = feature_inputs(lake, valid, batch_id, context)
-        result = compute_features(valid, load_state(lake, valid), known.frauds)
+        state = load_state(lake, valid)
+        delay = self.feature_delay_days(context)
+        result = compute_features(valid, state, known.frauds, delay)
+        features = with_feature_version(result.features, delay)
+        shadow = self._shadow_features(valid, state, known, context, delay)
         tables = self.assemble(
-            result.features, result.state, transactions, context, batch_id, now, known
+            features,
+            result.state,
+            transactions,
+            context,
+            batch_id,
+            now,
+            known,
+            shadow_features=shadow,
         )
         stats = {
             "valid": valid.num_rows,
@@ -403,8 +417,37 @@ class FraudScoringJob:
             "model_version": context.model_version,
             "challenger_version": context.challenger_version or "",
             "shadow_scored": tables[SHADOW_SCORES].num_rows,
+            "feature_version": feature_version_of(features),
         }
         return Processed(tables, rejected, stats)
+
+    def feature_delay_days(self, context: ScoringContext) -> int:
+        """The label delay D to compute the batch's features with: the planned champion's, so
+        they are computed the way it trained (a replayed plan gets the same). Engines computing
+        features themselves must pass it to `compute_features` and mark the result
+        (`with_feature_version`); `score` refuses features of another version."""
+        return self._model(context.model_version).feature_delay_days
+
+    def _shadow_features(
+        self,
+        valid: pa.Table,
+        state: FeatureState,
+        known: KnownFrauds,
+        context: ScoringContext,
+        champion_delay: int,
+    ) -> pa.Table | None:
+        """The challenger's own features when its label delay D differs from the champion's
+        (same state and frauds, its D); None when the champion's serve, or it has no usable D."""
+        if not context.challenger_version or valid.num_rows == 0:
+            return None
+        try:
+            delay = self._model(str(context.challenger_version)).feature_delay_days
+        except FeatureVersionError:
+            return None  # not shadow-scored (`shadow_score`): the alerts must not wait on it
+        if delay == champion_delay:
+            return None
+        features = compute_features(valid, state, known.frauds, delay).features
+        return with_feature_version(features, delay)
 
     def assemble(
         self,
@@ -415,13 +458,19 @@ class FraudScoringJob:
         batch_id: int,
         now: datetime,
         known: KnownFrauds,
+        *,
+        shadow_features: pa.Table | None = None,
     ) -> dict[str, pa.Table]:
         """Every output table of a batch from its features and new state, whatever computed them.
 
         The one place the rows are made, so every engine writes exactly the same tables.
+        `features` are marked with their version (`with_feature_version`; unmarked: the default
+        one) and must be the champion's; `shadow_features`, when given, are the challenger's.
         """
         tables = self.score(features, context, batch_id, now)
-        tables[SHADOW_SCORES] = self.shadow_score(features, context, batch_id, now)
+        tables[SHADOW_SCORES] = self.shadow_score(
+            features if shadow_features is None else shadow_features, context, batch_id, now
+        )
         tables[TRANSACTIONS] = transactions
         tables[KNOWN_FRAUDS] = known.new
         tables[KNOWN_LABEL_FILES] = known.label_files
@@ -435,11 +484,16 @@ class FraudScoringJob:
         """The planned challenger's scores of the same rows; empty when the plan names none.
 
         Plans from before shadow scoring have no `challenger_version`: replayed as planned, empty.
+        A challenger trained on another feature version than `features`' (another label delay
+        the engine did not compute, or one this code cannot) is not shadow-scored either: wrong
+        features would make its comparison with the champion meaningless.
         """
         version = context.challenger_version
         if not version or features.num_rows == 0:
             return SHADOW_SCORES_TABLE_SCHEMA.empty_table()
         loaded = self._model(str(version))
+        if loaded.feature_version != feature_version_of(features):
+            return SHADOW_SCORES_TABLE_SCHEMA.empty_table()
         probability = score(loaded.model, features.select(FEATURE_COLUMNS).to_pandas())
         n = features.num_rows
         return pa.table(
@@ -459,8 +513,17 @@ class FraudScoringJob:
     def score(
         self, features: pa.Table, context: ScoringContext, batch_id: int, now: datetime
     ) -> dict[str, pa.Table]:
-        """Model score + rules -> alert decision, as rows for the features/scores/alerts tables."""
+        """Model score + rules -> alert decision, as rows for the features/scores/alerts tables.
+
+        Raises FeatureVersionError when `features` were computed at another version (another
+        label delay D) than the model was trained on.
+        """
         loaded = self._model(context.model_version)
+        check_feature_version(
+            features, loaded.feature_version, f"{loaded.name} version {loaded.version}"
+        )
+        version_computed = feature_version_of(features)
+        features = features.replace_schema_metadata(None)
         frame = features.to_pandas()
         probability = score(loaded.model, frame) if len(frame) else np.zeros(0)
         policy = self.policy_for(context)
@@ -474,7 +537,7 @@ class FraudScoringJob:
         batch = pa.array(np.full(n, batch_id), pa.int64())
         version = pa.array([loaded.version] * n, pa.string())
         feats = (
-            features.append_column("feature_version", pa.array([FEATURE_VERSION] * n, pa.string()))
+            features.append_column("feature_version", pa.array([version_computed] * n, pa.string()))
             .append_column("model_name", pa.array([loaded.name] * n, pa.string()))
             .append_column("model_version", version)
             .append_column("batch_id", batch)

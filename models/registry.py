@@ -44,7 +44,7 @@ from mlflow.sklearn import save_model
 from mlflow.types.schema import ColSpec, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-from models.features import FEATURE_COLUMNS, FEATURE_VERSION
+from models.features import FEATURE_COLUMNS, FEATURE_VERSION, feature_version, label_delay_of
 from models.training import TrainResult, feature_matrix, openmp_limit
 
 __all__ = [
@@ -55,6 +55,8 @@ __all__ = [
     "CHAMPION",
     "DEFAULT_METRIC",
     "EXPERIMENT",
+    "FEATURE_DELAY_TAG",
+    "FEATURE_VERSION_TAG",
     "MODEL_NAME",
     "PIP_PACKAGES",
     "SKOPS_TRUSTED_TYPES",
@@ -64,6 +66,7 @@ __all__ = [
     "StoreStamp",
     "alert_threshold",
     "alias_version",
+    "artifact_location",
     "ensure_experiment",
     "iso_time",
     "load_model",
@@ -104,6 +107,10 @@ CANDIDATE_TRUSTED_TYPES: list[str] = [
     "models.training.PlattCalibrated",
 ]
 _TRUSTED = [*SKOPS_TRUSTED_TYPES, *CANDIDATE_TRUSTED_TYPES]
+# The version tag naming the features a model was trained on (`models.features.feature_version`),
+# and the label delay D they were computed with, and where D came from (`models.label_delay`).
+FEATURE_VERSION_TAG = "feature_version"
+FEATURE_DELAY_TAG = "feature_label_delay_days"
 # Version tags of the alert policy chosen on the validation period (training.choose_threshold).
 ALERT_THRESHOLD_TAG = "alert_threshold"
 ALERT_DAILY_BUDGET_TAG = "alert_daily_budget"
@@ -129,6 +136,20 @@ class LoadedModel:
     def alert_threshold(self) -> float | None:
         """The alert threshold stored with the version, None when it has none."""
         return _threshold(self.tags)
+
+    @property
+    def feature_version(self) -> str:
+        """The feature version it was trained on (tag `feature_version`); it scores only those.
+
+        A model given without tags (benchmarks, tests) is taken to be on the default version.
+        """
+        return self.tags.get(FEATURE_VERSION_TAG) or FEATURE_VERSION
+
+    @property
+    def feature_delay_days(self) -> int:
+        """The label delay D its features need (`models.features.label_delay_of`): the scorer
+        computes them with it. Raises FeatureVersionError for a version this code cannot make."""
+        return label_delay_of(self.feature_version)
 
 
 def _sqlite_file(tracking_uri: str) -> Path | None:
@@ -181,19 +202,33 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={importlib.metadata.version(p)}" for p in PIP_PACKAGES]
 
 
-def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path) -> str:
+def artifact_location(artifact_root: Path | str) -> str:
+    """`artifact_root` as MLflow's artifact location: an object-store URI (`s3://...`) as it is,
+    a local folder (made here) as its `file://` URI."""
+    if not isinstance(artifact_root, Path):
+        scheme = urlparse(artifact_root).scheme
+        if len(scheme) > 1 and scheme != "file":  # one letter: a Windows drive
+            return artifact_root.rstrip("/")
+        artifact_root = Path(
+            url2pathname(urlparse(artifact_root).path) if scheme else artifact_root
+        )
+    artifact_root.mkdir(parents=True, exist_ok=True)
+    return artifact_root.resolve().as_uri()
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | str) -> str:
     """The experiment's id, creating it with its artifacts under `artifact_root` if needed.
 
     Shared by every module that logs runs (versions, selections, backtests), so each kind of run
-    lands in an experiment whose artifacts live where the deployment keeps them.
+    lands in an experiment whose artifacts live where the deployment keeps them: a local folder
+    or an object-store URI (`s3://bucket/prefix`, with MLflow's S3 settings). An existing
+    experiment keeps the location it was made with.
     """
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        artifact_root.mkdir(parents=True, exist_ok=True)
+        location = artifact_location(artifact_root)
         try:
-            return client.create_experiment(
-                name, artifact_location=artifact_root.resolve().as_uri()
-            )
+            return client.create_experiment(name, artifact_location=location)
         except MlflowException as exc:  # created concurrently
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -217,7 +252,8 @@ def utc_now() -> str:
 def _metadata(result: TrainResult) -> dict[str, str]:
     """What the model was trained on: logged as run params and copied to the version's tags."""
     return {
-        "feature_version": FEATURE_VERSION,
+        FEATURE_VERSION_TAG: feature_version(result.feature_delay_days),
+        FEATURE_DELAY_TAG: str(result.feature_delay_days),
         "n_features": str(len(FEATURE_COLUMNS)),
         "cutoff": iso_time(result.cutoff),
         "label_delay": str(pd.Timedelta(result.label_delay)),
@@ -254,7 +290,7 @@ def _sample(result: TrainResult) -> pd.DataFrame:
 def log_and_register(
     result: TrainResult,
     tracking_uri: str,
-    artifact_root: Path,
+    artifact_root: Path | str,
     name: str = MODEL_NAME,
     experiment: str = EXPERIMENT,
 ) -> str:
@@ -264,12 +300,12 @@ def log_and_register(
     registry alone tells what a version was trained on and how it scored.
     """
     client = mlflow_client(tracking_uri)
-    experiment_id = ensure_experiment(client, experiment, Path(artifact_root))
+    experiment_id = ensure_experiment(client, experiment, artifact_root)
     metadata = _metadata(result)
     run = client.create_run(
         experiment_id,
         run_name=f"train-{pd.Timestamp(result.cutoff):%Y%m%dT%H%M}",
-        tags={"feature_version": FEATURE_VERSION, "model_name": name},
+        tags={FEATURE_VERSION_TAG: metadata[FEATURE_VERSION_TAG], "model_name": name},
     )
     run_id = run.info.run_id
     model_id: str | None = None
@@ -280,7 +316,7 @@ def log_and_register(
             name="model",
             source_run_id=run_id,
             params=model_params,
-            tags={"feature_version": FEATURE_VERSION},
+            tags={FEATURE_VERSION_TAG: metadata[FEATURE_VERSION_TAG]},
             model_type=f"sklearn.{type(result.model[-1]).__name__}",
         )
         model_id = logged.model_id

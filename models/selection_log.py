@@ -41,11 +41,14 @@ def _ranking_json(ranking: list[dict[str, Any]], limit: int = 5000) -> str:
 def log_selection(
     selection: Selection,
     tracking_uri: str,
-    artifact_root: Path,
+    artifact_root: Path | str,
     experiment: str = EXPERIMENT,
     name: str = MODEL_NAME,
+    feature_version: str = FEATURE_VERSION,
 ) -> str:
     """Log a model selection (or search): one parent run, one child run per configuration.
+
+    `feature_version`: the version of the features it ranked on (with their label delay).
 
     Children carry the configuration's parameters, validation metrics (`validation_*`), fit
     seconds, scoring rate (`rows_per_second`), boosting iterations kept by early stopping and
@@ -54,12 +57,12 @@ def log_selection(
     the parent run id (recorded on the version trained from the winner).
     """
     client = mlflow_client(tracking_uri)
-    experiment_id = ensure_experiment(client, experiment, Path(artifact_root))
+    experiment_id = ensure_experiment(client, experiment, artifact_root)
     winner = selection.winner
     parent = client.create_run(
         experiment_id,
         run_name=f"select-{pd.Timestamp(selection.validation_end or utc_now()):%Y%m%dT%H%M}",
-        tags={"model_name": name, "feature_version": FEATURE_VERSION, "kind": "model_selection"},
+        tags={"model_name": name, "feature_version": feature_version, "kind": "model_selection"},
     )
     parent_id = str(parent.info.run_id)
     now_ms = int(datetime.now(UTC).timestamp() * 1000)

@@ -36,7 +36,7 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
-from models.features import FEATURE_COLUMNS, KEY_COLUMNS
+from models.features import FEATURE_COLUMNS, KEY_COLUMNS, LABEL_DELAY_DAYS
 
 DEFAULT_LABEL_DELAY = pd.Timedelta(days=7)
 RANDOM_STATE = 0
@@ -584,6 +584,9 @@ class TrainResult:
     tags: dict[str, str] = field(default_factory=dict)
     selection: Selection | None = None  # with a search: every configuration, ranked
     rows_per_second: float = math.nan  # with a search: the registered model's scoring rate
+    # The label delay D the features' delayed terminal windows were computed with (not
+    # `label_delay`, the training cut-off's); part of the model's feature version.
+    feature_delay_days: int = LABEL_DELAY_DAYS
 
 
 def train(
@@ -597,8 +600,12 @@ def train(
     search: SearchSpace | list[ModelConfig] | None = None,
     metric: str = "average_precision",
     min_rows_per_second: float | None = None,
+    feature_delay_days: int = LABEL_DELAY_DAYS,
 ) -> TrainResult:
     """Fit on the earlier part of the labelled window, measure on the later part.
+
+    `feature_delay_days` is the label delay D `features` were computed with: recorded with the
+    result, so the registered model scores only features computed alike.
 
     The model is NOT refitted on train + holdout: the registered model is exactly the one the
     holdout metrics describe, and `promotion.promote_if_better` compares it with the champion on
@@ -634,7 +641,7 @@ def train(
         if fit_part["label"].nunique() < 2 or validation["label"].nunique() < 2:
             skipped = "skipped: the search's fit or validation part lacks fraud or legitimate rows"
         else:
-            return _train_searched(
+            searched = _train_searched(
                 fit_part,
                 validation,
                 holdout,
@@ -644,6 +651,8 @@ def train(
                 metric,
                 MIN_ROWS_PER_SECOND if min_rows_per_second is None else min_rows_per_second,
             )
+            searched.feature_delay_days = feature_delay_days
+            return searched
     model = make_candidate(candidate, params)
     fit(model, train_part)
     times = train_part["event_time"]
@@ -662,6 +671,7 @@ def train(
         sample=feature_matrix(train_part.sample(n=min(10, len(train_part)), random_state=0)),
         candidate=candidate,
         tags={"search": skipped} if skipped else {},
+        feature_delay_days=feature_delay_days,
     )
 
 

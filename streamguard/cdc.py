@@ -554,7 +554,7 @@ def _merge(
         rows = source if flag is None else source.filter(pc.invert(source[flag]))
         if rows.num_rows == 0 and not create:
             return {}
-        lake.path(name).mkdir(parents=True, exist_ok=True)
+        lake.create_dir(name)
         commit = _commit(flow.app_id, batch_id)
         write_deltalake(lake.uri(name), rows.select(columns), commit_properties=commit)
         return {"num_target_rows_inserted": rows.num_rows}

@@ -382,7 +382,7 @@ def _score_files(args: argparse.Namespace) -> int:
     if mixed:
         raise UsageError(f"{mixed[0]} is for a stream or topic, not with --files")
     home = Home.from_env().ensure()
-    lake = Lake(home.lake)
+    lake = Lake(home.lake_uri)
     source = FileSource(
         args.files,
         lake,
@@ -474,7 +474,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
             job = scoring_job_name(kind, args.stream)
             source = KinesisSource(_client(args), args.stream)
         runner = scoring_runner(
-            Lake(home.lake),
+            Lake(home.lake_uri),
             source,
             home.mlflow_tracking_uri,
             max_batch_records=args.max_batch,

@@ -199,7 +199,7 @@ class Compactor:
         self.min_files = settings.compact_min_files
         self.compactions = 0
         self.checkpoints = 0
-        self.lake = Lake(runner.lake.root)
+        self.lake = Lake(runner.lake.location)
         self.lake.auto_checkpoint = False
         self._auto_checkpoint = runner.lake.auto_checkpoint
         self._stop = threading.Event()
@@ -211,7 +211,7 @@ class Compactor:
             return
         self.worker_lake.auto_checkpoint = False
         self._thread = threading.Thread(
-            target=self._run, name=f"compactor-{self.worker_lake.root.name}", daemon=True
+            target=self._run, name=f"compactor-{self.worker_lake.name}", daemon=True
         )
         self._thread.start()
 
@@ -228,7 +228,9 @@ class Compactor:
             try:
                 self.maintain()
             except Exception as exc:  # an optimisation only: the next round tries again
-                log.warning("compacting %s failed (%s); trying again later", self.lake.root, exc)
+                log.warning(
+                    "compacting %s failed (%s); trying again later", self.lake.location, exc
+                )
 
     def maintain(self) -> str | None:
         """One round: every overdue log checkpoint, then the append-only table with the most

@@ -212,6 +212,12 @@ class DemoSummary:
 
 def _reset(home: Home) -> None:
     """A demo starts from a clean lake, registry and run history (the stream is new too)."""
+    if home.lake_location or home.artifacts_location:
+        # It would clear the local folders and leave the object store as it was.
+        raise ValueError(
+            "the demo resets and reads its state under STREAMGUARD_HOME: unset "
+            "STREAMGUARD_LAKE_URI and STREAMGUARD_MLFLOW_ARTIFACTS_URI to run it"
+        )
     for path in (home.lake, home.mlflow, home.dagster, home.data, home.kafka):
         shutil.rmtree(path, ignore_errors=True)
     home.ensure()

@@ -9,6 +9,11 @@ for the log file of the version after the handle's (one `stat`; Delta versions a
 and a commit is the atomic creation of that file), and only then reads the new commits. A commit
 made by any other writer is therefore seen by the next read or write, as with opening the table
 anew, at the cost of a file lookup instead of a log refresh (which lists the whole `_delta_log`).
+
+The lake is a local folder or an object-store URI (`s3://bucket/prefix`). On an object store
+the same log files are looked up and read through delta-rs's own storage layer (one
+configuration, from the same `AWS_*` variables delta-rs reads), and commits are conditional
+puts; what needs a local folder (`path`, `root`) says so instead of guessing.
 """
 
 from __future__ import annotations
@@ -18,24 +23,48 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 from deltalake import (
+    ColumnProperties,
     CommitProperties,
     DeltaTable,
     PostCommitHookProperties,
     Transaction,
+    WriterProperties,
     write_deltalake,
 )
 from deltalake.exceptions import TableNotFoundError
+from deltalake.fs import DeltaStorageHandler
 
 # Delta's default distance between log checkpoints (`delta.checkpointInterval`).
 CHECKPOINT_INTERVAL = 100
 # The table property naming the columns whose statistics Delta keeps per file.
 STATS_COLUMNS = "delta.dataSkippingStatsColumns"
+# How appends encode their Parquet files: Snappy (delta-rs's default codec) without dictionary
+# encoding. A micro-batch's columns are mostly unique ids and continuous values, where the
+# dictionary is built, outgrows its page limit and is thrown away: it was half of the encoding
+# time (features 50k rows x 47 columns: 0.11 s -> 0.05 s, transactions 0.07 s -> 0.035 s) for
+# files 0-12 % smaller. Column statistics (file skipping, `max_value`) are unchanged. Snappy is
+# named: WriterProperties without a codec writes uncompressed files.
+APPEND_WRITER_PROPERTIES = WriterProperties(
+    compression="SNAPPY",
+    default_column_properties=ColumnProperties(dictionary_enabled=False),
+)
+
+
+class RemoteLakeError(ValueError):
+    """Something that needs the lake as a local folder was asked of a lake in an object store."""
+
+
+def is_remote(location: str | Path) -> bool:
+    """Whether a lake location is an object-store URI (`s3://...`) rather than a local folder."""
+    scheme = urlsplit(str(location)).scheme
+    return len(scheme) > 1 and scheme != "file"  # one letter: a Windows drive
 
 
 @dataclass
@@ -53,10 +82,14 @@ class _LogView:
 
 
 class Lake:
-    """Delta tables under one folder, one sub-folder per table."""
+    """Delta tables under one folder or object-store prefix, one sub-folder per table."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Path | str) -> None:
+        self.remote = is_remote(root)
+        # The lake's place as given: a URI (no trailing slash), or a local folder's path.
+        self.location = str(root).rstrip("/") if self.remote else str(Path(root))
+        self._root = None if self.remote else Path(root)
+        self._store: pafs.FileSystem | None = None  # the object store, paths under location
         # False: commits never write a log checkpoint themselves (delta-rs writes one every 100th
         # version, within that commit, for every table in the same batch at once); the owner of
         # the lake takes them between batches instead (`checkpoint_due`, `checkpoint`).
@@ -66,14 +99,59 @@ class Lake:
         self._datasets: dict[str, tuple[int, ds.Dataset]] = {}
         self._checkpointed: dict[str, int] = {}  # last log checkpoint version seen per table
 
+    @property
+    def root(self) -> Path:
+        """The lake's local folder (RemoteLakeError for a lake in an object store)."""
+        return self.require_local("Lake.root")
+
+    def require_local(self, what: str) -> Path:
+        """The local folder, for `what` needs one; a clear error on an object-store lake."""
+        if self._root is None:
+            raise RemoteLakeError(
+                f"{what} needs the lake in a local folder, and this lake is at {self.location}"
+            )
+        return self._root
+
+    @property
+    def name(self) -> str:
+        """The last part of the lake's location (for thread names and messages)."""
+        return self.location.rsplit("/", 1)[-1] if self.remote else Path(self.location).name
+
     def path(self, name: str) -> Path:
         return self.root / name
 
     def uri(self, name: str) -> str:
-        return str(self.path(name))
+        return f"{self.location}/{name}" if self.remote else str(self.path(name))
+
+    def create_dir(self, name: str) -> None:
+        """Make the table's folder (a local lake; an object store has no folders to make)."""
+        if not self.remote:
+            self.path(name).mkdir(parents=True, exist_ok=True)
+
+    def _objects(self) -> pafs.FileSystem:
+        """The object store under the lake's location, through delta-rs's storage layer."""
+        if self._store is None:
+            self._store = pafs.PyFileSystem(DeltaStorageHandler(self.location))
+        return self._store
 
     def _log_file(self, name: str, version: int) -> str:
+        if self.remote:
+            return f"{name}/_delta_log/{version:020d}.json"
         return os.path.join(self.root, name, "_delta_log", f"{version:020d}.json")
+
+    def _file_exists(self, path: str) -> bool:
+        """Whether a file (as `_log_file` names it) exists: one `stat`, or one HEAD request."""
+        if not self.remote:
+            return os.path.exists(path)
+        return bool(self._objects().get_file_info(path).type == pafs.FileType.File)
+
+    def _read_text(self, path: str) -> str:
+        """A small file's text (as `_log_file` names it); OSError when it cannot be read."""
+        if not self.remote:
+            with open(path, encoding="utf-8") as file:
+                return file.read()
+        with self._objects().open_input_stream(path) as stream:
+            return bytes(stream.read()).decode("utf-8")
 
     def table(self, name: str, version: int | None = None) -> DeltaTable | None:
         """The table at `version`, or its latest version (kept open; see the module doc)."""
@@ -88,9 +166,9 @@ class Lake:
                 table = self._open[name] = DeltaTable(self.uri(name))
                 return table
             current = table.version()
-            if os.path.exists(self._log_file(name, current + 1)):
+            if self._file_exists(self._log_file(name, current + 1)):
                 table.update_incremental()  # someone (this lake or another writer) committed
-            elif not os.path.exists(self._log_file(name, current)):
+            elif not self._file_exists(self._log_file(name, current)):
                 # The table was removed (and perhaps made anew) under the open handle.
                 self._forget(name)
                 return self.table(name)
@@ -117,6 +195,9 @@ class Lake:
         return kept[1]
 
     def exists(self, name: str) -> bool:
+        if self.remote:
+            log = self._objects().get_file_info(f"{name}/_delta_log")
+            return bool(log.type == pafs.FileType.Directory)
         return (self.path(name) / "_delta_log").is_dir()
 
     def ensure(
@@ -134,7 +215,7 @@ class Lake:
         """
         config = {STATS_COLUMNS: ",".join(stats_columns)} if stats_columns else None
         if not self.exists(name):
-            self.path(name).mkdir(parents=True, exist_ok=True)
+            self.create_dir(name)
             write_deltalake(
                 self.uri(name),
                 schema.empty_table(),
@@ -176,7 +257,9 @@ class Lake:
         table = self.table(name, version=version)
         if table is None:
             if schema is None:
-                raise FileNotFoundError(f"Delta table {name!r} does not exist under {self.root}")
+                raise FileNotFoundError(
+                    f"Delta table {name!r} does not exist under {self.location}"
+                )
             empty = schema.empty_table()
             return empty.select(list(columns)) if columns else empty
         dataset = self._dataset(name, table)
@@ -242,6 +325,10 @@ class Lake:
 
     def names(self) -> list[str]:
         """The Delta tables under the lake's folder."""
+        if self.remote:
+            found = self._objects().get_file_info(pafs.FileSelector("", allow_not_found=True))
+            folders = [f.base_name for f in found if f.type == pafs.FileType.Directory]
+            return sorted(f for f in folders if self.exists(f))
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if (p / "_delta_log").is_dir())
@@ -284,8 +371,7 @@ class Lake:
         unusable) when a commit's log file cannot be read."""
         for v in range(view.version + 1, version + 1):
             try:
-                with open(self._log_file(name, v), encoding="utf-8") as log:
-                    lines = log.read().splitlines()
+                lines = self._read_text(self._log_file(name, v)).splitlines()
                 for line in lines:
                     action = json.loads(line) if line.strip() else {}
                     if "add" in action:
@@ -344,9 +430,11 @@ class Lake:
             return 0
         last = self._checkpointed.get(name)
         if last is None:
+            last_checkpoint = f"{name}/_delta_log/_last_checkpoint"
+            if not self.remote:
+                last_checkpoint = os.path.join(self.root, name, "_delta_log", "_last_checkpoint")
             try:
-                with open(os.path.join(self.root, name, "_delta_log", "_last_checkpoint")) as f:
-                    last = int(json.load(f)["version"])
+                last = int(json.loads(self._read_text(last_checkpoint))["version"])
             except (OSError, ValueError, KeyError, TypeError):
                 last = 0
             self._checkpointed[name] = last
@@ -381,7 +469,7 @@ class Lake:
         if done is not None and done >= version:
             return False
         creates = not self.exists(name)
-        self.path(name).mkdir(parents=True, exist_ok=True)
+        self.create_dir(name)
         # The open table when there is one (just refreshed by `transaction_version`): writing
         # to its URI would load the whole log again, on every append.
         write_deltalake(
@@ -392,6 +480,7 @@ class Lake:
             # Columns a newer release adds to a table (nullable lineage, say) join the table's
             # schema instead of failing the append on a lake written before them.
             schema_mode="merge",
+            writer_properties=APPEND_WRITER_PROPERTIES,
             commit_properties=self._commit(app_id, version),
             post_commithook_properties=self._hooks(),
         )
@@ -415,7 +504,7 @@ class Lake:
                 return False
         table = self.table(name)
         if table is None:
-            self.path(name).mkdir(parents=True, exist_ok=True)
+            self.create_dir(name)
             write_deltalake(
                 self.uri(name),
                 data,

@@ -22,8 +22,16 @@ from deltalake import DeltaTable, write_deltalake
 
 from models.accounts import ACCOUNTS_HISTORY, HISTORY_COLUMNS
 from models.backtest import read_dataset
-from models.features import FEATURE_SCHEMA, replay
+from models.features import (
+    FEATURE_SCHEMA,
+    FEATURE_VERSION,
+    FeatureVersionError,
+    feature_version,
+    label_delay_of,
+    replay,
+)
 from models.job import FEATURES, LABELS, OUTPUTS, FraudScoringJob
+from models.label_delay import LabelDelayEstimate, estimate_label_delay, reporting_delays
 from models.promotion import (
     Evaluation,
     evaluate_challenger,
@@ -37,10 +45,13 @@ from models.registry import (
     CHALLENGER,
     CHAMPION,
     DEFAULT_METRIC,
+    FEATURE_VERSION_TAG,
     MODEL_NAME,
     LoadedModel,
     PromotionMetric,
+    alias_version,
     log_and_register,
+    mlflow_client,
 )
 from models.schema import LABEL_SCHEMA, TRANSACTION_SCHEMA
 from models.selection_log import log_selection
@@ -66,6 +77,8 @@ from streamguard.runner import MicroBatchRunner
 from streamguard.sources import Source
 
 SCORING_JOB = "fraud_scoring"
+# The version tag saying where the model's label delay D came from (estimate or feature log).
+FEATURE_DELAY_SOURCE_TAG = "feature_label_delay_source"
 MIN_FEATURE_LOG_ROWS = 5_000  # below this, training replays the history file instead
 
 
@@ -178,6 +191,8 @@ class TrainingOutcome:
     selection: Selection | None = None  # the search's (or select=True's) ranked configurations
     selection_run_id: str = ""
     rows_per_second: float | None = None  # the searched model's measured scoring rate
+    # The features it was trained on and will score: their version and label delay D.
+    feature_version: str = FEATURE_VERSION
 
     def summary(self) -> str:
         """One line for the user: the version, where it stands, what it was trained on."""
@@ -208,26 +223,95 @@ def lake_accounts(lake: Lake) -> pa.Table | None:
     return lake.read(ACCOUNTS_HISTORY, columns=HISTORY_COLUMNS)
 
 
+@dataclass(frozen=True)
+class TrainingFeatures:
+    """Point-in-time features to train on, the cut-off ("now" of the data), where they came from,
+    and the label delay D their delayed terminal windows were computed with."""
+
+    features: pd.DataFrame
+    cutoff: datetime
+    source: str  # "history replay" or "feature log"
+    label_delay_days: int
+    # Where D came from: the labels' estimate (`models.label_delay`), or the feature log's version.
+    label_delay_note: str
+
+
+def _log_version(features: pa.Table) -> str:
+    """The feature version of the log's newest row: the champion's, which the log goes on with."""
+    versions = pc.fill_null(features["feature_version"], FEATURE_VERSION)
+    newest = pc.index(features["event_time"], pc.max(features["event_time"])).as_py()
+    return str(versions[newest].as_py())
+
+
+# A replay keeps the champion's D while the labels' estimate stays this close to it: a D that
+# moves between neighbouring days from one retrain to the next would change the feature version
+# each time, and a champion on another version is replaced without a metric comparison.
+DELAY_TOLERANCE_DAYS = 1
+
+
+def replay_delay(estimate: LabelDelayEstimate, champion_delay: int | None) -> tuple[int, str]:
+    """The D a history replay computes with, and why: the estimate, or the champion's D when the
+    estimate is within DELAY_TOLERANCE_DAYS of it (or is only the too-few-labels fallback)."""
+    if champion_delay is not None and (
+        estimate.fallback or abs(estimate.days - champion_delay) <= DELAY_TOLERANCE_DAYS
+    ):
+        return champion_delay, (
+            f"the champion's {champion_delay} days, kept: the labels' estimate is "
+            f"{estimate.describe()}"
+        )
+    return estimate.days, f"estimated: {estimate.describe()}"
+
+
+def champion_delay(tracking_uri: str, name: str = MODEL_NAME) -> int | None:
+    """The champion's label delay D, None without a champion or when this code cannot compute
+    its features (another FEATURE_VERSION: the next champion starts afresh)."""
+    version = alias_version(tracking_uri, name, CHAMPION)
+    if version is None:
+        return None
+    tags = mlflow_client(tracking_uri).get_model_version(name, version).tags
+    try:
+        return label_delay_of(tags.get(FEATURE_VERSION_TAG) or FEATURE_VERSION)
+    except FeatureVersionError:
+        return None
+
+
 def training_features(
     lake: Lake,
     history: Path | None,
     train_days: int | None,
     min_log_rows: int = MIN_FEATURE_LOG_ROWS,
-) -> tuple[pd.DataFrame, datetime, str]:
-    """Point-in-time features to train on, and the cut-off ("now" of the data).
+    champion_delay: int | None = None,
+) -> TrainingFeatures:
+    """Point-in-time features to train on, with the cut-off and the label delay D they use.
 
     The feature log holds the features exactly as they were scored; without enough of it, the
     history file is replayed through the same feature function (labels only as then reported).
+    A replay estimates D from the labels reported by the cut-off (`estimate_label_delay`) and
+    computes the delayed windows with it. The log's rows were computed with the scoring
+    champion's D and cannot be recomputed: training on it keeps the D of its newest rows (and
+    only the rows of that version); a replay is how D changes.
     """
     labels = lake.read(LABELS, schema=LABEL_SCHEMA)
     if history is None and lake.count(FEATURES) >= min_log_rows:
-        features = lake.read(FEATURES, columns=FEATURE_SCHEMA.names)
+        features = lake.read(FEATURES, columns=[*FEATURE_SCHEMA.names, "feature_version"])
         end = pc.max(features["event_time"]).as_py()
         if train_days:
             start = pc.min(features["event_time"]).as_py()
             end = min(end, start + timedelta(days=train_days))
             features = features.filter(pc.less(features["event_time"], end))
-        return features.to_pandas(), end, "feature log"
+        version = _log_version(features)
+        delay = label_delay_of(version)
+        versions = pc.fill_null(features["feature_version"], FEATURE_VERSION)
+        features = features.filter(pc.equal(versions, version)).select(FEATURE_SCHEMA.names)
+        estimate = estimate_label_delay(
+            reporting_delays(
+                features.select(["transaction_id", "event_time"]).to_pandas(),
+                labels.to_pandas(),
+                pd.Timestamp(end),
+            )
+        )
+        note = f"feature log at version {version}; the labels' estimate: {estimate.describe()}"
+        return TrainingFeatures(features.to_pandas(), end, "feature log", delay, note)
     if history is None:
         raise ValueError(
             f"the feature log has {lake.count(FEATURES):,} rows (< {min_log_rows:,}) and no "
@@ -242,9 +326,19 @@ def training_features(
         end = min(end, start + timedelta(days=train_days))
         transactions = transactions.filter(pc.less(transactions["event_time"], end))
     known = labels.filter(pc.less_equal(labels["reported_at"], end))
+    estimate = estimate_label_delay(
+        reporting_delays(
+            transactions.select(["transaction_id", "event_time"]).to_pandas(),
+            known.to_pandas(),
+            pd.Timestamp(end),
+        )
+    )
+    delay, note = replay_delay(estimate, champion_delay)
     accounts = lake_accounts(lake)
-    features = replay(transactions, known, accounts=accounts).features.to_pandas()
-    return features, end, "history replay"
+    features = replay(
+        transactions, known, accounts=accounts, label_delay_days=delay
+    ).features.to_pandas()
+    return TrainingFeatures(features, end, "history replay", delay, note)
 
 
 # The environment variable naming the search training runs (see `search_space`).
@@ -312,10 +406,16 @@ def train_challenger(
     `train_and_promote`, or the Dagster check and the `fraud_model_champion` asset).
     """
     uri = tracking_uri or home.mlflow_tracking_uri
-    lake = Lake(home.lake)
+    lake = Lake(home.lake_uri)
     if labels is not None:
         load_labels(lake, read_labels(labels))
-    features, cutoff, source = training_features(lake, history, train_days)
+    # `label_delay_days` is the training cut-off's delay (rows newer than cutoff - it are not
+    # trained on); the features' own label delay D comes with them (`training_features`).
+    prepared = training_features(
+        lake, history, train_days, champion_delay=champion_delay(uri, model_name)
+    )
+    features, cutoff, source = prepared.features, prepared.cutoff, prepared.source
+    features_version = feature_version(prepared.label_delay_days)
     label_table = lake.read(LABELS, schema=LABEL_SCHEMA).to_pandas()
     frame = training_frame(
         features, label_table, pd.Timestamp(cutoff), pd.Timedelta(days=label_delay_days)
@@ -329,7 +429,13 @@ def train_challenger(
     if select:
         fit_part, validation = time_split(train_part)
         selection = select_model(fit_part, validation, metric)
-        selection_run_id = log_selection(selection, uri, home.mlflow_artifacts, name=model_name)
+        selection_run_id = log_selection(
+            selection,
+            uri,
+            home.mlflow_artifact_root,
+            name=model_name,
+            feature_version=features_version,
+        )
         candidate = selection.winner.candidate
         winner_params = {"class_weight": selection.winner.class_weight}
         params = (
@@ -348,10 +454,18 @@ def train_challenger(
         candidate=candidate,
         search=space if searched else None,
         metric=metric,
+        feature_delay_days=prepared.label_delay_days,
     )
+    result.tags[FEATURE_DELAY_SOURCE_TAG] = prepared.label_delay_note[:5000]
     if result.selection is not None:
         selection = result.selection
-        selection_run_id = log_selection(selection, uri, home.mlflow_artifacts, name=model_name)
+        selection_run_id = log_selection(
+            selection,
+            uri,
+            home.mlflow_artifact_root,
+            name=model_name,
+            feature_version=features_version,
+        )
         candidate = result.candidate
     labels_seen = holdout["label"].nunique() if len(holdout) else 0
     threshold: float | None = None
@@ -365,7 +479,7 @@ def train_challenger(
     if selection is not None:
         result.tags["selection_run_id"] = selection_run_id
         result.tags["selection_winner"] = selection.winner.name
-    version = log_and_register(result, uri, home.mlflow_artifacts, name=model_name)
+    version = log_and_register(result, uri, home.mlflow_artifact_root, name=model_name)
     log_holdout(uri, model_name, version, holdout)
     # Evaluated before it gets an alias, so the first version is compared with "no champion".
     evaluation = evaluate_challenger(uri, model_name, version, holdout, metric)
@@ -387,6 +501,7 @@ def train_challenger(
         selection=selection,
         selection_run_id=selection_run_id,
         rows_per_second=None if result.selection is None else result.rows_per_second,
+        feature_version=features_version,
     )
 
 

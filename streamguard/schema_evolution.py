@@ -487,7 +487,7 @@ def change_schema(
     store = SchemaStore(lake, source)
     current = store.current()
     if current is None:
-        raise ValueError(f"no schema stored for source {source!r} in {lake.root}")
+        raise ValueError(f"no schema stored for source {source!r} in {lake.location}")
     columns = current.types
     for name, kind in (add or {}).items():
         if name in columns:
@@ -528,7 +528,7 @@ def stop_on_new_columns(
     raise UnknownColumns(
         f"{where}: column(s) {describe(new)} not in the schema of {store.source} (version "
         f"{current.version}, failOnNewColumns); change it by hand, then run again: "
-        f"streamguard.schema_evolution.change_schema(Lake({str(store.lake.root)!r}), "
+        f"streamguard.schema_evolution.change_schema(Lake({store.lake.location!r}), "
         f"{store.source!r}, add={new!r})",
         new,
         where,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from models.training import train
 from streamguard.config import Home
 from streamguard.kinesis import delete_stream, ensure_stream, kinesis_client
 from streamguard.local_kinesis import LocalKinesis
+from streamguard.local_moto import LocalMoto, ensure_bucket, s3_environment
 from streamguard.pipeline import train_and_promote
 
 
@@ -69,6 +70,46 @@ def stream_name(kinesis: Any, request: pytest.FixtureRequest) -> Iterator[str]:
     ensure_stream(kinesis, name, shards=2)
     yield name
     delete_stream(kinesis, name)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3 API (moto_server, in memory) on a free loopback port for the test run."""
+    with LocalMoto(tmp_path_factory.mktemp("moto-s3")) as server:
+        yield server.address
+
+
+S3_BUCKET = "streamguard-test"
+
+
+@pytest.fixture
+def s3_prefix(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh `s3://bucket/prefix` on the local S3, with this test's environment pointing
+    delta-rs, boto3 and MLflow at it (as a deployment's environment would)."""
+    for name, value in s3_environment(s3_endpoint).items():
+        monkeypatch.setenv(name, value)
+    ensure_bucket(s3_endpoint, S3_BUCKET)
+    return f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def lake_at(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str], str]:
+    """A fresh lake location by where: "local" (a folder under tmp_path) or "s3" (a prefix on
+    the local S3, moto)."""
+
+    def at(where: str) -> str:
+        if where == "local":
+            return str(tmp_path / "lake")
+        assert where == "s3", where
+        return f"{request.getfixturevalue('s3_prefix')}/lake"
+
+    return at
+
+
+@pytest.fixture(params=["local", "s3"])
+def lake_root(request: pytest.FixtureRequest, lake_at: Callable[[str], str]) -> str:
+    """A fresh lake location: a local folder, then a prefix on the local S3 (moto)."""
+    return lake_at(request.param)
 
 
 @pytest.fixture(scope="session")

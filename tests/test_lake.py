@@ -4,6 +4,7 @@ A `Lake` keeps one handle per table and brings it forward only when the table's 
 version; another writer (here: a second `Lake` on the same folder, as a second process would be)
 must still be seen by every read and write, and the lake-wide batch numbering (`next_batch_id`,
 kept per file from the commits' log entries) must equal what a freshly opened lake computes.
+The tests taking `lake_root` run on a local folder and on S3 (a local moto server).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 from deltalake import DeltaTable
+from deltalake.fs import DeltaStorageHandler
 
 from streamguard.commit import next_batch_id
 from streamguard.lake import Lake
@@ -29,8 +32,15 @@ def keys(lake: Lake, name: str) -> list[str]:
     return sorted(lake.read(name, columns=["key"])["key"].to_pylist())
 
 
-def test_an_open_table_sees_the_commits_of_another_writer(tmp_path: Path) -> None:
-    mine, other = Lake(tmp_path), Lake(tmp_path)
+def log_files(lake: Lake, name: str, suffix: str) -> list[str]:
+    """The names of the table's log files ending in `suffix`, wherever the lake is."""
+    store = pafs.PyFileSystem(DeltaStorageHandler(lake.uri(name)))
+    found = store.get_file_info(pafs.FileSelector("_delta_log", allow_not_found=True))
+    return sorted(f.base_name for f in found if f.base_name.endswith(suffix))
+
+
+def test_an_open_table_sees_the_commits_of_another_writer(lake_root: str) -> None:
+    mine, other = Lake(lake_root), Lake(lake_root)
     assert mine.append("events", rows(["a", "b"], 0), "job", 0)
     assert mine.count("events") == 2  # opened and kept by `mine`
     assert other.append("events", rows(["c"], 1), "job", 1)
@@ -49,7 +59,7 @@ def test_an_open_table_sees_the_commits_of_another_writer(tmp_path: Path) -> Non
     assert other.upsert("state", rows(["a", "b"], 3), ["key"], "job", 3)
     assert not mine.upsert("state", rows(["a", "b"], 3), ["key"], "job", 3)
     assert mine.upsert("state", rows(["c"], 4), ["key"], "job", 4)
-    state = Lake(tmp_path).read("state").sort_by("key")
+    state = Lake(lake_root).read("state").sort_by("key")
     assert state.to_pylist() == [
         {"key": "a", "batch_id": 3},
         {"key": "b", "batch_id": 3},
@@ -141,13 +151,13 @@ def test_only_the_chosen_columns_keep_statistics_on_new_and_existing_tables(
 
 
 def test_application_transactions_are_followed_across_writers_and_compaction(
-    tmp_path: Path,
+    lake_root: str,
 ) -> None:
     """The kept log view answers what a freshly opened table answers, however it advanced."""
-    mine, other = Lake(tmp_path), Lake(tmp_path)
+    mine, other = Lake(lake_root), Lake(lake_root)
 
     def agree(app_id: str) -> int | None:
-        fresh = DeltaTable(str(tmp_path / "events")).transaction_version(app_id)
+        fresh = DeltaTable(mine.uri("events")).transaction_version(app_id)
         assert mine.transaction_version("events", app_id) == fresh
         return fresh
 
@@ -163,23 +173,23 @@ def test_application_transactions_are_followed_across_writers_and_compaction(
     assert keys(mine, "events") == ["a", "b", "c"]
 
 
-def test_a_lake_that_defers_log_checkpoints_writes_them_when_asked(tmp_path: Path) -> None:
+def test_a_lake_that_defers_log_checkpoints_writes_them_when_asked(lake_root: str) -> None:
     """The continuous worker's commits write no log checkpoint; it takes them between batches."""
-    lake = Lake(tmp_path)
+    lake = Lake(lake_root)
     lake.auto_checkpoint = False
-    log = tmp_path / "events" / "_delta_log"
     for batch in range(102):
         lake.append("events", rows([f"k{batch}"], batch), "job", batch)
-    assert not list(log.glob("*.checkpoint.parquet"))
+    assert not log_files(lake, "events", ".checkpoint.parquet")
     assert lake.checkpoint_due("events") == 101  # version 101, never checkpointed
     lake.checkpoint("events")
-    assert [p.name for p in log.glob("*.checkpoint.parquet")] == [
+    assert log_files(lake, "events", ".checkpoint.parquet") == [
         "00000000000000000101.checkpoint.parquet"
     ]
     assert lake.checkpoint_due("events") == 0
+    assert Lake(lake_root).checkpoint_due("events", interval=1) == 0  # read from _last_checkpoint
     lake.upsert("state", rows(["a"], 0), ["key"], "job", 0)
     assert lake.checkpoint_due("state") == 0 and lake.checkpoint_due("missing") == 0
-    fresh = Lake(tmp_path)  # opens from the checkpoint: same rows and bookkeeping
+    fresh = Lake(lake_root)  # opens from the checkpoint: same rows and bookkeeping
     assert fresh.count("events") == 102
     assert fresh.transaction_version("events", "job") == 101
     assert next_batch_id(fresh) == 102
@@ -187,4 +197,27 @@ def test_a_lake_that_defers_log_checkpoints_writes_them_when_asked(tmp_path: Pat
     lake.auto_checkpoint = True  # delta-rs's own rule again: a checkpoint at the 100th version
     for batch in range(102, 201):
         lake.append("events", rows([f"k{batch}"], batch), "job", batch)
-    assert (log / "00000000000000000199.checkpoint.parquet").exists()
+    assert "00000000000000000199.checkpoint.parquet" in log_files(lake, "events", ".parquet")
+
+
+def test_appends_write_snappy_parquet_without_dictionaries_and_keep_statistics(
+    tmp_path: Path,
+) -> None:
+    """Appends skip Parquet dictionary encoding (most of a batch's encoding time, for ids and
+    continuous values it ends up discarding) yet stay compressed and keep the statistics that
+    file skipping and the batch numbering read."""
+    import pyarrow.parquet as pq
+
+    lake = Lake(tmp_path)
+    lake.ensure("events", SCHEMA, stats_columns=("key", "batch_id"))
+    # Few distinct values: a dictionary writer would encode every column with one.
+    assert lake.append("events", rows(["a", "b", "a", "b"] * 500, 7), "job", 7)
+    (path,) = lake.files("events")
+    metadata = pq.ParquetFile(tmp_path / "events" / path).metadata
+    for i in range(metadata.num_columns):
+        column = metadata.row_group(0).column(i)
+        assert column.compression == "SNAPPY"
+        assert not any("DICTIONARY" in e for e in column.encodings), column.encodings
+        assert column.statistics is not None and column.statistics.has_min_max
+    assert lake.max_value("events", "batch_id", stats_only=True) == 7
+    assert keys(lake, "events") == ["a"] * 1000 + ["b"] * 1000

@@ -1,7 +1,12 @@
-"""The micro-batch runner on real Delta tables: dead letters, exactly once, crash and rerun."""
+"""The micro-batch runner on real Delta tables: dead letters, exactly once, crash and rerun.
+
+Crash and rerun, the killed process and compaction run on a local lake and, for a few of the
+crash points, on a lake in S3 (a local moto server; `where`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +121,8 @@ CRASH_POINTS = [
     TERMINAL_STATE,
     "commit",
 ]
+# On S3 the points that leave a batch half written in each kind of table, and the one after it.
+S3_CRASH_POINTS = [TRANSACTIONS, SCORES, TERMINAL_STATE, "commit"]
 
 
 @pytest.fixture(scope="module")
@@ -155,17 +162,21 @@ def test_a_batch_of_only_bad_records_is_dead_lettered_and_the_stream_goes_on(
     assert lake.count(TRANSACTIONS) == len(good)
 
 
-@pytest.mark.parametrize("crash_after", CRASH_POINTS)
+@pytest.mark.parametrize(
+    ("crash_after", "where"),
+    [(point, "local") for point in CRASH_POINTS] + [(point, "s3") for point in S3_CRASH_POINTS],
+)
 def test_crash_at_any_point_then_rerun_gives_no_duplicate_and_no_gap(
-    tmp_path: Path,
+    lake_at: Callable[[str], str],
     small_sim,
     tiny_model: LoadedModel,
     always_fraud: LoadedModel,
     clean_run: Lake,
     crash_after: str,
+    where: str,
 ) -> None:
     source, _ = stream_of(small_sim.transactions)
-    lake = Lake(tmp_path / "lake")
+    lake = Lake(lake_at(where))
     template = scoring_runner(
         lake, source, None, max_batch_records=400, model=tiny_model, challenger=always_fraud
     )
@@ -272,14 +283,18 @@ Killed(source, template.processor, template.lake, template.job, max_batch_record
 """
 
 
-@pytest.mark.parametrize("killed_after", [SCORES, TERMINAL_STATE])
+@pytest.mark.parametrize(
+    ("killed_after", "where"), [(SCORES, "local"), (TERMINAL_STATE, "local"), (SCORES, "s3")]
+)
 def test_a_killed_process_then_rerun_gives_no_duplicate_and_no_gap(
     tmp_path: Path,
+    lake_at: Callable[[str], str],
     small_sim,
     tiny_model: LoadedModel,
     always_fraud: LoadedModel,
     clean_run: Lake,
     killed_after: str,
+    where: str,
 ) -> None:
     import pickle
     import signal
@@ -288,8 +303,8 @@ def test_a_killed_process_then_rerun_gives_no_duplicate_and_no_gap(
 
     source, _ = stream_of(small_sim.transactions)
     shards = {s: [r.data for r in source.read(s, None, None, 10**9)] for s in source.shards()}
-    lake_dir = tmp_path / "lake"
-    job = {"shards": shards, "lake": str(lake_dir), "model": tiny_model,
+    lake_dir = lake_at(where)  # the killed process inherits the environment (S3's endpoint)
+    job = {"shards": shards, "lake": lake_dir, "model": tiny_model,
            "challenger": always_fraud, "table": killed_after}  # fmt: skip
     (tmp_path / "job.pkl").write_bytes(pickle.dumps(job))
     (tmp_path / "killed.py").write_text(KILLED_RUNNER)
@@ -312,10 +327,10 @@ def test_a_killed_process_then_rerun_gives_no_duplicate_and_no_gap(
 
 
 def test_compaction_keeps_rows_and_exactly_once_bookkeeping(
-    tmp_path: Path, small_sim, tiny_model: LoadedModel
+    lake_root: str, small_sim, tiny_model: LoadedModel
 ) -> None:
     source, _ = stream_of(small_sim.transactions)
-    lake = Lake(tmp_path / "lake")
+    lake = Lake(lake_root)
     runner = scoring_runner(lake, source, None, max_batch_records=300, model=tiny_model)
     runner.run()
     before = lake.read(SCORES).sort_by("transaction_id")

@@ -27,7 +27,13 @@ from fraud_streams import (
 from pyspark.sql import SparkSession
 
 from models.accounts import AccountChanges
-from models.features import FEATURE_COLUMNS, FeatureState, compute_features, known_frauds
+from models.features import (
+    FEATURE_COLUMNS,
+    LABEL_DELAY_DAYS,
+    FeatureState,
+    compute_features,
+    known_frauds,
+)
 from models.job import (
     ALERTS,
     CUSTOMER_STATE,
@@ -36,7 +42,7 @@ from models.job import (
     TERMINAL_STATE,
     ScoringContext,
 )
-from models.registry import LoadedModel
+from models.registry import FEATURE_VERSION_TAG, LoadedModel
 from models.simulate import Simulation
 from models.training import score
 from streamguard.commit import DEAD_LETTER_TABLE, next_batch_id
@@ -256,16 +262,19 @@ def test_lost_checkpoint_replays_are_dead_lettered_not_scored_twice(
     assert earlier(replayed) == sum(b.valid for b in before.batches) + earlier(local_later)
 
 
-@pytest.mark.parametrize("buckets", [None, 4])
+@pytest.mark.parametrize(
+    ("buckets", "delay"), [(None, LABEL_DELAY_DAYS), (4, LABEL_DELAY_DAYS), (4, 0)]
+)
 def test_spark_features_equal_compute_features(
-    spark: SparkSession, small_sim: Simulation, buckets: int | None
+    spark: SparkSession, small_sim: Simulation, buckets: int | None, delay: int
 ) -> None:
-    """Per key or per hash bucket of keys: the same features and, exactly, the same state."""
+    """Per key or per hash bucket of keys, at any label delay D: the same features and,
+    exactly, the same state."""
     tx = small_sim.transactions.slice(0, N_TX)
     state = compute_features(tx.slice(0, 700), FeatureState.empty()).state
     frauds = known_frauds(small_sim.transactions, small_sim.labels)
-    want = compute_features(tx.slice(700), state, frauds)
-    got = spark_features(spark, tx.slice(700), state, frauds, buckets=buckets)
+    want = compute_features(tx.slice(700), state, frauds, delay)
+    got = spark_features(spark, tx.slice(700), state, frauds, buckets, delay)
     assert_same_tables(want.features, got.features)  # same rows, same order
     assert got.state.customers.sort_by("customer_id").equals(
         want.state.customers.sort_by("customer_id")
@@ -273,3 +282,31 @@ def test_spark_features_equal_compute_features(
     assert got.state.terminals.sort_by("terminal_id").equals(
         want.state.terminals.sort_by("terminal_id")
     )
+
+
+def test_a_champion_of_another_label_delay_scores_the_same_on_spark(
+    tmp_path: Path,
+    spark: SparkSession,
+    small_sim: Simulation,
+    small_bank: AccountChanges,
+    tiny_model: LoadedModel,
+) -> None:
+    """A champion trained at D = 0: Spark computes the delayed windows with its D, as the runner
+    does, and marks them with its version (else scoring would refuse them)."""
+    model = LoadedModel(tiny_model.model, tiny_model.name, "d0", tags={FEATURE_VERSION_TAG: "4.d0"})
+    payloads, keys = _payloads(small_sim)
+    local, input_dir, _ = in_process_reference(
+        tmp_path, payloads, keys, small_sim.labels, model, BATCH_RECORDS, small_bank
+    )
+    lake = Lake(tmp_path / "spark")
+    load_labels(lake, small_sim.labels)
+    load_bank(lake, small_bank, tmp_path / "dms-spark")
+    run_fraud_on_spark(
+        spark, lambda s: jsonl_source(s, input_dir, 1), lake, tmp_path / "checkpoint", model=model
+    )
+    features = sorted_table(lake, FEATURES, "transaction_id")
+    assert set(features["feature_version"].to_pylist()) == {"4.d0"}
+    assert_same_tables(sorted_table(local, FEATURES, "transaction_id"), features)
+    a = sorted_table(local, SCORES, "transaction_id")["score"].to_numpy()
+    b = sorted_table(lake, SCORES, "transaction_id")["score"].to_numpy()
+    assert np.array_equal(a, b)

@@ -34,7 +34,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from models.accounts import AccountChanges
 from models.job import CUSTOMER_STATE, FEATURES, TERMINAL_STATE
-from models.registry import LoadedModel
+from models.registry import FEATURE_VERSION_TAG, LoadedModel
 from models.simulate import Simulation
 from streamguard.commit import DEAD_LETTER_TABLE, next_batch_id
 from streamguard.lake import Lake
@@ -69,6 +69,13 @@ def _payloads(sim: Simulation) -> tuple[list[bytes], list[str]]:
     return troubled_stream(rows, BAD, retry_at=40)
 
 
+@pytest.fixture(scope="module")
+def delayed_model(tiny_model: LoadedModel) -> LoadedModel:
+    """The model as a champion trained at label delay D = 0, not the default 7: both engines
+    must compute the delayed terminal windows with the champion's D."""
+    return LoadedModel(tiny_model.model, tiny_model.name, "d0", tags={FEATURE_VERSION_TAG: "4.d0"})
+
+
 @dataclass
 class Runs:
     root: Path
@@ -86,12 +93,12 @@ def runs(
     spark: SparkSession,
     small_sim: Simulation,
     small_bank: AccountChanges,
-    tiny_model: LoadedModel,
+    delayed_model: LoadedModel,
 ) -> Runs:
     root = tmp_path_factory.mktemp("spark_fraud_state")
     payloads, keys = _payloads(small_sim)
     local, input_dir, n_batches = in_process_reference(
-        root, payloads, keys, small_sim.labels, tiny_model, BATCH_RECORDS, small_bank
+        root, payloads, keys, small_sim.labels, delayed_model, BATCH_RECORDS, small_bank
     )
     store = Lake(root / "store")
     load_labels(store, small_sim.labels)
@@ -101,7 +108,7 @@ def runs(
         lambda s: jsonl_source(s, input_dir, 1),
         store,
         root / "checkpoint",
-        model=tiny_model,
+        model=delayed_model,
         buckets=BUCKETS,
     )
     return Runs(root, local, store, report, input_dir, n_batches, len(payloads))
@@ -128,6 +135,7 @@ def test_state_store_job_matches_the_in_process_runner(runs: Runs) -> None:
     assert "duplicate transaction_id within the batch" in reasons
     assert "duplicate transaction_id: already processed in an earlier batch" in reasons
     # Late labels were used as they became known, identically (asserted equal above).
+    assert set(runs.store.read(FEATURES)["feature_version"].to_pylist()) == {"4.d0"}
     rates = runs.store.read(FEATURES, columns=["terminal_fraud_rate_30d"])
     assert pc.max(rates["terminal_fraud_rate_30d"]).as_py() > 0
     plans = runs.store.read(SPARK_STORE_BATCHES)
@@ -140,7 +148,7 @@ def test_crash_replay_and_lost_checkpoint_recover_exactly(
     spark: SparkSession,
     small_sim: Simulation,
     small_bank: AccountChanges,
-    tiny_model: LoadedModel,
+    delayed_model: LoadedModel,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A crash mid-batch is replayed exactly; a lost checkpoint restarts from Delta exactly.
@@ -170,7 +178,7 @@ def test_crash_replay_and_lost_checkpoint_recover_exactly(
             lambda s: jsonl_source(s, folder, 1),
             lake,
             checkpoint,
-            model=tiny_model,
+            model=delayed_model,
             buckets=BUCKETS,
         )
 

@@ -29,7 +29,6 @@ import subprocess
 import sys
 import textwrap
 import tomllib
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,7 +41,7 @@ import pytest
 import yaml
 from botocore.exceptions import ClientError
 
-from streamguard.local_server import HOST, LocalServer, LocalServerError
+from streamguard.local_moto import LocalMoto
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "platform" / "terraform"
@@ -96,6 +95,7 @@ class Module:
     data: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     variables: dict[str, dict[str, Any]] = field(default_factory=dict)
     locals: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, folder: Path, values: dict[str, Any]) -> Module:
@@ -114,6 +114,8 @@ class Module:
                 module.variables.update(block)
             for block in parsed.get("locals", []):
                 module.locals.update(block)
+            for block in parsed.get("output", []):
+                module.outputs.update(block)
         resolve = Resolver(module, values)
         for target, rtype, name, body in blocks:
             for instance, instance_body in module.instances(name, body, resolve):
@@ -423,42 +425,6 @@ def camel(snake: str) -> str:
 # --------------------------------------------------------------------------- a real moto server
 
 
-class LocalMoto(LocalServer):
-    """`moto_server` (moto[server]) on a free loopback port, managed like the project's other
-    local servers (streamguard.local_server)."""
-
-    label = "local moto"
-
-    def address_for(self, port: int) -> str:
-        return f"http://{HOST}:{port}"
-
-    def answers(self, address: str) -> bool:
-        try:
-            with urllib.request.urlopen(f"{address}/moto-api/", timeout=1) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
-    def prepare(self) -> list[str]:
-        executable = Path(sys.executable).with_name("moto_server")
-        if not executable.exists():
-            raise LocalServerError("moto[server] is not installed: run `make setup`")
-        return [str(executable)]
-
-    def arguments(self, port: int) -> list[str]:
-        return ["-H", HOST, "-p", str(port)]
-
-    def environment(self) -> dict[str, str]:
-        # AWS managed policies (AmazonECSTaskExecutionRolePolicy, ...) exist, as in AWS.
-        return {**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"}
-
-    def is_ready(self, port: int, pid: int, log_start: int) -> bool:
-        return self.log_has(log_start, f"Running on {self.address_for(port)}".encode())
-
-    def is_ours(self, pid: int) -> bool:
-        return self.cmdline_has(pid, "moto_server")
-
-
 @dataclass
 class Deployed:
     """The module's resources as created on moto, with the clients that read them back."""
@@ -488,7 +454,9 @@ def module() -> Module:
 
 @pytest.fixture(scope="module")
 def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with LocalMoto(tmp_path_factory.mktemp("moto")) as server:
+    # AWS managed policies (AmazonECSTaskExecutionRolePolicy, ...) exist, as in AWS.
+    managed = {"MOTO_IAM_LOAD_MANAGED_POLICIES": "true"}
+    with LocalMoto(tmp_path_factory.mktemp("moto"), environment=managed) as server:
         yield server.address
 
 
@@ -1348,6 +1316,14 @@ def test_ecs_environment_is_what_the_code_location_reads(
     )
     assert environment["STREAMGUARD_KAFKA_TOPIC"] == resolve.variable("kafka_transactions_topic")
     assert environment["AWS_REGION"] == resolve.variable("region")
+    # The lake and the artifacts are where the module's outputs say, in its buckets.
+    assert environment["STREAMGUARD_LAKE_URI"] == resolve(module.outputs["lake_uri"]["value"])
+    assert environment["STREAMGUARD_LAKE_URI"].startswith(
+        "s3://" + resolve.attrs['aws_s3_bucket.data["lake"].id'] + "/"
+    )
+    assert environment["STREAMGUARD_MLFLOW_ARTIFACTS_URI"] == resolve(
+        module.outputs["mlflow_artifacts_uri"]["value"]
+    )
 
     # The production deployment loads from these names, each setting an EnvVar.
     given = {name: "set" for name in [*environment, *secrets]}

@@ -53,6 +53,10 @@ locals {
   code_location_environment = [
     { name = "STREAMGUARD_DEPLOYMENT", value = "production" },
     { name = "STREAMGUARD_HOME", value = "/var/lib/streamguard" },
+    # The lake and MLflow's artifacts in the module's buckets (the outputs lake_uri and
+    # mlflow_artifacts_uri); STREAMGUARD_HOME then holds only local scratch.
+    { name = "STREAMGUARD_LAKE_URI", value = "${local.lake_bucket_uri}/${local.lake_prefix}" },
+    { name = "STREAMGUARD_MLFLOW_ARTIFACTS_URI", value = "s3://${aws_s3_bucket.data["mlflow"].id}/artifacts" },
     { name = "STREAMGUARD_STREAM", value = aws_kinesis_stream.this["transactions"].name },
     { name = "AWS_REGION", value = var.region },
     { name = "STREAMGUARD_KAFKA_BOOTSTRAP", value = aws_msk_cluster.main.bootstrap_brokers_sasl_iam },

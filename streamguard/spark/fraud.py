@@ -66,12 +66,14 @@ from models.features import (
     FEATURE_SCHEMA,
     KEY_COLUMNS,
     KNOWN_FRAUD_SCHEMA,
+    LABEL_DELAY_DAYS,
     TERMINAL_FEATURES,
     TERMINAL_STATE_SCHEMA,
     FeatureResult,
     FeatureState,
     compute_features,
     feature_input,
+    with_feature_version,
 )
 from models.job import (
     ALERTS,
@@ -157,6 +159,7 @@ def _part(
     out_schema: pa.Schema,
     customers: bool,
     frauds: pa.Table | None,
+    label_delay_days: int,
     transactions: pa.Table,
     state: pa.Table,
 ) -> pa.Table:
@@ -175,7 +178,7 @@ def _part(
             CUSTOMER_STATE_SCHEMA.empty_table(),
             state.select(TERMINAL_STATE_SCHEMA.names).cast(TERMINAL_STATE_SCHEMA),
         )
-    result = compute_features(tx, given, frauds)
+    result = compute_features(tx, given, frauds, label_delay_days)
     n = tx.num_rows
     feats = result.features.select(["transaction_id", *key_features])
     feats = feats.append_column("_seq", transactions["_seq"]).append_column(
@@ -206,6 +209,7 @@ def spark_features(
     state: FeatureState,
     known_frauds: pa.Table | None = None,
     buckets: int | None = None,
+    label_delay_days: int = LABEL_DELAY_DAYS,
 ) -> FeatureResult:
     """`compute_features`, distributed by customer and by terminal; same result, same order.
 
@@ -217,7 +221,7 @@ def spark_features(
     are joined on `transaction_id` on the driver (which scores and writes the batch anyway).
     """
     if transactions.num_rows == 0:
-        return compute_features(transactions, state, known_frauds)
+        return compute_features(transactions, state, known_frauds, label_delay_days)
     tx = feature_input(transactions)
     tx = tx.add_column(0, "_seq", pa.array(np.arange(tx.num_rows), pa.int64()))
     tx_df = _frame(spark, tx, _TX_DDL)
@@ -228,7 +232,8 @@ def spark_features(
         tx_df.groupBy(_group(tx_df, "customer_id", buckets))
         .cogroup(c_df.groupBy(_group(c_df, "customer_id", buckets)))
         .applyInArrow(
-            partial(_part, CUSTOMER_SIDE_FEATURES, _CUSTOMER_PART, True, None), _ddl(_CUSTOMER_PART)
+            partial(_part, CUSTOMER_SIDE_FEATURES, _CUSTOMER_PART, True, None, label_delay_days),
+            _ddl(_CUSTOMER_PART),
         )
         .withColumn("kind", F.concat(F.lit("c"), "kind"))
     )
@@ -236,7 +241,7 @@ def spark_features(
         tx_df.groupBy(_group(tx_df, "terminal_id", buckets))
         .cogroup(t_df.groupBy(_group(t_df, "terminal_id", buckets)))
         .applyInArrow(
-            partial(_part, TERMINAL_FEATURES, _TERMINAL_PART, False, frauds),
+            partial(_part, TERMINAL_FEATURES, _TERMINAL_PART, False, frauds, label_delay_days),
             _ddl(_TERMINAL_PART),
         )
         .withColumn("kind", F.concat(F.lit("t"), "kind"))
@@ -483,12 +488,12 @@ def _process_batch(batch: DataFrame, spark_batch_id: int, app_id: str, ctx: _Bat
     valid, known = feature_inputs(lake, valid, batch_id, context)
     t2 = time.perf_counter()
     timing.prepare_s = t2 - t
-    result = spark_features(ctx.spark, valid, state, known.frauds, ctx.buckets)
+    delay = job.feature_delay_days(context)  # the planned champion's label delay D
+    result = spark_features(ctx.spark, valid, state, known.frauds, ctx.buckets, delay)
     t3 = time.perf_counter()
     timing.features_s = t3 - t2
-    tables = job.assemble(
-        result.features, result.state, transactions, context, batch_id, now, known
-    )
+    features = with_feature_version(result.features, delay)
+    tables = job.assemble(features, result.state, transactions, context, batch_id, now, known)
     t4 = time.perf_counter()
     timing.score_s = t4 - t3
     dead = rejected_records(ctx.job_name, batch_id, records, rejected, now)

@@ -97,6 +97,7 @@ from models.features import (
     TERMINAL_FEATURES,
     FeatureState,
     compute_features,
+    with_feature_version,
 )
 from models.job import (
     ALERTS,
@@ -278,13 +279,15 @@ def _process_store_batch(
     known = batch_known_frauds(lake, valid, batch_id, context.labels_version)
     t2 = time.perf_counter()
     timing.prepare_s = t2 - t
+    delay = job.feature_delay_days(context)  # the planned champion's label delay D
     terminal = compute_features(
-        valid, FeatureState(CUSTOMER_STATE_SCHEMA.empty_table(), terminals), known.frauds
+        valid, FeatureState(CUSTOMER_STATE_SCHEMA.empty_table(), terminals), known.frauds, delay
     )
     parts = {c: valid[c] for c in ("transaction_id", "event_time", "customer_id", "terminal_id")}
     parts |= {c: feats[c] for c in CUSTOMER_SIDE_FEATURES}
     parts |= {c: terminal.features[c] for c in TERMINAL_FEATURES}
     features = pa.table({c: parts[c] for c in FEATURE_SCHEMA.names}).cast(FEATURE_SCHEMA)
+    features = with_feature_version(features, delay)
     t3 = time.perf_counter()
     timing.features_s += t3 - t2
     states = _customer_state(rows.filter(pc.equal(kind, "s")))
@@ -488,6 +491,9 @@ def run_fraud_on_spark_state_store(
     state layout, so change it only with a fresh checkpoint (which starts from Delta). No-data
     micro-batches are off in the source's session while the query runs, restored after.
     """
+    # Spark reads the Delta snapshots' Parquet files itself: s3:// would need the hadoop-aws jars
+    # on its classpath, which this project does not ship. Refused before anything is written.
+    lake.require_local("Spark state-store scoring (Spark reads the lake's Parquet files)")
     started = time.monotonic()
     checkpoint = Path(checkpoint)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
