@@ -29,7 +29,7 @@ from models.registry import LoadedModel
 from models.schema import RESCUED_DATA, ParseResult, parse_each, parse_records
 from models.training import arrow_feature_matrix, score
 from streamguard.kinesis import transaction_records
-from streamguard.lake import Lake
+from streamguard.lake import APPEND_WRITER_PROPERTIES, Lake
 from streamguard.pipeline import scoring_runner
 from streamguard.sources import MemorySource
 
@@ -143,8 +143,9 @@ def _bench_writes(
 ) -> dict[str, float]:
     """The batch's output tables, made by the job as the runner makes them, written to Delta.
 
-    Appends go straight to `write_deltalake` (as `Lake.append` writes, without its exactly-once
-    check); the state tables are MERGEd by key with `Lake.upsert`, as the commit path does.
+    Appends go straight to `write_deltalake` (as `Lake.append` writes, its Parquet settings
+    included, without its exactly-once check); the state tables are MERGEd by key with
+    `Lake.upsert`, as the commit path does.
     """
     job = FraudScoringJob(None, model=model, shadow=False)
     context = ScoringContext(model_name=model.name, model_version=model.version)
@@ -171,7 +172,13 @@ def _bench_writes(
             started = time.perf_counter()
             if spec.key is None:
                 lake.path(spec.name).mkdir(parents=True, exist_ok=True)
-                write_deltalake(lake.uri(spec.name), data, mode="append", schema_mode="merge")
+                write_deltalake(
+                    lake.uri(spec.name),
+                    data,
+                    mode="append",
+                    schema_mode="merge",
+                    writer_properties=APPEND_WRITER_PROPERTIES,
+                )
                 stage = "delta_append"
             else:
                 lake.upsert(spec.name, data, spec.key)

@@ -651,7 +651,8 @@ def _nullable_micros(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def _keys(state: pa.Table, key: str, batch_keys: np.ndarray) -> _Keys:
     """Only the state rows of the batch's keys are read, so the state may hold any others."""
-    rows = _select(state, key, np.unique(batch_keys))
+    # pd.unique, not np.unique: no sort of Python strings (`_select` keeps the state's order).
+    rows = _select(state, key, pd.unique(batch_keys))
     stored = _objects(rows[key])
     codes, keys = pd.factorize(np.concatenate([stored, batch_keys]))
     return _Keys(rows, codes[: len(stored)], codes[len(stored) :], keys)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -502,10 +503,10 @@ class FraudScoringJob:
                 "event_time": features["event_time"],
                 "customer_id": features["customer_id"],
                 "score": pa.array(probability, pa.float64()),
-                "model_name": pa.array([loaded.name] * n, pa.string()),
-                "model_version": pa.array([loaded.version] * n, pa.string()),
+                "model_name": pa.repeat(pa.scalar(loaded.name, pa.string()), n),
+                "model_version": pa.repeat(pa.scalar(loaded.version, pa.string()), n),
                 "batch_id": pa.array(np.full(n, batch_id), pa.int64()),
-                "scored_at": pa.array([now] * n, TIMESTAMP),
+                "scored_at": pa.repeat(pa.scalar(now, TIMESTAMP), n),
             },
             schema=SHADOW_SCORES_TABLE_SCHEMA,
         )
@@ -535,10 +536,12 @@ class FraudScoringJob:
         for row in np.flatnonzero(fired.any(axis=1)):  # few rows fire a rule: join only those
             rules[row] = ",".join(r for r, on in zip(RULES, fired[row], strict=True) if on)
         batch = pa.array(np.full(n, batch_id), pa.int64())
-        version = pa.array([loaded.version] * n, pa.string())
+        version = pa.repeat(pa.scalar(loaded.version, pa.string()), n)
         feats = (
-            features.append_column("feature_version", pa.array([version_computed] * n, pa.string()))
-            .append_column("model_name", pa.array([loaded.name] * n, pa.string()))
+            features.append_column(
+                "feature_version", pa.repeat(pa.scalar(version_computed, pa.string()), n)
+            )
+            .append_column("model_name", pa.repeat(pa.scalar(loaded.name, pa.string()), n))
             .append_column("model_version", version)
             .append_column("batch_id", batch)
         )
@@ -551,10 +554,10 @@ class FraudScoringJob:
                 "score": pa.array(probability, pa.float64()),
                 "rules": pa.array(rules, pa.string()),
                 "alert": pa.array(alert, pa.bool_()),
-                "model_name": pa.array([loaded.name] * n, pa.string()),
+                "model_name": pa.repeat(pa.scalar(loaded.name, pa.string()), n),
                 "model_version": version,
                 "batch_id": batch,
-                "scored_at": pa.array([now] * n, TIMESTAMP),
+                "scored_at": pa.repeat(pa.scalar(now, TIMESTAMP), n),
             },
             schema=SCORES_TABLE_SCHEMA,
         )
@@ -585,7 +588,7 @@ def _stamped(table: pa.Table, batch_id: int, now: datetime) -> pa.Table:
     n = table.num_rows
     return table.append_column(
         "batch_id", pa.array(np.full(n, batch_id), pa.int64())
-    ).append_column("updated_at", pa.array([now] * n, TIMESTAMP))
+    ).append_column("updated_at", pa.repeat(pa.scalar(now, TIMESTAMP), n))
 
 
 def prepare(
@@ -637,7 +640,7 @@ def with_lineage(
         valid.append_column("batch_id", pa.array(np.full(n, batch_id), pa.int64()))
         .append_column("shard_id", shard_ids)
         .append_column("sequence_number", sequence_numbers)
-        .append_column("ingested_at", pa.array([now] * n, TIMESTAMP))
+        .append_column("ingested_at", pa.repeat(pa.scalar(now, TIMESTAMP), n))
         .append_column(
             "partition_key", pa.nulls(n, pa.string()) if partition_keys is None else partition_keys
         )
@@ -669,9 +672,7 @@ def drop_duplicates(
     `record_index`; the rejected come back as (record_index, reason).
     """
     ids = valid["transaction_id"].to_numpy(zero_copy_only=False)
-    first = np.zeros(len(ids), dtype=bool)
-    _, first_pos = np.unique(ids, return_index=True)
-    first[first_pos] = True
+    first = ~pd.Series(ids).duplicated(keep="first").to_numpy()  # hashing, no string sort
     rejected = [(int(i), DUPLICATE_IN_BATCH) for i in valid["record_index"].to_numpy()[~first]]
     valid = valid.filter(pa.array(first))
     if valid.num_rows == 0:  # every record rejected: nothing to look up

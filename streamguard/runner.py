@@ -17,6 +17,7 @@ detected instead of silently sharing batch ids.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -65,6 +66,28 @@ class RunReport:
         return sum(b.rows_written.get(table, 0) for b in self.batches)
 
 
+def freeze_startup_objects() -> bool:
+    """Move every object alive now out of the garbage collector's reach, once per process.
+
+    What a scoring process holds before it scores (its imports: pandas, scikit-learn, delta-rs,
+    Dagster, MLflow ... about 250k objects; the model; an in-memory source's records) lives as
+    long as the process, yet every full collection walked all of it again: 0.2-0.5 s each, every
+    two or three batches of 50,000 (10-15 % of the in-memory benchmark's time). Frozen, a full
+    collection walks only what the batches made (10-20 ms). `gc.freeze` is a constant-time list
+    move; a cycle already garbage at that moment is never freed, a one-time cost. True when this
+    call froze (the first in the process).
+    """
+    global _FROZEN
+    if _FROZEN:
+        return False
+    _FROZEN = True
+    gc.freeze()
+    return True
+
+
+_FROZEN = False
+
+
 class CrashError(RuntimeError):
     """Raised by test subclasses to stop a batch part-way, as a killed process would."""
 
@@ -94,6 +117,7 @@ class MicroBatchRunner:
         self.checkpoints = Checkpoints(lake, job, processor.load_context)
         self._last: BatchPlan | None = None
         self._last_known = False
+        freeze_startup_objects()  # what the process holds by now lives as long as it
 
     # Hook for crash tests: called after each table write of a batch.
     def after_write(self, plan: BatchPlan, table: str) -> None:

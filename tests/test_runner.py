@@ -345,3 +345,22 @@ def test_compaction_keeps_rows_and_exactly_once_bookkeeping(
     assert version is not None
     assert not lake.append(SCORES, before.slice(0, 5), runner.job, version)
     assert lake.count(SCORES) == before.num_rows
+
+
+def test_a_runner_freezes_what_the_process_held_before_it_scored(
+    tmp_path: Path, small_sim, tiny_model: LoadedModel
+) -> None:
+    """The imports, the model and the source outlive every batch: once a runner exists they are
+    out of the collector's reach (`gc.freeze`), so full collections walk only what batches made.
+    Once per process: later runners freeze nothing more."""
+    import gc
+
+    from streamguard import runner
+
+    source, _ = stream_of(small_sim.transactions, with_bad=False)
+    scoring_runner(Lake(tmp_path / "lake"), source, None, model=tiny_model)
+    assert gc.get_freeze_count() > 0  # the first runner of this process (or an earlier one) froze
+    frozen = gc.get_freeze_count()
+    assert not runner.freeze_startup_objects()
+    scoring_runner(Lake(tmp_path / "lake"), source, None, model=tiny_model)
+    assert gc.get_freeze_count() == frozen
