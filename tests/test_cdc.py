@@ -104,8 +104,8 @@ def rows(lake: Lake, name: str = "t", columns: tuple[str, ...] = ("id", "name", 
     return [tuple(r[c] for c in columns) for r in ordered.to_pylist()]
 
 
-def test_full_load_then_inserts_updates_and_deletes(tmp_path: Path) -> None:
-    lake, root = Lake(tmp_path / "lake"), tmp_path / "dms"
+def test_full_load_then_inserts_updates_and_deletes(tmp_path: Path, lake_root: str) -> None:
+    lake, root = Lake(lake_root), tmp_path / "dms"
     load(root)
     first = apply(lake, root)
     assert rows(lake) == [(1, "ann", 10.0), (2, "bob", 20.0), (3, "cy", 30.0)]
@@ -151,8 +151,10 @@ def test_out_of_order_and_replayed_changes_never_move_a_row_back(tmp_path: Path)
     assert rows(lake) == [(1, "ann", 50.0), (2, "bob", 20.0), (3, "cy", 32.0), (4, "dee", 2.0)]
 
 
-def test_delete_then_reinsert_and_a_late_update_stays_deleted(tmp_path: Path) -> None:
-    lake, root = Lake(tmp_path / "lake"), tmp_path / "dms"
+def test_delete_then_reinsert_and_a_late_update_stays_deleted(
+    tmp_path: Path, lake_root: str
+) -> None:
+    lake, root = Lake(lake_root), tmp_path / "dms"
     load(root)
     changes(
         root,
@@ -176,8 +178,8 @@ def test_delete_then_reinsert_and_a_late_update_stays_deleted(tmp_path: Path) ->
     assert rows(lake) == [(1, "ann", 100.0), (3, "cy", 33.0)]
 
 
-def test_the_same_file_is_applied_once(tmp_path: Path) -> None:
-    lake, root = Lake(tmp_path / "lake"), tmp_path / "dms"
+def test_the_same_file_is_applied_once(tmp_path: Path, lake_root: str) -> None:
+    lake, root = Lake(lake_root), tmp_path / "dms"
     load(root)
     changes(root, "20260301-1100000000.csv", "U,1,ann,11.0,2026-03-01 11:00:00.000000")
     apply(lake, root)
@@ -366,8 +368,10 @@ def test_the_evolved_column_is_filled_after_add_new_columns(tmp_path: Path) -> N
     assert [v.version for v in schema_history(lake, schema_source("t"))] == [1, 2]
 
 
-def test_malformed_rows_go_to_dead_letters_with_file_and_line(tmp_path: Path) -> None:
-    lake, root = Lake(tmp_path / "lake"), tmp_path / "dms"
+def test_malformed_rows_go_to_dead_letters_with_file_and_line(
+    tmp_path: Path, lake_root: str
+) -> None:
+    lake, root = Lake(lake_root), tmp_path / "dms"
     load(root)
     bad = changes(
         root,

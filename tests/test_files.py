@@ -114,10 +114,15 @@ def file_log(lake: Lake) -> list[dict[str, Any]]:
 
 
 def test_new_files_between_runs_are_picked_up_and_old_ones_never_read_again(
-    tmp_path: Path, small_sim: Simulation, tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    small_sim: Simulation,
+    tiny_model: LoadedModel,
+    monkeypatch: pytest.MonkeyPatch,
+    lake_root: str,
 ) -> None:
+    """On a local lake and on S3: the file log and checkpoints are Delta tables like the rest."""
     rows = records(small_sim.transactions.slice(0, 400).to_pylist())
-    folder, lake = tmp_path / "in", Lake(tmp_path / "lake")
+    folder, lake = tmp_path / "in", Lake(lake_root)
     first = [land(folder / f"a{i}.jsonl", jsonl(rows[i * 100 : (i + 1) * 100]), i) for i in (0, 1)]
     opened: list[str] = []
     read_file = FileSource._open
