@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from models.features import LABEL_DELAY_DAYS, MAX_LABEL_DELAY_DAYS
+from models.training import _utc, _utc_series  # the lake's times, read as UTC alike
 
 # A high quantile: the delayed window's newest day has had at least D days, and for 90% of frauds
 # that is enough to be known; a lower one would leave more of the window's frauds unreported.
@@ -106,15 +106,3 @@ def estimate_label_delay(
     value = float(np.quantile(days.to_numpy(dtype=np.float64), quantile, method="inverted_cdf"))
     d = min(max(math.ceil(value), 0), MAX_LABEL_DELAY_DAYS)
     return LabelDelayEstimate(d, n, quantile, value)
-
-
-def _utc(moment: Any) -> pd.Timestamp:
-    ts = pd.Timestamp(moment)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-
-
-def _utc_series(values: pd.Series) -> pd.Series:
-    times = pd.to_datetime(values)
-    if getattr(times.dt, "tz", None) is None:
-        return times.dt.tz_localize("UTC")
-    return times.dt.tz_convert("UTC")
