@@ -976,35 +976,64 @@ def _feature_table(transactions: pa.Table, values: dict[str, np.ndarray]) -> pa.
 def _known_fraud_counts(
     term: np.ndarray, times: np.ndarray, known_frauds: pa.Table | None, delay: int
 ) -> dict[str, np.ndarray]:
-    """Frauds at the event's terminal inside each window that were reported by the event's time."""
+    """Frauds at the event's terminal inside each window that were reported by the event's time.
+
+    Cost O((events + frauds) log frauds): frauds reported (and happened) before the batch's first
+    event count for every event of their terminal, so they are counted by a binary search over
+    their sorted (terminal, day) keys. Only those reported during the batch need a per-event
+    check, pairing them with the events of their terminal (few: the batch's time span of
+    reports). Pairing all frauds made a batch cost grow with the terminals' fraud history.
+    """
     n = len(term)
-    windows = [*TERMINAL_WINDOWS, *(f"{w}_delayed" for w in TERMINAL_WINDOWS)]
-    out = {w: np.zeros(n) for w in windows}
+    out = {w: np.zeros(n) for w in _FRAUD_WINDOWS}
     if known_frauds is None or known_frauds.num_rows == 0 or n == 0:
         return out
     fe = _micros(known_frauds["event_time"])
     fr = _micros(known_frauds["reported_at"])
-    fterm = np.asarray(known_frauds["terminal_id"].to_numpy(zero_copy_only=False), dtype=object)
-    useful = (
-        (fr <= times.max())
-        & (fe > times.min() - LOOKBACK_SECONDS * _US)
-        & np.isin(fterm, np.unique(term))
+    codes, batch_terminals = pd.factorize(term)
+    fcode = pd.Index(batch_terminals).get_indexer(
+        np.asarray(known_frauds["terminal_id"].to_numpy(zero_copy_only=False), dtype=object)
     )
-    if not useful.any():
-        return out
-    frauds = pd.DataFrame({"terminal_id": fterm[useful], "fe": fe[useful], "fr": fr[useful]})
-    events = pd.DataFrame({"terminal_id": term, "t": times, "row": np.arange(n)})
-    pairs = events.merge(frauds, on="terminal_id")
-    t, pe, pr = pairs["t"].to_numpy(), pairs["fe"].to_numpy(), pairs["fr"].to_numpy()
-    rows = pairs["row"].to_numpy()
-    known = (pe <= t) & (pr <= t)
-    fraud_day, event_day = pe // _DAY_US, t // _DAY_US
-    for w, days in TERMINAL_WINDOWS.items():
-        mask = known & (fraud_day >= event_day - days)
-        out[w] = np.bincount(rows[mask], minlength=n).astype(np.float64)
-        shifted = (fraud_day >= event_day - days - delay) & (fraud_day < event_day - delay)
-        out[f"{w}_delayed"] = np.bincount(rows[known & shifted], minlength=n).astype(np.float64)
+    first = times.min()
+    useful = (fcode >= 0) & (fr <= times.max()) & (fe > first - LOOKBACK_SECONDS * _US)
+    settled = useful & (fr <= first) & (fe <= first)
+    event_day = times // _DAY_US
+    if settled.any():
+        keys = np.sort(_day_keys(fcode[settled], fe[settled] // _DAY_US))
+
+        def count(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+            """Settled frauds of the event's terminal on days lo..hi-1."""
+            found = np.searchsorted(keys, _day_keys(codes, hi)) - np.searchsorted(
+                keys, _day_keys(codes, lo)
+            )
+            return found.astype(np.float64)
+
+        for w, days in TERMINAL_WINDOWS.items():
+            out[w] += count(event_day - days, event_day + 1)
+            out[f"{w}_delayed"] += count(event_day - days - delay, event_day - delay)
+    pending = useful & ~settled
+    if pending.any():
+        frauds = pd.DataFrame({"code": fcode[pending], "fe": fe[pending], "fr": fr[pending]})
+        events = pd.DataFrame({"code": codes, "t": times, "row": np.arange(n)})
+        pairs = events.merge(frauds, on="code")
+        t, pe, pr = pairs["t"].to_numpy(), pairs["fe"].to_numpy(), pairs["fr"].to_numpy()
+        rows = pairs["row"].to_numpy()
+        known = (pe <= t) & (pr <= t)
+        fraud_day, day = pe // _DAY_US, t // _DAY_US
+        for w, days in TERMINAL_WINDOWS.items():
+            mask = known & (fraud_day >= day - days)
+            out[w] += np.bincount(rows[mask], minlength=n)
+            shifted = known & (fraud_day >= day - days - delay) & (fraud_day < day - delay)
+            out[f"{w}_delayed"] += np.bincount(rows[shifted], minlength=n)
     return out
+
+
+_FRAUD_WINDOWS = [*TERMINAL_WINDOWS, *(f"{w}_delayed" for w in TERMINAL_WINDOWS)]
+
+
+def _day_keys(codes: np.ndarray, days: np.ndarray) -> np.ndarray:
+    """One int64 per (terminal code, day), ordered by code then day (|day| < 2**31)."""
+    return codes.astype(np.int64) * (1 << 32) + days
 
 
 def _lists(codes: np.ndarray, values: pa.Array, k: int) -> pa.ListArray:

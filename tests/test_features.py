@@ -561,3 +561,79 @@ def test_a_customer_state_from_before_the_day_sums_scores_the_same() -> None:
     got = compute_features(tail, legacy)
     assert got.features.equals(want.features)
     assert got.state.customers.equals(want.state.customers)
+
+
+@pytest.mark.parametrize("delay", [0, 3, 7])
+def test_known_fraud_counts_equal_a_pairwise_count(delay: int) -> None:
+    """Each event's known-fraud counts, batch by batch, equal counting every (event, fraud) pair.
+
+    Frauds reported before a batch are counted by binary search, those reported during it pair
+    by pair; both paths, the window edges (frauds at midnight, reports at the event's very time)
+    and bad labels (reported before their event) must agree with the definition."""
+    import random
+
+    rng = random.Random(delay)
+    start = T0 + timedelta(days=40)
+    rows = [
+        tx(f"e{i}", rng.uniform(0, 20 * DAY), customer=f"c{i % 7}", terminal=f"t{rng.randrange(4)}")
+        for i in range(600)
+    ]
+    rows = [{**r, "event_time": r["event_time"] + timedelta(days=40)} for r in rows]
+    rows.sort(key=lambda r: r["event_time"])
+    frauds = []
+    for _ in range(300):
+        happened = start + timedelta(
+            minutes=rng.choice([rng.uniform(-45, 20), rng.randint(-45, 20)]) * DAY
+        )
+        late = rng.choice([rng.uniform(0, 12) * DAY, 0.0, rng.uniform(-1, 0) * DAY])
+        frauds.append(
+            {
+                "terminal_id": f"t{rng.randrange(5)}",  # t4: a terminal no event uses
+                "event_time": happened,
+                "reported_at": happened + timedelta(minutes=late),
+            }
+        )
+    # Some reports at exactly an event's time: "reported by the event's time" includes it.
+    for r in rows[::37]:
+        frauds.append(
+            {"terminal_id": r["terminal_id"], "event_time": r["event_time"] - timedelta(days=2),
+             "reported_at": r["event_time"]}
+        )  # fmt: skip
+    known = pa.Table.from_pylist(frauds, schema=KNOWN_FRAUD_SCHEMA)
+
+    def expected(event: dict, window: str) -> int:
+        day = (event["event_time"] - T0).days
+        days = {"1d": 1, "7d": 7, "30d": 30}[window.removesuffix("_delayed")]
+        first, last = (day - days, day) if window in ("1d", "7d", "30d") else (
+            day - days - delay, day - delay - 1)  # fmt: skip
+        return sum(
+            1
+            for f in frauds
+            if f["terminal_id"] == event["terminal_id"]
+            and f["event_time"] <= event["event_time"]
+            and f["reported_at"] <= event["event_time"]
+            and first <= (f["event_time"] - T0).days <= last
+        )
+
+    state, between = FeatureState.empty(), 0  # rates strictly between 0 and 1: not clipped
+    for i in range(0, len(rows), 60):
+        batch = rows[i : i + 60]
+        result = compute_features(table(batch), state, known, label_delay_days=delay)
+        state = state.updated(result.state)
+        got = by_id(result.features)
+        for event in batch:
+            f = got[event["transaction_id"]]
+            for w in ("1d", "7d", "30d"):
+                for window, count, rate in (
+                    (w, f"terminal_tx_count_{w}", f"terminal_fraud_rate_{w}"),
+                    (
+                        f"{w}_delayed",
+                        f"terminal_tx_count_{w}_delayed",
+                        f"terminal_risk_{w}_delayed",
+                    ),
+                ):
+                    want = min(expected(event, window) / f[count], 1.0) if f[count] else None
+                    between += want is not None and 0 < want < 1
+                    assert f[rate] == (pytest.approx(want) if want is not None else None), (
+                        event["transaction_id"], window)  # fmt: skip
+    assert between > 1000
