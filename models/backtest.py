@@ -43,6 +43,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from models.features import replay
+from models.label_delay import estimate_label_delay, reporting_delays
 from models.rules import HARD_RULES, AlertPolicy, rule_hits
 from models.schema import LABEL_SCHEMA, TIMESTAMP, TRANSACTION_SCHEMA
 from models.training import (
@@ -341,6 +342,9 @@ class BacktestData:
     labels: pd.DataFrame  # normalize_labels(...), with customer_id
     # The whole test period, those customers included (None: same as `test`).
     test_all: pd.DataFrame | None = None
+    # The label delay D of the features' delayed terminal windows, and where it came from.
+    feature_delay_days: int = 7
+    feature_delay_note: str = ""
 
 
 def backtest_data(
@@ -351,8 +355,13 @@ def backtest_data(
     delay_days: int = 7,
     test_days: int = 7,
     accounts: pa.Table | None = None,
+    feature_delay_days: int | None = None,
 ) -> BacktestData:
     """The training and test rows of the protocol, without fitting anything.
+
+    The features' delayed terminal windows use `feature_delay_days`, by default D estimated as
+    training does (`models.label_delay`) from the labels reported by the start of the test
+    period: the model and the literature's baseline see the delay a deployment would use.
 
     Features are replayed from the first transaction, so windows up to 30 days are warm at
     `train_start` when the data starts at least 30 days before it. Replay only lets a label
@@ -383,7 +392,20 @@ def backtest_data(
             f"needs {periods.train_start:%Y-%m-%d} to {periods.test_end - _DAY:%Y-%m-%d}"
         )
     needed = table.filter(pc.less(table["event_time"], periods.test_end.to_pydatetime()))
-    features = replay(needed, _label_table(label_rows), accounts=accounts).features.to_pandas()
+    if feature_delay_days is None:
+        estimate = estimate_label_delay(
+            reporting_delays(
+                needed.select(["transaction_id", "event_time"]).to_pandas(),
+                label_rows,
+                periods.test_start,
+            )
+        )
+        feature_delay_days, delay_note = estimate.days, f"estimated: {estimate.describe()}"
+    else:
+        delay_note = f"given: {feature_delay_days} days"
+    features = replay(
+        needed, _label_table(label_rows), accounts=accounts, label_delay_days=feature_delay_days
+    ).features.to_pandas()
     times = pd.to_datetime(features["event_time"], utc=True)
     in_train = ((times >= periods.train_start) & (times < periods.train_end)).to_numpy()
     in_test = ((times >= periods.test_start) & (times < periods.test_end)).to_numpy()
@@ -405,7 +427,13 @@ def backtest_data(
     known_customers = known_compromised(label_rows, periods.test_start)
     unknown = ~test["customer_id"].isin(known_customers).to_numpy()
     return BacktestData(
-        periods, train, test.loc[unknown].reset_index(drop=True), label_rows, test_all=test
+        periods,
+        train,
+        test.loc[unknown].reset_index(drop=True),
+        label_rows,
+        test_all=test,
+        feature_delay_days=feature_delay_days,
+        feature_delay_note=delay_note,
     )
 
 
@@ -542,6 +570,8 @@ class BacktestResult:
     # The test period with the customers known compromised at its start: n_test, n_test_fraud,
     # known_compromised (customers left out) and AUC, AP, CP@k of the three scorings.
     all_customers: dict[str, Any] | None = None
+    feature_delay_days: int = 7  # D of the delayed terminal windows (`BacktestData`)
+    feature_delay_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The metrics as plain JSON types (NaN as None); the default model's at the top level."""
@@ -566,6 +596,8 @@ class BacktestResult:
             periods=self.periods.to_dict(),
             scenario_frauds=self.scenario_frauds,
             labels_imputed=self.labels_imputed,
+            feature_delay_days=self.feature_delay_days,
+            feature_delay_note=self.feature_delay_note,
             model=self.model,
             baseline=self.baseline,
             literature_baseline=self.literature_baseline,
@@ -623,6 +655,7 @@ def backtest(
     budget: int | None = None,
     candidate: str = DEFAULT_CANDIDATE,
     accounts: pa.Table | None = None,
+    feature_delay_days: int | None = None,
 ) -> BacktestResult:
     """Train on [train_start, +train_days), skip delay_days, test on the next test_days.
 
@@ -641,7 +674,14 @@ def backtest(
         raise ValueError(f"k must be >= 1, got {k}")
     budget = k if budget is None else budget
     data = backtest_data(
-        transactions, labels, train_start, train_days, delay_days, test_days, accounts
+        transactions,
+        labels,
+        train_start,
+        train_days,
+        delay_days,
+        test_days,
+        accounts,
+        feature_delay_days,
     )
     train, test = data.train, data.test
     n_fraud = int(train["label"].sum())
@@ -727,6 +767,8 @@ def backtest(
                 )
             },
         },
+        feature_delay_days=data.feature_delay_days,
+        feature_delay_note=data.feature_delay_note,
     )
 
 

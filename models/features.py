@@ -236,6 +236,29 @@ CUSTOMER_FEATURES: list[str] = feature_names("customer")
 TERMINAL_FEATURES: list[str] = feature_names("terminal")
 EVENT_FEATURES: list[str] = feature_names("event")
 
+# The only features the label delay D changes: two versions that differ in D alone differ there.
+DELAYED_FEATURES: list[str] = [c for c in FEATURE_COLUMNS if c.endswith("_delayed")]
+
+
+def at_version(column: str, version: str) -> str:
+    """The name a table stores `column` under as computed at feature `version`, next to the
+    column of its own version (a holdout that two models of other delays are compared on)."""
+    return f"{column}@{version}"
+
+
+def features_at_version(frame: pd.DataFrame, version: str) -> pd.DataFrame | None:
+    """`frame` with its delay-dependent features replaced by those stored for `version`
+    (`at_version`), None when it holds none for that version or it is another base version."""
+    try:
+        label_delay_of(version)
+    except FeatureVersionError:
+        return None
+    stored = {at_version(c, version): c for c in DELAYED_FEATURES}
+    if not set(stored) <= set(frame.columns):
+        return None
+    return frame.drop(columns=DELAYED_FEATURES).rename(columns=stored)
+
+
 # Identifies the event a feature row belongs to; comes before FEATURE_COLUMNS in the output.
 KEY_COLUMNS: list[str] = ["transaction_id", "event_time", "customer_id", "terminal_id"]
 

@@ -26,7 +26,13 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from models.features import FEATURE_COLUMNS, FEATURE_VERSION, KEY_COLUMNS
+from models.features import (
+    DELAYED_FEATURES,
+    FEATURE_COLUMNS,
+    FEATURE_VERSION,
+    KEY_COLUMNS,
+    features_at_version,
+)
 from models.registry import (
     CHALLENGER,
     CHAMPION,
@@ -161,7 +167,13 @@ def log_holdout(tracking_uri: str, name: str, version: str, holdout: pd.DataFram
     run_id = client.get_model_version(name, version).run_id
     if not run_id:
         raise LookupError(f"{name} version {version} has no run to hold its holdout")
+    # With the delay-dependent features at the champion's version when it had another D
+    # (`models.features.at_version`), so the gate compares the two on the same rows.
+    other_versions = [
+        c for c in holdout.columns if c.partition("@")[0] in DELAYED_FEATURES and "@" in c
+    ]
     keep = [c for c in [*KEY_COLUMNS, *FEATURE_COLUMNS, "label"] if c in holdout.columns]
+    keep += other_versions
     with tempfile.TemporaryDirectory(prefix="fraud-holdout-") as tmp:
         path = Path(tmp) / Path(HOLDOUT_ARTIFACT).name
         holdout[keep].reset_index(drop=True).to_parquet(path, index=False)
@@ -192,8 +204,11 @@ def evaluate_challenger(
 ) -> Evaluation:
     """Score `version` and the current champion on the same holdout; better only if strictly so.
 
-    The holdout is the challenger's (labelled rows later than it trained on). A champion built on
-    another FEATURE_VERSION cannot score today's features, so any challenger beats it. With
+    The holdout is the challenger's (labelled rows later than it trained on). A champion whose
+    features differ only in the label delay D is scored on the same rows with its own delayed
+    windows, when the holdout holds them (`models.features.at_version`, written by training when
+    D moved). A champion built on another FEATURE_VERSION cannot score today's features, so any
+    challenger beats it. With
     `record`, the decision is kept as version tags on both versions, `promotion.*` on the
     challenger (decision "approved" or "rejected") and `evaluation.last_*` on the champion, and
     as an MLflow run with both metrics; "approved" becomes "promoted" when `champion` moves.
@@ -214,21 +229,28 @@ def evaluate_challenger(
     else:
         champion_features = client.get_model_version(name, before).tags.get("feature_version")
         candidate_features = candidate_version.tags.get("feature_version", FEATURE_VERSION)
+        champion_rows: pd.DataFrame | None = holdout
+        note = ""
         if champion_features != candidate_features:
+            champion_rows = features_at_version(holdout, champion_features or FEATURE_VERSION)
+            note = f" ({CHAMPION} on the same rows at its feature version {champion_features})"
+        if champion_rows is None:
             better = True
             reason = (
                 f"{CHAMPION} uses feature version {champion_features}, not {candidate_features}"
             )
         else:
             champion_value = _value(
-                evaluate(load_model(tracking_uri, name, before).model, holdout), metric
+                evaluate(load_model(tracking_uri, name, before).model, champion_rows), metric
             )
             if math.isnan(candidate_value):
                 better, reason = False, f"{metric} undefined on the holdout (one class only)"
             elif math.isnan(champion_value) or candidate_value > champion_value:
-                better, reason = True, f"{metric} {candidate_value:.4f} > {champion_value:.4f}"
+                better = True
+                reason = f"{metric} {candidate_value:.4f} > {champion_value:.4f}{note}"
             else:
-                better, reason = False, f"{metric} {candidate_value:.4f} <= {champion_value:.4f}"
+                better = False
+                reason = f"{metric} {candidate_value:.4f} <= {champion_value:.4f}{note}"
     evaluation = Evaluation(
         challenger_version=str(version),
         champion_version=before,

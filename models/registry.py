@@ -88,23 +88,23 @@ PromotionMetric = Literal["average_precision", "roc_auc"]
 DEFAULT_METRIC: PromotionMetric = "average_precision"
 
 # What skops.io.get_untrusted_types reports for the fitted default model (models.training
-# .make_default_model: the LogitBlend class, the boosting's tree predictor and its step setting
+# .make_default_model wrapped in its Platt calibration, PlattCalibrated: the LogitBlend class,
+# the boosting's tree predictor and its step setting
 # columns without any value to 0 (FillEmptyColumns), the logistic
 # regression's ±inf-to-NaN function and its imputer's numpy dtypes; scikit-learn 1.9, skops 0.16;
 # checked by tests/test_registry.py): everything else in it is a type skops trusts by default.
 SKOPS_TRUSTED_TYPES: list[str] = [
     "models.training.FillEmptyColumns",
     "models.training.LogitBlend",
+    "models.training.PlattCalibrated",
     "models.training._finite",
     "numpy.dtype",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
 ]
 # What the other candidate families of models.training.CANDIDATES add (random forest: the tree
-# structure), and the Platt calibration a searched model is wrapped in (models.training
-# .PlattCalibrated). Saved and loaded models may use SKOPS_TRUSTED_TYPES + these.
+# structure). Saved and loaded models may use SKOPS_TRUSTED_TYPES + these.
 CANDIDATE_TRUSTED_TYPES: list[str] = [
     "sklearn.tree._tree.Tree",
-    "models.training.PlattCalibrated",
 ]
 _TRUSTED = [*SKOPS_TRUSTED_TYPES, *CANDIDATE_TRUSTED_TYPES]
 # The version tag naming the features a model was trained on (`models.features.feature_version`),

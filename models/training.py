@@ -623,8 +623,16 @@ def train(
     on the whole training split with the iterations early stopping kept, and wrapped in that map
     (`PlattCalibrated`, see `_train_searched`); it is measured on the holdout that neither the
     search nor the calibration saw. Without fraud and legitimate rows in both search parts (the
-    first days of a deployment), the default model is trained as without `search`, uncalibrated,
-    and the tag `search` says why.
+    first days of a deployment), the default model is trained as without `search`, and the tag
+    `search` says why.
+
+    Without a search the model is calibrated too, the same way: the configuration is fitted on
+    the earlier 75% of the training split, its Platt map on its scores of the later 25%, and the
+    model fitted on the whole split is wrapped in that map (one more fit). The map is strictly
+    increasing, so the holdout's AP and AUC are the unwrapped model's; the score's level, and so
+    the stored threshold and the alert budget, mean about the same fraud probability in every
+    version. Without fraud and legitimate rows in both parts the model stays uncalibrated and the
+    tag `calibration` says why.
     """
     cutoff = _utc(cutoff)
     frame = training_frame(features, labels, cutoff, label_delay)
@@ -653,13 +661,23 @@ def train(
             )
             searched.feature_delay_days = feature_delay_days
             return searched
-    model = make_candidate(candidate, params)
-    fit(model, train_part)
+    model = fit(make_candidate(candidate, params), train_part)
+    params_out = model.named_steps["model"].get_params()
+    tags = {"search": skipped} if skipped else {}
+    fit_part, validation = time_split(train_part)
+    if fit_part["label"].nunique() < 2 or validation["label"].nunique() < 2:
+        tags["calibration"] = "skipped: the fit or validation part lacks fraud or legitimate rows"
+    else:
+        # The map comes from the same configuration fitted on the earlier part and scored on
+        # the later one (out of sample); the registered model is the one fitted on all of it.
+        mapping = calibrate(fit(make_candidate(candidate, params), fit_part), validation)
+        model, params_out = _platt_wrapped(model, mapping)
+        tags.update(_calibration_tags(validation))
     times = train_part["event_time"]
     return TrainResult(
         model=model,
         metrics=evaluate(model, holdout),
-        params=model.named_steps["model"].get_params(),
+        params=params_out,
         n_train=len(train_part),
         n_holdout=len(holdout),
         train_start=_utc(times.iloc[0]),
@@ -670,9 +688,34 @@ def train(
         holdout_end=_utc(holdout["event_time"].iloc[-1]) if len(holdout) else None,
         sample=feature_matrix(train_part.sample(n=min(10, len(train_part)), random_state=0)),
         candidate=candidate,
-        tags={"search": skipped} if skipped else {},
+        tags=tags,
         feature_delay_days=feature_delay_days,
     )
+
+
+def _platt_wrapped(refit: Pipeline, mapping: Pipeline) -> tuple[Pipeline, dict[str, Any]]:
+    """`refit` wrapped in the Platt map `mapping` (`calibrate` of the same configuration fitted
+    on fewer rows), and the parameters to log: the refit's plus the map's."""
+    fitted_map = mapping.named_steps["model"]
+    calibrated = PlattCalibrated(refit)
+    calibrated.slope_, calibrated.intercept_ = fitted_map.slope_, fitted_map.intercept_
+    calibrated.classes_ = refit.classes_
+    params = {
+        **refit.named_steps["model"].get_params(),
+        "calibration": "platt",
+        "calibration_slope": calibrated.slope_,
+        "calibration_intercept": calibrated.intercept_,
+    }
+    return Pipeline([("model", calibrated)]), params
+
+
+def _calibration_tags(validation: pd.DataFrame) -> dict[str, str]:
+    """Registry tags saying the score is Platt-calibrated and on which period."""
+    return {
+        "calibration": "platt",
+        "calibration_start": _utc(validation["event_time"].iloc[0]).isoformat(),
+        "calibration_end": _utc(validation["event_time"].iloc[-1]).isoformat(),
+    }
 
 
 def _train_searched(
@@ -699,28 +742,20 @@ def _train_searched(
     )
     winner = selection.winner
     assert winner.model is not None and winner.config is not None
-    mapping = calibrate(winner.model, validation).named_steps["model"]
+    mapping = calibrate(winner.model, validation)
     params = winner.config.estimator_params
     if winner.n_iter is not None:
         params = {**params, "max_iter": winner.n_iter, "early_stopping": False}
     train_part = pd.concat([fit_part, validation])
     refit = fit(make_candidate(winner.config.candidate, params), train_part)
-    calibrated = PlattCalibrated(refit)
-    calibrated.slope_, calibrated.intercept_ = mapping.slope_, mapping.intercept_
-    calibrated.classes_ = refit.classes_
-    model = Pipeline([("model", calibrated)])
+    model, logged = _platt_wrapped(refit, mapping)
     # The registered model's own rate (the refit plus the calibration's sigmoid).
     speed = rows_per_second(model, throughput_table(validation))
     times = train_part["event_time"]
     return TrainResult(
         model=model,
         metrics=evaluate(model, holdout),
-        params={
-            **refit.named_steps["model"].get_params(),
-            "calibration": "platt",
-            "calibration_slope": calibrated.slope_,
-            "calibration_intercept": calibrated.intercept_,
-        },
+        params=logged,
         n_train=len(train_part),
         n_holdout=len(holdout),
         train_start=_utc(times.iloc[0]),
@@ -734,9 +769,7 @@ def _train_searched(
         tags={
             "search": f"{len(selection.ranking)} configurations",
             "selection_winner": winner.name,
-            "calibration": "platt",
-            "calibration_start": _utc(validation["event_time"].iloc[0]).isoformat(),
-            "calibration_end": _utc(validation["event_time"].iloc[-1]).isoformat(),
+            **_calibration_tags(validation),
             "rows_per_second": f"{speed:.0f}",
             "min_rows_per_second": f"{min_rows_per_second:.0f}",
             "n_iter": str(winner.n_iter or ""),

@@ -659,6 +659,13 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         "(default 7)",
     ),
     arg("--test-days", type=_positive, default=7, help="days (default 7)"),
+    arg(
+        "--feature-delay",
+        type=int,
+        default=None,
+        help="label delay D of the delayed terminal windows, 0..14 (default: estimated from the "
+        "labels reported by the test start, as training does)",
+    ),
     arg("--k", type=_positive, default=100, help="cards checked a day (default 100)"),
     arg("--budget", type=_positive, default=None, help="transaction alerts a day (default: k)"),
     arg(
@@ -695,6 +702,7 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
         train_days=args.train_days,
         delay_days=args.delay_days,
         test_days=args.test_days,
+        feature_delay_days=args.feature_delay,
         k=args.k,
         budget=args.budget,
         **({"candidate": args.model} if args.model else {}),
@@ -720,7 +728,7 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
         f"backtest: {result.n_train:,} training rows ({result.n_train_fraud} fraud), "
         f"{result.n_test:,} test rows ({result.n_test_fraud} fraud; customers known "
         f"compromised left out: {(result.all_customers or {}).get('known_compromised', 0)}) in "
-        f"{time.perf_counter() - started:.1f}s\n"
+        f"{time.perf_counter() - started:.1f}s; feature delay D {result.feature_delay_note}\n"
         f"{line('model', metrics['model'])}\n"
         f"{line('literature', metrics['literature_baseline'])}\n"
         f"{line('baseline', metrics['baseline'])}\n"

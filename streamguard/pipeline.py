@@ -23,9 +23,11 @@ from deltalake import DeltaTable, write_deltalake
 from models.accounts import ACCOUNTS_HISTORY, HISTORY_COLUMNS
 from models.backtest import read_dataset
 from models.features import (
+    DELAYED_FEATURES,
     FEATURE_SCHEMA,
     FEATURE_VERSION,
     FeatureVersionError,
+    at_version,
     feature_version,
     label_delay_of,
     replay,
@@ -223,6 +225,9 @@ def lake_accounts(lake: Lake) -> pa.Table | None:
     return lake.read(ACCOUNTS_HISTORY, columns=HISTORY_COLUMNS)
 
 
+REPLAY = "history replay"  # `TrainingFeatures.source` of features replayed from a history file
+
+
 @dataclass(frozen=True)
 class TrainingFeatures:
     """Point-in-time features to train on, the cut-off ("now" of the data), where they came from,
@@ -281,6 +286,7 @@ def training_features(
     train_days: int | None,
     min_log_rows: int = MIN_FEATURE_LOG_ROWS,
     champion_delay: int | None = None,
+    label_delay_days: int | None = None,
 ) -> TrainingFeatures:
     """Point-in-time features to train on, with the cut-off and the label delay D they use.
 
@@ -289,7 +295,8 @@ def training_features(
     A replay estimates D from the labels reported by the cut-off (`estimate_label_delay`) and
     computes the delayed windows with it. The log's rows were computed with the scoring
     champion's D and cannot be recomputed: training on it keeps the D of its newest rows (and
-    only the rows of that version); a replay is how D changes.
+    only the rows of that version); a replay is how D changes. `label_delay_days` makes a replay
+    compute with that D whatever the estimate (the champion's, to compare it on the same rows).
     """
     labels = lake.read(LABELS, schema=LABEL_SCHEMA)
     if history is None and lake.count(FEATURES) >= min_log_rows:
@@ -301,6 +308,11 @@ def training_features(
             features = features.filter(pc.less(features["event_time"], end))
         version = _log_version(features)
         delay = label_delay_of(version)
+        if label_delay_days is not None and label_delay_days != delay:
+            raise ValueError(
+                f"the feature log's rows are at D = {delay}; only a history replay computes "
+                f"D = {label_delay_days}"
+            )
         versions = pc.fill_null(features["feature_version"], FEATURE_VERSION)
         features = features.filter(pc.equal(versions, version)).select(FEATURE_SCHEMA.names)
         estimate = estimate_label_delay(
@@ -334,11 +346,23 @@ def training_features(
         )
     )
     delay, note = replay_delay(estimate, champion_delay)
+    if label_delay_days is not None:
+        delay, note = label_delay_days, f"given: {label_delay_days} days"
     accounts = lake_accounts(lake)
     features = replay(
         transactions, known, accounts=accounts, label_delay_days=delay
     ).features.to_pandas()
-    return TrainingFeatures(features, end, "history replay", delay, note)
+    return TrainingFeatures(features, end, REPLAY, delay, note)
+
+
+def _with_features_at(holdout: pd.DataFrame, other: TrainingFeatures) -> pd.DataFrame:
+    """`holdout` with `other`'s delay-dependent features of its rows, named by their version
+    (`models.features.at_version`), in the holdout's row order."""
+    version = feature_version(other.label_delay_days)
+    columns = other.features[["transaction_id", *DELAYED_FEATURES]].rename(
+        columns={c: at_version(c, version) for c in DELAYED_FEATURES}
+    )
+    return holdout.merge(columns, on="transaction_id", how="left", validate="one_to_one")
 
 
 # The environment variable naming the search training runs (see `search_space`).
@@ -348,7 +372,7 @@ SEARCHES: dict[str, SearchSpace | None] = {"full": DEFAULT_SEARCH, "tiny": TINY_
 
 def search_space(name: str | None = None) -> SearchSpace | None:
     """The hyperparameter search training runs, by name: `name`, else $STREAMGUARD_SEARCH, else
-    "off" (None: the default model, uncalibrated); "full" (`DEFAULT_SEARCH`), "tiny"
+    "off" (None: the default model, calibrated as every model is); "full" (`DEFAULT_SEARCH`), "tiny"
     (`TINY_SEARCH`, for tests), or a number N: the first N boosting settings of the full grid.
 
     Off by default: on the demo data the searched, calibrated and refitted winner scored a lower
@@ -385,7 +409,7 @@ def train_challenger(
     ranked on the later part (a parent MLflow run with a child per configuration), the best one
     scoring fast enough is Platt-calibrated on that same later part and registered, so the
     threshold means the same probability across retrains. Explicit `params`, `select` or
-    search "off" train one fixed model instead.
+    search "off" train one fixed configuration instead, calibrated the same way (`train`).
 
     With `select`, the model family and class weighting are chosen first (`select_model`): every
     candidate is fitted on the earlier 75% of the training split and ranked by `metric` on the
@@ -411,9 +435,8 @@ def train_challenger(
         load_labels(lake, read_labels(labels))
     # `label_delay_days` is the training cut-off's delay (rows newer than cutoff - it are not
     # trained on); the features' own label delay D comes with them (`training_features`).
-    prepared = training_features(
-        lake, history, train_days, champion_delay=champion_delay(uri, model_name)
-    )
+    champion_d = champion_delay(uri, model_name)
+    prepared = training_features(lake, history, train_days, champion_delay=champion_d)
     features, cutoff, source = prepared.features, prepared.cutoff, prepared.source
     features_version = feature_version(prepared.label_delay_days)
     label_table = lake.read(LABELS, schema=LABEL_SCHEMA).to_pandas()
@@ -423,6 +446,12 @@ def train_challenger(
     if frame["label"].sum() == 0:
         raise ValueError(f"no fraud label reported by {cutoff:%Y-%m-%d} in the training window")
     train_part, holdout = time_split(frame)
+    if prepared.source == REPLAY and champion_d not in (None, prepared.label_delay_days):
+        # The champion computes its delayed windows with another D: keep them for the holdout's
+        # rows too, so the gate compares the two models on the same rows (`evaluate_challenger`).
+        # (The feature log holds one D; training on it keeps the comparison by feature version.)
+        at_champion = training_features(lake, history, train_days, label_delay_days=champion_d)
+        holdout = _with_features_at(holdout, at_champion)
     selection: Selection | None = None
     selection_run_id = ""
     candidate = DEFAULT_CANDIDATE

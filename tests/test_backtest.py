@@ -32,7 +32,8 @@ from models.backtest import (
     recall_at_daily_budget,
     scenario_recall,
 )
-from models.features import FEATURE_COLUMNS
+from models.features import DELAYED_FEATURES, FEATURE_COLUMNS, replay
+from models.label_delay import estimate_label_delay, reporting_delays
 from models.schema import TIMESTAMP, parse_records
 from models.simulate import Simulation, simulate, write_simulation
 from models.training import CANDIDATES, feature_matrix, make_default_model, score
@@ -42,6 +43,7 @@ CHANNEL_FEATURES = [c for c in FEATURE_COLUMNS if c.startswith("channel_")]
 METRICS = ("roc_auc", "average_precision", "card_precision_at_k", "recall_at_budget")
 JSON_KEYS = {
     *METRICS,
+    "feature_delay_days",
     "k",
     "n_train",
     "n_test",
@@ -199,6 +201,42 @@ def test_a_label_reported_after_the_test_cannot_change_training(
         sim.transactions, pa.concat_tables([sim.labels, early.cast(sim.labels.schema)]), train_start
     )
     assert int(known.train["label"].sum()) == int(base.train["label"].sum()) + len(victims)
+
+
+def test_the_features_use_the_label_delay_training_would_estimate_at_the_test_start(
+    sim: Simulation, train_start: date
+) -> None:
+    data = backtest_data(sim.transactions, sim.labels, train_start)
+    start = data.periods.test_start
+    before = sim.transactions.filter(pc.less(sim.transactions["event_time"], start.to_pydatetime()))
+    estimate = estimate_label_delay(
+        reporting_delays(
+            before.select(["transaction_id", "event_time"]).to_pandas(),
+            sim.labels.to_pandas(),
+            start,
+        )
+    )
+    assert data.feature_delay_days == estimate.days
+    assert data.feature_delay_note == f"estimated: {estimate.describe()}"
+    other = (estimate.days + 5) % 15
+    given = backtest_data(sim.transactions, sim.labels, train_start, feature_delay_days=other)
+    assert (given.feature_delay_days, given.feature_delay_note) == (other, f"given: {other} days")
+    # The delayed windows are the replay's at that D, and differ from the estimate's.
+    needed = sim.transactions.filter(
+        pc.less(sim.transactions["event_time"], data.periods.test_end.to_pydatetime())
+    )
+    at_other = replay(needed, sim.labels, label_delay_days=other).features.to_pandas()
+    expected = at_other.set_index("transaction_id").loc[given.train["transaction_id"]]
+    np.testing.assert_allclose(
+        given.train[DELAYED_FEATURES].to_numpy(),
+        expected[DELAYED_FEATURES].to_numpy(),
+        equal_nan=True,
+    )
+    assert not np.allclose(
+        given.train[DELAYED_FEATURES].to_numpy(),
+        data.train[DELAYED_FEATURES].to_numpy(),
+        equal_nan=True,
+    )
 
 
 def test_labels_without_report_times_count_as_reported_after_the_delay(sim: Simulation) -> None:

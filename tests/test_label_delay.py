@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pytest
 
 from models.features import (
+    DELAYED_FEATURES,
     FEATURE_COLUMNS,
     FEATURE_VERSION,
     LABEL_DELAY_DAYS,
@@ -25,6 +26,7 @@ from models.features import (
     feature_input,
     feature_version,
     feature_version_of,
+    features_at_version,
     label_delay_of,
     replay,
     with_feature_version,
@@ -36,6 +38,7 @@ from models.label_delay import (
     estimate_label_delay,
     reporting_delays,
 )
+from models.promotion import load_holdout
 from models.registry import (
     FEATURE_DELAY_TAG,
     FEATURE_VERSION_TAG,
@@ -46,7 +49,7 @@ from models.registry import (
 )
 from models.schema import to_payload
 from models.simulate import Simulation, simulate, write_simulation
-from models.training import score
+from models.training import evaluate, score
 from streamguard.config import Home
 from streamguard.lake import Lake
 from streamguard.pipeline import (
@@ -57,6 +60,7 @@ from streamguard.pipeline import (
     replay_delay,
     scoring_runner,
     train_and_promote,
+    train_challenger,
 )
 from streamguard.sources import MemorySource
 
@@ -291,3 +295,40 @@ def test_a_shadow_challenger_of_another_delay_scores_features_computed_with_its_
     np.testing.assert_allclose(shadow_scores, expected)
     with_default = score(tiny_model.model, at_seven.select(FEATURE_COLUMNS).to_pandas())
     assert not np.allclose(shadow_scores, with_default)
+
+
+def test_a_challenger_of_another_delay_is_compared_with_the_champion_on_the_same_rows(
+    tmp_path: Path, quick_reports: Simulation
+) -> None:
+    """The labels say D = 2; a champion at D = 7 is scored on the challenger's holdout rows with
+    its own delayed windows (replayed at 7 and stored with the holdout), not waved through."""
+    home = Home(tmp_path / "home").ensure()
+    write_simulation(quick_reports, home.data)
+    uri, history = home.mlflow_tracking_uri, home.data / "transactions.parquet"
+    first = train_and_promote(home, history=history, labels=home.data / "labels.parquet",
+                              label_delay_days=0)  # fmt: skip
+    # That champion now counts as one computed at the default D = 7 (5 days from the estimate).
+    client = mlflow_client(uri)
+    client.set_model_version_tag(MODEL_NAME, first.version, FEATURE_VERSION_TAG, FEATURE_VERSION)
+    assert champion_delay(uri) == LABEL_DELAY_DAYS
+    outcome = train_challenger(home, history=history, label_delay_days=0)
+    assert outcome.feature_version == "4.d2"
+    evaluation = outcome.evaluation
+    assert evaluation.champion_version == first.version
+    assert evaluation.champion_value is not None
+    assert f"at its feature version {FEATURE_VERSION}" in evaluation.reason
+
+    holdout = load_holdout(uri, MODEL_NAME, outcome.version)
+    at_seven = features_at_version(holdout, FEATURE_VERSION)
+    assert at_seven is not None and len(at_seven) == len(holdout) == outcome.n_holdout
+    # The stored columns are the replay's at D = 7 for those rows, and not the D = 2 ones.
+    replayed = replay(quick_reports.transactions, quick_reports.labels).features.to_pandas()
+    expected = replayed.set_index("transaction_id").loc[holdout["transaction_id"], DELAYED_FEATURES]
+    np.testing.assert_allclose(
+        at_seven[DELAYED_FEATURES].to_numpy(), expected.to_numpy(), equal_nan=True
+    )
+    moved = ~np.isclose(holdout[DELAYED_FEATURES], at_seven[DELAYED_FEATURES], equal_nan=True)
+    assert moved.sum() > 50
+    champion = load_model(uri, MODEL_NAME, first.version).model
+    assert evaluation.champion_value == evaluate(champion, at_seven)["average_precision"]
+    assert evaluation.champion_value != evaluate(champion, holdout)["average_precision"]

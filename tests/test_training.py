@@ -19,6 +19,7 @@ from models.features import FEATURE_COLUMNS, KEY_COLUMNS
 from models.training import (
     DEFAULT_CANDIDATE,
     LogitBlend,
+    PlattCalibrated,
     TrainResult,
     arrow_feature_matrix,
     evaluate,
@@ -247,6 +248,51 @@ def test_train_and_evaluate_on_learnable_data() -> None:
     # Deterministic: the same data and parameters give the same model.
     again = train(features, labels, cutoff, pd.Timedelta(days=7))
     assert np.array_equal(score(again.model, holdout), p)
+
+
+def test_the_default_model_is_calibrated_so_a_score_keeps_its_meaning_across_retrains() -> None:
+    """Class weights move a raw score's level by the training base rate; the Platt map (fitted
+    out of sample on the split's later quarter) brings both versions back to the fraud rate,
+    without changing the ranking (holdout AP/AUC are the unwrapped model's)."""
+    features, labels = synthetic()
+    cutoff, delay = T0 + 45 * DAY, pd.Timedelta(days=7)
+    _, holdout = time_split(training_frame(features, labels, cutoff, delay))
+    rate = holdout["label"].mean()
+    raw, calibrated = {}, {}
+    for weight in (None, "balanced"):
+        result = train(features, labels, cutoff, delay, params={"class_weight": weight})
+        wrapped = result.model.named_steps["model"]
+        assert isinstance(wrapped, PlattCalibrated)
+        assert result.tags["calibration"] == "platt"
+        assert result.tags["calibration_end"] < result.holdout_start.isoformat()
+        assert result.params["calibration_slope"] == wrapped.slope_ > 0
+        assert result.params["class_weight"] == weight
+        unwrapped = evaluate(wrapped.model, holdout)
+        assert result.metrics["average_precision"] == pytest.approx(
+            unwrapped["average_precision"], abs=1e-12
+        )
+        assert result.metrics["roc_auc"] == pytest.approx(unwrapped["roc_auc"], abs=1e-12)
+        raw[weight] = score(wrapped.model, holdout).mean()
+        calibrated[weight] = score(result.model, holdout).mean()
+    print(f"fraud rate {rate:.3f}; mean raw {raw}; mean calibrated {calibrated}")
+    assert raw["balanced"] > 3 * raw[None]  # the raw level moved with the weighting
+    for weight, mean in calibrated.items():
+        assert rate / 1.6 < mean < rate * 1.6, weight
+    assert abs(calibrated["balanced"] - calibrated[None]) < 0.5 * rate
+
+
+def test_without_fraud_in_the_calibration_period_the_model_stays_raw() -> None:
+    features, labels = synthetic(n=3000, days=20)
+    cutoff, delay = T0 + 20 * DAY, pd.Timedelta(days=2)
+    frame = training_frame(features, labels, cutoff, delay)
+    train_part, _ = time_split(frame)
+    _, validation = time_split(train_part)
+    # No fraud reported for the calibration quarter's transactions.
+    legit = labels[~labels["transaction_id"].isin(validation["transaction_id"])
+                   | (labels["is_fraud"] == False)]  # noqa: E712  # fmt: skip
+    result = train(features, legit, cutoff, delay)
+    assert not isinstance(result.model.named_steps["model"], PlattCalibrated)
+    assert result.tags["calibration"].startswith("skipped")
 
 
 def test_evaluate_is_robust_to_a_missing_class() -> None:
