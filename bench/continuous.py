@@ -40,8 +40,10 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import RESULTS, percentile, train_champion  # noqa: E402
+from bench.common import merge_results as merge_into_results  # noqa: E402
 from models.job import SCORES  # noqa: E402
-from models.simulate import simulate, write_simulation  # noqa: E402
+from models.simulate import simulate  # noqa: E402
 from streamguard.checkpoint import BatchPlan  # noqa: E402
 from streamguard.config import Home  # noqa: E402
 from streamguard.continuous import (  # noqa: E402
@@ -51,20 +53,15 @@ from streamguard.continuous import (  # noqa: E402
     run_continuous,
 )
 from streamguard.lake import Lake  # noqa: E402
-from streamguard.pipeline import scoring_job_name, scoring_runner, train_and_promote  # noqa: E402
+from streamguard.pipeline import scoring_job_name, scoring_runner  # noqa: E402
 from streamguard.runner import BatchReport  # noqa: E402
 
 CHUNK_S = 0.02  # the producer sends what is due every 20 ms
 HEADLINE_RATE = 1_000  # `continuous_p50_ms`/`_p99_ms` are at this rate when it was run
-RESULTS = ROOT / "bench" / "results" / "latest.json"
 WARMUP_S = 5.0  # records sent in the first seconds are left out (first model load, JIT, caches)
 SHARDS = 2
 # A local server takes as many reads as it is sent; AWS takes 5 per second per shard (0.2 s).
 LOCAL_POLL_INTERVAL_S = 0.05
-
-
-def _percentile(values: np.ndarray, q: float) -> float:
-    return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
 # --------------------------------------------------------------------------- producer process
@@ -272,17 +269,17 @@ def bench_rate(
         "stop_reason": report.stop_reason,
         "batches": report.batches,
         "records_per_batch_mean": float(np.mean(sizes)) if sizes else 0.0,
-        "batch_p50_ms": _percentile(np.array(batch_s), 50) * 1000,
-        "batch_p99_ms": _percentile(np.array(batch_s), 99) * 1000,
+        "batch_p50_ms": percentile(np.array(batch_s), 50) * 1000,
+        "batch_p99_ms": percentile(np.array(batch_s), 99) * 1000,
         "compactions": report.compactions,
         "log_checkpoints": report.log_checkpoints,
         "idle_polls": report.idle_polls,
-        "p50_ms": _percentile(steady, 50),
-        "p99_ms": _percentile(steady, 99),
+        "p50_ms": percentile(steady, 50),
+        "p99_ms": percentile(steady, 99),
         "max_ms": float(np.nanmax(steady)) if len(steady) else float("nan"),
-        "all_p99_ms": _percentile(latency_ms, 99),
-        "to_commit_p50_ms": _percentile(to_commit_ms[warm], 50),
-        "to_commit_p99_ms": _percentile(to_commit_ms[warm], 99),
+        "all_p99_ms": percentile(latency_ms, 99),
+        "to_commit_p50_ms": percentile(to_commit_ms[warm], 50),
+        "to_commit_p99_ms": percentile(to_commit_ms[warm], 99),
         "load_avg_1m_before": load_before[0],
         "load_avg_1m_after": os.getloadavg()[0],
     }
@@ -294,14 +291,7 @@ def bench_rate(
 def champion_home(work: Path) -> Home:
     """A state folder whose MLflow store holds a champion trained on a small simulation."""
     home = Home(work / "home").ensure()
-    small = simulate(days=14, customers=300, seed=11)
-    write_simulation(small, home.data)
-    train_and_promote(
-        home,
-        history=home.data / "transactions.parquet",
-        labels=home.data / "labels.parquet",
-        label_delay_days=0,
-    )
+    train_champion(home, days=14, customers=300, seed=11)
     return home
 
 
@@ -358,16 +348,14 @@ def bench_continuous(
 def merge_results(out: dict[str, Any], path: Path = RESULTS) -> None:
     """Put this run's headline keys and its details (`continuous`) into the shared results file,
     keeping every other key in it (other benches write theirs there too)."""
-    results: dict[str, Any] = {}
-    if path.exists():
-        results = json.loads(path.read_text())
-    results["continuous_p50_ms"] = out["continuous_p50_ms"]
-    results["continuous_p99_ms"] = out["continuous_p99_ms"]
-    results["continuous"] = out
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    partial.replace(path)  # readers never see half a file
+    merge_into_results(
+        {
+            "continuous_p50_ms": out["continuous_p50_ms"],
+            "continuous_p99_ms": out["continuous_p99_ms"],
+            "continuous": out,
+        },
+        path,
+    )
 
 
 class _broker:

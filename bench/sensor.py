@@ -34,18 +34,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import RESULTS, percentile, train_champion  # noqa: E402
+from bench.common import merge_results as merge_into_results  # noqa: E402
 from models.schema import to_payload  # noqa: E402
-from models.simulate import simulate, write_simulation  # noqa: E402
 from streamguard.config import Home  # noqa: E402
 from streamguard.demo import REPO_ROOT, _bin, dagster_env, process_group  # noqa: E402
 from streamguard.kinesis import ensure_stream, kinesis_client, put_records  # noqa: E402
 from streamguard.lake import Lake  # noqa: E402
 from streamguard.local_kinesis import LocalKinesis  # noqa: E402
-from streamguard.pipeline import load_labels, train_and_promote  # noqa: E402
+from streamguard.pipeline import load_labels  # noqa: E402
 
 SENSOR = "kinesis_transactions_sensor"
 STREAM = "latency"
-RESULTS = ROOT / "bench" / "results" / "latest.json"
 CODE_SERVER_WORKSPACE = ROOT / "platform" / "workspace-code-server.yaml"
 # The parts of one event's latency, in order; each is the time from the previous mark.
 PARTS = (
@@ -62,17 +62,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default); with 20 values p99 is near the max."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def _event(i: int) -> dict[str, Any]:
@@ -184,14 +173,7 @@ def _wait_run_done(instance: Any, after: float, timeout: float) -> Any:
 
 def _champion_home(home: Home) -> None:
     """A small simulation's labels loaded and a champion registered: what a scoring run needs."""
-    sim = simulate(days=12, customers=80, seed=3)
-    write_simulation(sim, home.data)
-    train_and_promote(
-        home,
-        history=home.data / "transactions.parquet",
-        labels=home.data / "labels.parquet",
-        label_delay_days=0,
-    )
+    sim = train_champion(home, days=12, customers=80, seed=3)
     load_labels(Lake(home.lake), sim.labels)
 
 
@@ -389,13 +371,11 @@ def print_summary(result: dict[str, Any]) -> None:
 
 def merge_results(result: dict[str, Any], path: Path = RESULTS) -> None:
     """Read, update, write: other benches' keys (continuous_p50_ms, ...) are kept."""
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.pop("sensor_event_to_alert_s", None)  # the one-event measure these replaced
-    data["sensor_p50_s"] = result["p50_s"]
-    data["sensor_p99_s"] = result["p99_s"]
-    data["sensor"] = result
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str))
+    merge_into_results(
+        {"sensor_p50_s": result["p50_s"], "sensor_p99_s": result["p99_s"], "sensor": result},
+        path,
+        drop=("sensor_event_to_alert_s",),  # the one-event measure these replaced
+    )
 
 
 def main() -> int:

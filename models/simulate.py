@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -683,6 +684,22 @@ def _compromise_terminals(
         scenario[hit] = _TERMINAL
 
 
+def _daily_compromises(
+    rng: np.random.Generator, rate: float, population: np.ndarray | int, t0: int, days: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """The literature's daily compromises: each day a Poisson number (`rate` per member-day) of
+    distinct members of `population` (an array, or a count for the indices below it), at least
+    one over the period. Yields the start of each day with any and that day's members, lazily:
+    what the caller draws for a day comes before the next day's draw."""
+    size = len(population) if isinstance(population, np.ndarray) else population
+    per_day = rng.poisson(rate * size, size=days)
+    if per_day.sum() == 0:
+        per_day[rng.integers(0, days)] = 1
+    for day in np.flatnonzero(per_day):
+        members = rng.choice(population, size=min(int(per_day[day]), size), replace=False)
+        yield t0 + int(day) * _DAY, members
+
+
 def _compromise_terminals_28d(
     rng: np.random.Generator,
     world: _World,
@@ -695,13 +712,8 @@ def _compromise_terminals_28d(
     """The literature's compromised terminals: each day a few random card terminals, every
     payment there fraud for the next 28 days (legit rows relabelled in place; at least one)."""
     cards = np.concatenate([world.atm, world.pos, world.online])
-    per_day = rng.poisson(_TERMINAL_28D_RATE * len(cards), size=days)
-    if per_day.sum() == 0:
-        per_day[rng.integers(0, days)] = 1
     legit = scenario == _LEGIT
-    for day in np.flatnonzero(per_day):
-        begin = t0 + int(day) * _DAY
-        chosen = rng.choice(cards, size=min(int(per_day[day]), len(cards)), replace=False)
+    for begin, chosen in _daily_compromises(rng, _TERMINAL_28D_RATE, cards, t0, days):
         window = legit & (time >= begin) & (time < begin + TERMINAL_28D_DAYS * _DAY)
         scenario[window & np.isin(terminal, chosen)] = _TERMINAL_28D
 
@@ -712,13 +724,8 @@ def _compromise_customers(
     """The literature's compromised customers: each day a few random customers, a third of their
     card payments over the next 14 days fraud at 5 times the amount (candidate events, in place,
     before the balance is settled; at least one customer)."""
-    per_day = rng.poisson(_CUSTOMER_RATE * customers, size=days)
-    if per_day.sum() == 0:
-        per_day[rng.integers(0, days)] = 1
     card = (ev["kind"] == _DEBIT) & (ev["channel"] != _WIRE) & (ev["scenario"] == _LEGIT)
-    for day in np.flatnonzero(per_day):
-        begin = t0 + int(day) * _DAY
-        victims = rng.choice(customers, size=min(int(per_day[day]), customers), replace=False)
+    for begin, victims in _daily_compromises(rng, _CUSTOMER_RATE, customers, t0, days):
         window = (ev["time"] >= begin) & (ev["time"] < begin + CUSTOMER_DAYS * _DAY)
         rows = np.flatnonzero(card & window & np.isin(ev["cust"], victims))
         picked = rng.random(len(rows)) < CUSTOMER_SHARE

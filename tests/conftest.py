@@ -14,17 +14,19 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from mlflow.entities import Run
 
 from models.accounts import AccountChanges, simulate_accounts
 from models.features import replay
-from models.registry import MODEL_NAME, LoadedModel
+from models.registry import MODEL_NAME, LoadedModel, mlflow_client
+from models.selection_log import log_selection
 from models.simulate import Simulation, simulate, write_simulation
-from models.training import train
+from models.training import Selection, train
 from streamguard.config import Home
 from streamguard.kinesis import delete_stream, ensure_stream, kinesis_client
 from streamguard.local_kinesis import LocalKinesis
 from streamguard.local_moto import LocalMoto, ensure_bucket, s3_environment
-from streamguard.pipeline import train_and_promote
+from streamguard.pipeline import TrainingOutcome, train_and_promote, train_challenger
 
 
 @pytest.fixture(autouse=True)
@@ -220,3 +222,34 @@ def champion_home(tmp_path_factory: pytest.TempPathFactory, small_sim: Simulatio
         label_delay_days=0,
     )
     return home
+
+
+# --------------------------------------------------------------------------- training helpers
+
+
+def sim_challenger(home: Path, sim: Simulation, **options: Any) -> tuple[Home, TrainingOutcome]:
+    """A fresh state folder at `home` holding `sim`'s files, and a challenger trained on them
+    (labels known at once) with `options` for `train_challenger`."""
+    state = Home(home).ensure()
+    write_simulation(sim, state.data)
+    outcome = train_challenger(
+        state,
+        history=state.data / "transactions.parquet",
+        labels=state.data / "labels.parquet",
+        label_delay_days=0,
+        **options,
+    )
+    return state, outcome
+
+
+def logged_selection(selection: Selection, tmp_path: Path) -> tuple[Run, list[Run]]:
+    """`selection` logged to a fresh MLflow store under `tmp_path`: its parent run and the
+    child runs under it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent_id = log_selection(selection, uri, tmp_path / "artifacts")
+    client = mlflow_client(uri)
+    parent = client.get_run(parent_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    )
+    return parent, children

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import logged_selection
 from test_registry import CUTOFF, DELAY, synthetic
 
-from models.registry import load_model, log_and_register, mlflow_client
-from models.selection_log import log_selection
+from models.registry import load_model, log_and_register
 from models.training import (
     CANDIDATES,
     CLASS_WEIGHTS,
@@ -73,16 +73,10 @@ def test_selection_refuses_a_validation_split_earlier_than_training(
 def test_selection_is_logged_as_a_parent_run_with_a_child_per_candidate(
     tmp_path: Path, selection: Selection
 ) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    parent_id = log_selection(selection, uri, tmp_path / "artifacts")
-    client = mlflow_client(uri)
-    parent = client.get_run(parent_id)
+    parent, children = logged_selection(selection, tmp_path)
     assert parent.data.tags["winner"] == selection.winner.candidate
     assert parent.data.params["n_candidates"] == str(len(CANDIDATES) * len(CLASS_WEIGHTS))
     assert parent.info.status == "FINISHED"
-    children = client.search_runs(
-        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'"
-    )
     assert len(children) == len(CANDIDATES) * len(CLASS_WEIGHTS)
     by_name = {(c.data.tags["candidate"], c.data.tags["class_weight"]): c for c in children}
     for result in selection.ranking:

@@ -11,14 +11,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from conftest import logged_selection, sim_challenger
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import average_precision_score, log_loss
 from test_registry import CUTOFF, DELAY, synthetic
 
 from models.features import FEATURE_COLUMNS, KEY_COLUMNS
 from models.registry import load_model, log_and_register, mlflow_client
-from models.selection_log import log_selection
-from models.simulate import Simulation, write_simulation
+from models.simulate import Simulation
 from models.training import (
     MIN_PLATT_SLOPE,
     TINY_SEARCH,
@@ -38,8 +38,7 @@ from models.training import (
     train,
     training_frame,
 )
-from streamguard.config import Home
-from streamguard.pipeline import SEARCH_ENV, search_space, train_challenger
+from streamguard.pipeline import SEARCH_ENV, search_space
 
 # Two boosting settings x two weightings x two families: 8 configurations from 4 boosting fits.
 SMALL = SearchSpace(
@@ -210,15 +209,9 @@ def test_train_with_a_search_registers_a_calibrated_model_that_loads(tmp_path: P
 def test_search_is_logged_as_a_parent_run_with_a_child_per_configuration(
     tmp_path: Path, searched: Selection
 ) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    parent_id = log_selection(searched, uri, tmp_path / "artifacts")
-    client = mlflow_client(uri)
-    parent = client.get_run(parent_id)
+    parent, children = logged_selection(searched, tmp_path)
     assert parent.data.tags["winner_config"] == searched.winner.name
     assert parent.data.metrics["winner_rows_per_second"] == pytest.approx(searched.rows_per_second)
-    children = client.search_runs(
-        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'"
-    )
     assert len(children) == SMALL.size
     by_config = {c.data.tags["config"]: c for c in children}
     for result in searched.ranking:
@@ -254,15 +247,7 @@ def test_search_space_by_name_and_size(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_train_challenger_registers_the_searched_calibrated_model(
     tmp_path: Path, small_sim: Simulation
 ) -> None:
-    home = Home(tmp_path / "home").ensure()
-    write_simulation(small_sim, home.data)
-    outcome = train_challenger(
-        home,
-        history=home.data / "transactions.parquet",
-        labels=home.data / "labels.parquet",
-        label_delay_days=0,
-        search="tiny",
-    )
+    home, outcome = sim_challenger(tmp_path / "home", small_sim, search="tiny")
     assert outcome.selection is not None and len(outcome.selection.ranking) == 2
     assert outcome.rows_per_second is not None and outcome.rows_per_second > 0
     uri = home.mlflow_tracking_uri

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from conftest import sim_challenger
 from test_registry import CUTOFF, DELAY, synthetic
 
 from models.job import ALERTS, SCORES, FraudScoringJob, ScoringContext
@@ -116,16 +117,7 @@ def test_the_stored_threshold_decides_which_transactions_alert(tmp_path: Path) -
 def test_train_challenger_stores_the_threshold_and_the_selection(
     tmp_path: Path, small_sim: Simulation
 ) -> None:
-    home = Home(tmp_path / "home").ensure()
-    write_simulation(small_sim, home.data)
-    outcome = train_challenger(
-        home,
-        history=home.data / "transactions.parquet",
-        labels=home.data / "labels.parquet",
-        label_delay_days=0,
-        select=True,
-        daily_budget=20,
-    )
+    home, outcome = sim_challenger(tmp_path / "home", small_sim, select=True, daily_budget=20)
     assert outcome.selection is not None
     assert len(outcome.selection.ranking) == len(CANDIDATES) * len(CLASS_WEIGHTS)
     assert outcome.candidate == outcome.selection.winner.candidate
