@@ -129,6 +129,14 @@ def write_batch(
     """
     written: dict[str, int] = {}
     specs = [TableOutput(DEAD_LETTER_TABLE, dead_letters.schema), *outputs]
+    # Written in order, so every table before the last one already holding the batch (a replay
+    # after a crash) was written then, or had no row and was left out. A replay must not write
+    # those now: its rows come from state tables the first attempt may already have advanced
+    # (a crash after `customer_state`), not from the state the batch was first computed on.
+    done_before = max(
+        (i for i, spec in enumerate(specs) if _holds(lake, spec.name, app_id, batch_id)),
+        default=-1,
+    )
     data = {DEAD_LETTER_TABLE: dead_letters} | {
         o.name: tables[o.name].cast(o.schema) for o in outputs
     }
@@ -140,6 +148,8 @@ def write_batch(
         rows = data[spec.name]
         if rows.num_rows == 0 and spec is not outputs[-1]:
             return False  # nothing to add (see above)
+        if specs.index(spec) <= done_before:
+            return False  # written by an earlier attempt, or empty then (see above)
         if spec.key is None:
             return lake.append(spec.name, rows, app_id, batch_id, spec.partition_by)
         return lake.upsert(spec.name, rows, spec.key, app_id, batch_id)
@@ -168,6 +178,12 @@ def write_batch(
     return written
 
 
+def _holds(lake: Lake, name: str, app_id: str, batch_id: int) -> bool:
+    """Whether the table already holds batch `batch_id` of `app_id`."""
+    version = lake.transaction_version(name, app_id)
+    return version is not None and version >= batch_id
+
+
 _WRITERS: ThreadPoolExecutor | None = None
 
 
@@ -181,8 +197,7 @@ def _writers() -> ThreadPoolExecutor:
 
 def batch_written(lake: Lake, app_id: str, batch_id: int, outputs: Sequence[TableOutput]) -> bool:
     """Whether the batch's last output already holds it: every table does (written in order)."""
-    last = lake.transaction_version(outputs[-1].name, app_id)
-    return last is not None and last >= batch_id
+    return _holds(lake, outputs[-1].name, app_id, batch_id)
 
 
 def next_batch_id(lake: Lake) -> int:

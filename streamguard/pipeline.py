@@ -458,13 +458,6 @@ def train_challenger(
     if select:
         fit_part, validation = time_split(train_part)
         selection = select_model(fit_part, validation, metric)
-        selection_run_id = log_selection(
-            selection,
-            uri,
-            home.mlflow_artifact_root,
-            name=model_name,
-            feature_version=features_version,
-        )
         candidate = selection.winner.candidate
         winner_params = {"class_weight": selection.winner.class_weight}
         params = (
@@ -487,7 +480,8 @@ def train_challenger(
     )
     result.tags[FEATURE_DELAY_SOURCE_TAG] = prepared.label_delay_note[:5000]
     if result.selection is not None:
-        selection = result.selection
+        selection, candidate = result.selection, result.candidate
+    if selection is not None:  # the family selection's or the search's: one parent run
         selection_run_id = log_selection(
             selection,
             uri,
@@ -495,7 +489,6 @@ def train_challenger(
             name=model_name,
             feature_version=features_version,
         )
-        candidate = result.candidate
     labels_seen = holdout["label"].nunique() if len(holdout) else 0
     threshold: float | None = None
     if daily_budget is not None or labels_seen == 2:
