@@ -4,7 +4,8 @@ Runs the real in-process runner (`scoring_runner`, real Delta tables under a tem
 over a long simulated stream, one micro-batch at a time, and reports:
 
 - per-batch seconds of the first and the last 10 % of the batches and their ratio,
-  `scale_growth_ratio` (goal: at most 1.2);
+  `scale_growth_ratio` (goal: at most 1.2), and the same ratio over the batches from day
+  CUSTOMER_DAYS on, once the customers' windows are full (`scale_growth_ratio_warm`);
 - peak memory (RSS) of the process, and its RSS after every batch;
 - the size of every table at the end (rows, files, bytes in the current version, bytes on disk)
   and of the two state tables after every simulated day;
@@ -79,6 +80,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from models.features import CUSTOMER_DAYS  # noqa: E402
 from streamguard.kinesis import StreamRecord, transaction_records  # noqa: E402
 from streamguard.lake import Lake  # noqa: E402
 
@@ -546,6 +548,12 @@ def summarize(log: list[dict[str, Any]], batch: int) -> dict[str, Any]:
         }
 
     a, b = group(first), group(last)
+    # The same comparison once the customers' windows are full (the state stops growing): an
+    # empty lake's first batches read less state than any batch of a lake in service.
+    warm = [e for e in full if e["day"] - log[0]["day"] >= CUSTOMER_DAYS]
+    warm_ratio = None
+    if len(warm) >= 2 * k:
+        warm_ratio = group(warm[-k:])["median_s"] / group(warm[:k])["median_s"]
     keys = sorted({key for entry in log for key in entry["parts"]})
 
     def mean(batches: list[dict[str, Any]], key: str) -> float:
@@ -569,6 +577,8 @@ def summarize(log: list[dict[str, Any]], batch: int) -> dict[str, Any]:
         "last_10pct": b,
         "scale_growth_ratio": b["median_s"] / a["median_s"],
         "scale_growth_ratio_mean": b["mean_s"] / a["mean_s"],
+        "scale_growth_ratio_warm": warm_ratio,
+        "warm_batches": len(warm),
         "growth_s_per_batch": b["median_s"] - a["median_s"],
         "steps": dict(sorted(steps.items(), key=lambda kv: -kv[1]["last_s"])),
         "details": dict(sorted(details.items(), key=lambda kv: -kv[1]["growth_s"])),
@@ -675,6 +685,12 @@ def print_report(results: dict[str, Any]) -> None:
             "scale_growth_ratio (goal <= 1.2)",
             f"{s['scale_growth_ratio']:.2f} (means: {s['scale_growth_ratio_mean']:.2f})",
         ),
+        (
+            f"the same from day {CUSTOMER_DAYS} on (windows full)",
+            "n/a (too few batches)"
+            if s.get("scale_growth_ratio_warm") is None
+            else f"{s['scale_growth_ratio_warm']:.2f} over the last {s['warm_batches']} batches",
+        ),
         ("peak RSS", f"{s['peak_rss_mib']:,.0f} MiB"),
         (
             "RSS before run / after",
@@ -735,7 +751,15 @@ def merge_latest(latest: Path, results: dict) -> None:
     summary["scale_growth_ratio"] = results["scale_growth_ratio"]
     summary["scale"] = {
         k: results[k]
-        for k in ("when", "transactions", "batches", "tx_per_s", "peak_rss_mib", "control_ratio")
+        for k in (
+            "when",
+            "transactions",
+            "batches",
+            "tx_per_s",
+            "peak_rss_mib",
+            "control_ratio",
+            "scale_growth_ratio_warm",
+        )
         if k in results
     } | {"customers": results.get("customers"), "details": "bench/results/scale.json"}
     latest.write_text(json.dumps(summary, indent=1, default=str))
@@ -838,6 +862,8 @@ def main() -> int:
         last_10pct=summary["last_10pct"],
         scale_growth_ratio=summary["scale_growth_ratio"],
         scale_growth_ratio_mean=summary["scale_growth_ratio_mean"],
+        scale_growth_ratio_warm=summary["scale_growth_ratio_warm"],
+        warm_batches=summary["warm_batches"],
         control_ratio=summary["control_ratio"],
         growth_s_per_batch=summary["growth_s_per_batch"],
         peak_rss_mib=peak_rss_mib(),
