@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from models.simulate import Simulation, simulate, write_simulation
+from models.simulate import Simulation, simulate
 from streamguard.config import Home
-from streamguard.pipeline import train_and_promote
+from streamguard.pipeline import train_on_simulation
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "latest.json"
@@ -29,13 +29,7 @@ def train_champion(home: Home, *, days: int, customers: int, seed: int) -> Simul
     """Write a small simulation into `home`'s data folder and register a champion trained on it
     (labels known at once); returns the simulation."""
     sim = simulate(days=days, customers=customers, seed=seed)
-    write_simulation(sim, home.data)
-    train_and_promote(
-        home,
-        history=home.data / "transactions.parquet",
-        labels=home.data / "labels.parquet",
-        label_delay_days=0,
-    )
+    train_on_simulation(home, sim)
     return sim
 
 

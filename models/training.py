@@ -665,8 +665,12 @@ def train(
     params_out = model.named_steps["model"].get_params()
     tags = {"search": skipped} if skipped else {}
     fit_part, validation = time_split(train_part)
-    if fit_part["label"].nunique() < 2 or validation["label"].nunique() < 2:
-        tags["calibration"] = "skipped: the fit or validation part lacks fraud or legitimate rows"
+    least = min(_class_counts(fit_part) + _class_counts(validation))
+    if least < MIN_CALIBRATION_ROWS:
+        tags["calibration"] = (
+            f"skipped: the fit or validation part has {least} fraud or legitimate rows "
+            f"(< {MIN_CALIBRATION_ROWS})"
+        )
     else:
         # The map comes from the same configuration fitted on the earlier part and scored on
         # the later one (out of sample); the registered model is the one fitted on all of it.
@@ -691,6 +695,17 @@ def train(
         tags=tags,
         feature_delay_days=feature_delay_days,
     )
+
+
+# Fewest fraud (and legitimate) rows each part of a calibration needs: the earlier part's fit
+# (the boosting's early stopping splits it by class) and a map worth fitting on the later one.
+MIN_CALIBRATION_ROWS = 5
+
+
+def _class_counts(frame: pd.DataFrame) -> list[int]:
+    """Rows per class (legitimate, fraud) of a labelled frame."""
+    positives = int(frame["label"].sum())
+    return [len(frame) - positives, positives]
 
 
 def _platt_wrapped(refit: Pipeline, mapping: Pipeline) -> tuple[Pipeline, dict[str, Any]]:

@@ -57,6 +57,7 @@ from models.registry import (
 )
 from models.schema import LABEL_SCHEMA, TRANSACTION_SCHEMA
 from models.selection_log import log_selection
+from models.simulate import Simulation, write_simulation
 from models.training import (
     DEFAULT_CANDIDATE,
     DEFAULT_DAILY_BUDGET,
@@ -558,3 +559,15 @@ def train_and_promote(
         if promote_if_better(uri, MODEL_NAME, outcome.version, metric=metric).promoted:
             outcome.promoted, outcome.alias = True, CHAMPION
     return outcome
+
+
+def train_on_simulation(home: Home, sim: Simulation) -> TrainingOutcome:
+    """Write `sim`'s files into `home`'s data folder and train (and promote) on them with every
+    label known at once: the first champion of a demo, a benchmark or a test."""
+    write_simulation(sim, home.data)
+    return train_and_promote(
+        home,
+        history=home.data / "transactions.parquet",
+        labels=home.data / "labels.parquet",
+        label_delay_days=0,
+    )

@@ -26,7 +26,7 @@ from streamguard.config import Home
 from streamguard.kinesis import delete_stream, ensure_stream, kinesis_client
 from streamguard.local_kinesis import LocalKinesis
 from streamguard.local_moto import LocalMoto, ensure_bucket, s3_environment
-from streamguard.pipeline import TrainingOutcome, train_and_promote, train_challenger
+from streamguard.pipeline import TrainingOutcome, train_challenger, train_on_simulation
 
 
 @pytest.fixture(autouse=True)
@@ -214,13 +214,7 @@ def tiny_model(small_sim: Simulation) -> LoadedModel:
 def champion_home(tmp_path_factory: pytest.TempPathFactory, small_sim: Simulation) -> Home:
     """A STREAMGUARD_HOME with the simulation's files, labels loaded and a champion registered."""
     home = Home(tmp_path_factory.mktemp("home")).ensure()
-    write_simulation(small_sim, home.data)
-    train_and_promote(
-        home,
-        history=home.data / "transactions.parquet",
-        labels=home.data / "labels.parquet",
-        label_delay_days=0,
-    )
+    train_on_simulation(home, small_sim)
     return home
 
 

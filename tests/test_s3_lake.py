@@ -27,12 +27,12 @@ from test_runner import stream_of, table_snapshot
 
 from models.job import ALERTS, CUSTOMER_STATE, FEATURES, LABELS, SCORES, TERMINAL_STATE
 from models.registry import CHAMPION, MODEL_NAME, LoadedModel, load_model, mlflow_client
-from models.simulate import Simulation, write_simulation
+from models.simulate import Simulation
 from streamguard.checkpoint import CHECKPOINT_TABLE
 from streamguard.commit import DEAD_LETTER_TABLE
 from streamguard.config import Home
 from streamguard.lake import Lake, RemoteLakeError
-from streamguard.pipeline import scoring_runner, train_and_promote
+from streamguard.pipeline import scoring_runner, train_on_simulation
 
 ROWS = pa.schema([pa.field("key", pa.string()), pa.field("batch_id", pa.int64())])
 
@@ -171,13 +171,7 @@ def test_a_model_trained_on_an_s3_lake_keeps_its_artifacts_in_s3_and_loads_by_al
     monkeypatch.setenv("STREAMGUARD_LAKE_URI", f"{s3_prefix}/lake")
     monkeypatch.setenv("STREAMGUARD_MLFLOW_ARTIFACTS_URI", f"{s3_prefix}/mlflow")
     home = Home.from_env().ensure()
-    write_simulation(small_sim, home.data)
-    outcome = train_and_promote(
-        home,
-        history=home.data / "transactions.parquet",
-        labels=home.data / "labels.parquet",
-        label_delay_days=0,
-    )
+    outcome = train_on_simulation(home, small_sim)
     assert outcome.promoted and outcome.alias == CHAMPION
     assert Lake(home.lake_uri).count(LABELS) == small_sim.labels.num_rows  # labels: in the S3 lake
     uri = home.mlflow_tracking_uri

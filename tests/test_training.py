@@ -18,6 +18,7 @@ from sklearn.pipeline import Pipeline
 from models.features import FEATURE_COLUMNS, KEY_COLUMNS
 from models.training import (
     DEFAULT_CANDIDATE,
+    MIN_CALIBRATION_ROWS,
     LogitBlend,
     PlattCalibrated,
     TrainResult,
@@ -281,18 +282,22 @@ def test_the_default_model_is_calibrated_so_a_score_keeps_its_meaning_across_ret
     assert abs(calibrated["balanced"] - calibrated[None]) < 0.5 * rate
 
 
-def test_without_fraud_in_the_calibration_period_the_model_stays_raw() -> None:
+@pytest.mark.parametrize("kept", [0, MIN_CALIBRATION_ROWS - 1])
+def test_with_too_few_frauds_in_the_calibration_period_the_model_stays_raw(kept: int) -> None:
     features, labels = synthetic(n=3000, days=20)
     cutoff, delay = T0 + 20 * DAY, pd.Timedelta(days=2)
     frame = training_frame(features, labels, cutoff, delay)
     train_part, _ = time_split(frame)
     _, validation = time_split(train_part)
-    # No fraud reported for the calibration quarter's transactions.
-    legit = labels[~labels["transaction_id"].isin(validation["transaction_id"])
-                   | (labels["is_fraud"] == False)]  # noqa: E712  # fmt: skip
-    result = train(features, legit, cutoff, delay)
+    # Only `kept` frauds reported for the calibration quarter's transactions.
+    late = labels["transaction_id"].isin(validation["transaction_id"]) & labels["is_fraud"]
+    dropped = labels.index[late][kept:]
+    result = train(features, labels.drop(index=dropped), cutoff, delay)
     assert not isinstance(result.model.named_steps["model"], PlattCalibrated)
-    assert result.tags["calibration"].startswith("skipped")
+    assert result.tags["calibration"] == (
+        f"skipped: the fit or validation part has {kept} fraud or legitimate rows "
+        f"(< {MIN_CALIBRATION_ROWS})"
+    )
 
 
 def test_evaluate_is_robust_to_a_missing_class() -> None:
