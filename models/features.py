@@ -1116,28 +1116,25 @@ def _day_lists(
     day_counts: _DayCounts, latest: np.ndarray, keep_days: int, k: int
 ) -> tuple[pa.ListArray, pa.ListArray, pa.ListArray]:
     """Per key, its days with events (the last `keep_days` + 1 before its latest), counts, sums."""
+    # The timeline's processing order is by key, then time: the (key, day) groups are runs.
     tl = day_counts.timeline
-    days = tl.times // _DAY_US
-    keep = (days >= latest[tl.codes] // _DAY_US - keep_days) & (day_counts.weights > 0)
-    frame = pd.DataFrame(
-        {
-            "code": tl.codes[keep],
-            "day": days[keep],
-            "n": day_counts.weights[keep],
-            "sum": day_counts.values[keep],
-        }
-    )
-    per_day = frame.groupby(["code", "day"], sort=True)[["n", "sum"]].sum()
-    codes = per_day.index.get_level_values("code").to_numpy()
+    codes, days = tl.codes[tl.order], tl.times[tl.order] // _DAY_US
+    weights, values = day_counts.weights[tl.order], day_counts.values[tl.order]
+    keep = (days >= latest[codes] // _DAY_US - keep_days) & (weights > 0)
+    codes, days, weights, values = codes[keep], days[keep], weights[keep], values[keep]
+    new_day = np.ones(len(codes), dtype=bool)
+    new_day[1:] = (codes[1:] != codes[:-1]) | (days[1:] != days[:-1])
+    starts = np.flatnonzero(new_day)
+    codes = codes[starts]
 
-    def ints(values: np.ndarray) -> pa.ListArray:
-        return _lists(codes, pa.array(np.rint(values).astype(np.int64), pa.int64()), k)
+    def ints(per_row: np.ndarray) -> pa.ListArray:
+        return _lists(codes, pa.array(np.rint(per_row).astype(np.int64), pa.int64()), k)
 
-    return (
-        ints(per_day.index.get_level_values("day").to_numpy()),
-        ints(per_day["n"].to_numpy()),
-        ints(per_day["sum"].to_numpy()),
-    )
+    def day_sums(per_row: np.ndarray) -> np.ndarray:
+        # Whole numbers (counts, cents) as floats: exact in any order of addition.
+        return np.add.reduceat(per_row, starts) if len(starts) else per_row[:0]
+
+    return ints(days[starts]), ints(day_sums(weights)), ints(day_sums(values))
 
 
 def _new_customer_state(
