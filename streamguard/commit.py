@@ -129,20 +129,23 @@ def write_batch(
     """
     written: dict[str, int] = {}
     specs = [TableOutput(DEAD_LETTER_TABLE, dead_letters.schema), *outputs]
-    # Written in order, so every table before the last one already holding the batch (a replay
-    # after a crash) was written then, or had no row and was left out. A replay must not write
-    # those now: its rows come from state tables the first attempt may already have advanced
-    # (a crash after `customer_state`), not from the state the batch was first computed on.
-    done_before = max(
-        (i for i, spec in enumerate(specs) if _holds(lake, spec.name, app_id, batch_id)),
-        default=-1,
-    )
     data = {DEAD_LETTER_TABLE: dead_letters} | {
         o.name: tables[o.name].cast(o.schema) for o in outputs
     }
     leading = 1
     while leading < len(specs) and specs[leading].key is None and specs[leading] is not outputs[-1]:
         leading += 1
+    # The keyed outputs are written one by one after the whole leading group, so every table
+    # before the last keyed one already holding the batch (a replay after a crash) was written
+    # then, or had no row and was left out. A replay must not write those now: its rows come from
+    # state tables the first attempt may already have advanced (a crash after `customer_state`),
+    # not from the state the batch was first computed on. (Inside the leading group, written in
+    # parallel, a later table may hold the batch while an earlier one does not: no state had
+    # moved then, so the replay writes what is missing there.)
+    done_before = max(
+        (i for i in range(leading, len(specs)) if _holds(lake, specs[i].name, app_id, batch_id)),
+        default=-1,
+    )
 
     def write(spec: TableOutput) -> bool:
         rows = data[spec.name]

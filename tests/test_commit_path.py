@@ -19,10 +19,12 @@ from models.job import (
     FraudScoringJob,
     ScoringContext,
 )
+from models.protocols import TableOutput
 from models.registry import ALERT_THRESHOLD_TAG, LoadedModel
 from models.schema import LABEL_SCHEMA, TIMESTAMP, to_payload
 from models.simulate import Simulation
 from streamguard.checkpoint import BatchPlan, Checkpoints, ShardRange
+from streamguard.commit import DEAD_LETTER_SCHEMA, write_batch
 from streamguard.lake import Lake
 from streamguard.pipeline import SCORING_JOB, ensure_tables, scoring_runner
 from streamguard.sources import MemorySource
@@ -180,3 +182,36 @@ def test_columns_an_older_table_lacks_read_as_null_in_the_order_asked(tmp_path: 
         {"a": 1, "b": None, "c": "x"}
     ]
     assert lake.read("t", columns=["c", "a"], schema=schema).column_names == ["c", "a"]
+
+
+def test_a_replay_writes_what_an_attempt_left_missing_and_not_what_it_left_empty(
+    tmp_path: Path,
+) -> None:
+    """Before a keyed output that holds the batch, a missing table was empty in the attempt (its
+    rows now come from advanced state: not written); inside the parallel leading group a missing
+    table was only not reached yet (written)."""
+    schema = pa.schema([("k", pa.string()), ("batch_id", pa.int64())])
+    outputs = [
+        TableOutput("first", schema),
+        TableOutput("second", schema),
+        TableOutput("state_a", schema, key=("k",)),
+        TableOutput("state_b", schema, key=("k",)),
+    ]
+    rows = pa.table({"k": ["x"], "batch_id": [2]}, schema=schema)
+    tables = {o.name: rows for o in outputs}
+    lake = Lake(tmp_path / "lake")
+    none = DEAD_LETTER_SCHEMA.empty_table()
+    # Attempt 1 of batch 2 got "second" of the leading group written, not "first": a replay
+    # writes "first" and the rest.
+    lake.append("second", rows, "job", 2)
+    written = write_batch(lake, "job", 2, none, tables, outputs)
+    assert set(written) == {"first", "state_a", "state_b"}
+    assert lake.count("first") == 1 and lake.count("second") == 1
+    # Batch 3: the attempt had no row for "first" and wrote "state_a" before dying; the replay
+    # computes a row for "first" (from advanced state) and must leave it out.
+    batch3 = {o.name: rows.set_column(1, "batch_id", pa.array([3])) for o in outputs}
+    lake.append("second", batch3["second"], "job", 3)
+    lake.upsert("state_a", batch3["state_a"], ("k",), "job", 3)
+    written = write_batch(lake, "job", 3, none, batch3, outputs)
+    assert set(written) == {"state_b"}
+    assert lake.count("first") == 1
