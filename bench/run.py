@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ceiling import bench_ceiling, print_ceiling  # noqa: E402
+from bench.common import merge_results  # noqa: E402
 from bench.sensor import bench_sensor, print_summary  # noqa: E402
 from bench.sources import bench_cdc, bench_files  # noqa: E402
 from bench.spark_scoring import bench_scoring  # noqa: E402
@@ -306,14 +307,8 @@ def main_ceiling_only(args: argparse.Namespace) -> int:
         )
     print_ceiling(ceiling)
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {}
-    results["ceiling"] = {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cores": os.cpu_count(),
-        **ceiling,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
+    stamp = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "cores": os.cpu_count()}
+    merge_results({"ceiling": stamp | ceiling}, out)
     print(f"\nwrote the ceiling into {out}")
     return 0
 
@@ -491,12 +486,9 @@ def main() -> int:
     print_ceiling(ceiling)
     print_summary(latency)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Read, update, write: keys other benches set (continuous_p50_ms, ...) stay.
-    merged = json.loads(out.read_text()) if out.exists() else {}
-    merged.pop("sensor_event_to_alert_s", None)  # the one-event measure sensor_p50_s replaced
-    merged.update(results)
-    out.write_text(json.dumps(merged, indent=2, default=str))
+    # Keys other benches set (continuous_p50_ms, ...) stay; sensor_event_to_alert_s was the
+    # one-event measure sensor_p50_s replaced.
+    merge_results(results, out, drop=["sensor_event_to_alert_s"])
     print(f"\nwrote {out}")
     return 0
 

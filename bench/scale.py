@@ -80,6 +80,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import merge_results  # noqa: E402
 from models.features import CUSTOMER_DAYS  # noqa: E402
 from streamguard.kinesis import StreamRecord, transaction_records  # noqa: E402
 from streamguard.lake import Lake  # noqa: E402
@@ -747,9 +748,7 @@ def print_report(results: dict[str, Any]) -> None:
 
 def merge_latest(latest: Path, results: dict) -> None:
     """Put the growth ratio next to the other headline numbers, keeping every key already there."""
-    summary = json.loads(latest.read_text()) if latest.exists() else {}
-    summary["scale_growth_ratio"] = results["scale_growth_ratio"]
-    summary["scale"] = {
+    scale = {
         k: results[k]
         for k in (
             "when",
@@ -762,7 +761,7 @@ def merge_latest(latest: Path, results: dict) -> None:
         )
         if k in results
     } | {"customers": results.get("customers"), "details": "bench/results/scale.json"}
-    latest.write_text(json.dumps(summary, indent=1, default=str))
+    merge_results({"scale_growth_ratio": results["scale_growth_ratio"], "scale": scale}, latest)
 
 
 def main() -> int:

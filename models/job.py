@@ -177,12 +177,14 @@ OUTPUTS: tuple[TableOutput, ...] = (
         CUSTOMER_STATE_TABLE_SCHEMA,
         ("customer_id",),
         stats_columns=("customer_id", "last_event_time", "batch_id"),
+        in_memory=True,
     ),
     TableOutput(
         TERMINAL_STATE,
         TERMINAL_STATE_TABLE_SCHEMA,
         ("terminal_id",),
         stats_columns=("terminal_id", "last_event_time", "batch_id"),
+        in_memory=True,
     ),
 )
 TABLE_SCHEMAS: dict[str, pa.Schema] = {o.name: o.schema for o in OUTPUTS} | {LABELS: LABEL_SCHEMA}

@@ -66,6 +66,9 @@ class TableOutput:
     # Delta's default, the first 32. Every commit handles every file's statistics, so a wide
     # table written every few hundred milliseconds pays for each column kept.
     stats_columns: tuple[str, ...] = ()
+    # A keyed table bounded by its number of keys (state) that every batch reads and upserts:
+    # the runner keeps it whole in memory between batches (`streamguard.lake.Lake.keep_in_memory`).
+    in_memory: bool = False
 
 
 @dataclass

@@ -115,6 +115,7 @@ class MicroBatchRunner:
         self.job = job
         self.max_batch_records = max_batch_records
         self.checkpoints = Checkpoints(lake, job, processor.load_context)
+        lake.keep_in_memory(o.name for o in processor.outputs if o.in_memory)
         self._last: BatchPlan | None = None
         self._last_known = False
         freeze_startup_objects()  # what the process holds by now lives as long as it

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pytest
 from deltalake import DeltaTable
 from deltalake.fs import DeltaStorageHandler
 
@@ -221,3 +222,86 @@ def test_appends_write_snappy_parquet_without_dictionaries_and_keep_statistics(
         assert column.statistics is not None and column.statistics.has_min_max
     assert lake.max_value("events", "batch_id", stats_only=True) == 7
     assert keys(lake, "events") == ["a"] * 1000 + ["b"] * 1000
+
+
+def _operations(lake: Lake, name: str, n: int) -> list[str]:
+    """The operations of the table's last `n` commits, newest first."""
+    return [str(c["operation"]) for c in DeltaTable(lake.uri(name)).history(n)]
+
+
+def test_a_table_kept_in_memory_reads_and_upserts_what_its_files_hold(lake_root: str) -> None:
+    mine, other = Lake(lake_root), Lake(lake_root)
+    mine.keep_in_memory(["state"])
+    assert mine.upsert("state", rows(["a", "b"], 0), ["key"], "job", 0)  # creates the table
+    assert keys(mine, "state") == ["a", "b"]  # read whole into memory
+    assert mine.upsert("state", rows(["b", "c"], 1), ["key"], "job", 1)
+    assert _operations(mine, "state", 1) == ["WRITE"]  # replaced in memory, written whole
+    expected = [("a", 0), ("b", 1), ("c", 1)]
+    fresh = Lake(lake_root).read("state").sort_by("key")
+    got = zip(fresh["key"].to_pylist(), fresh["batch_id"].to_pylist(), strict=True)
+    assert list(got) == expected
+    picked = mine.read("state", columns=["batch_id"], filter=pc.field("key").isin(["b", "c"]))
+    assert picked.column_names == ["batch_id"] and picked["batch_id"].to_pylist() == [1, 1]
+    assert not mine.upsert("state", rows(["b"], 1), ["key"], "job", 1)  # once per batch
+
+    # Another writer's commit: the next read loads the table again, the next upsert keeps it.
+    assert other.upsert("state", rows(["d"], 2), ["key"], "other", 2)
+    assert keys(mine, "state") == ["a", "b", "c", "d"]
+    assert mine.upsert("state", rows(["a"], 3), ["key"], "job", 3)
+    assert _operations(mine, "state", 1) == ["WRITE"]
+    # Without a read in between, memory is stale: the upsert MERGEs instead of overwriting.
+    assert other.upsert("state", rows(["e"], 4), ["key"], "other", 4)
+    assert mine.upsert("state", rows(["c"], 5), ["key"], "job", 5)
+    assert _operations(mine, "state", 1) == ["MERGE"]
+    # A compaction by the lake keeping the table leaves its memory good (no reload needed).
+    mine.compact("state")
+    assert keys(mine, "state") == ["a", "b", "c", "d", "e"]
+    assert mine.upsert("state", rows(["e", "f"], 6), ["key"], "job", 6)
+    final = Lake(lake_root).read("state").sort_by("key")
+    assert dict(zip(final["key"].to_pylist(), final["batch_id"].to_pylist(), strict=True)) == {
+        "a": 3,
+        "b": 1,
+        "c": 5,
+        "d": 2,
+        "e": 6,
+        "f": 6,
+    }
+    assert mine.read("state").sort_by("key").equals(final)
+    # A batch changing few of the rows MERGEs (rewrites the files holding them), memory follows.
+    many = [f"k{i:02d}" for i in range(40)]
+    assert mine.upsert("state", rows(many, 7), ["key"], "job", 7)
+    assert mine.upsert("state", rows(["a", "k00"], 8), ["key"], "job", 8)
+    assert _operations(mine, "state", 2) == ["MERGE", "WRITE"]
+    assert mine.read("state").sort_by("key").equals(Lake(lake_root).read("state").sort_by("key"))
+    assert mine.read("state", filter=pc.field("batch_id") == 8)["key"].to_pylist() == ["a", "k00"]
+
+
+def test_an_upsert_in_memory_never_overwrites_a_commit_it_has_not_seen(lake_root: str) -> None:
+    mine, other = Lake(lake_root), Lake(lake_root)
+    mine.keep_in_memory(["state"])
+    assert mine.upsert("state", rows(["a"], 0), ["key"], "job", 0)
+    assert keys(mine, "state") == ["a"]  # memory at version 0
+    handle = mine.table("state")
+    assert handle is not None
+    # Between the memory check and the commit, another writer inserts a row.
+    stale = DeltaTable(mine.uri("state"), version=handle.version())
+    assert other.upsert("state", rows(["b"], 1), ["key"], "other", 1)
+    after = mine._replaced("state", stale, rows(["a"], 2), ["key"])
+    assert after is not None and after.num_rows == 1  # computed without the other row
+    assert not mine._overwrite("state", stale, after, "job", 2)
+    assert keys(Lake(lake_root), "state") == ["a", "b"]  # not overwritten
+    assert mine.upsert("state", rows(["a"], 2), ["key"], "job", 2)  # through MERGE
+    assert keys(Lake(lake_root), "state") == ["a", "b"]
+
+
+def test_a_table_over_the_memory_budget_is_read_and_merged_from_its_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STREAMGUARD_STATE_MEMORY_MB", "0")
+    lake = Lake(tmp_path)
+    lake.keep_in_memory(["state"])
+    assert lake.upsert("state", rows(["a", "b"], 0), ["key"], "job", 0)
+    assert keys(lake, "state") == ["a", "b"]
+    assert lake.upsert("state", rows(["b", "c"], 1), ["key"], "job", 1)
+    assert _operations(lake, "state", 1) == ["MERGE"]
+    assert keys(lake, "state") == ["a", "b", "c"]
