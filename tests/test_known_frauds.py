@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from models.features import TERMINAL_FEATURES, replay
 from models.job import FEATURES, TRANSACTIONS, batch_known_frauds
-from models.known_frauds import KNOWN_FRAUDS, KNOWN_LABEL_FILES
+from models.known_frauds import KNOWN_FRAUDS, KNOWN_LABEL_FILES, _unique
 from models.registry import LoadedModel
 from models.schema import to_payload
 from models.simulate import Simulation
@@ -88,3 +89,17 @@ def test_a_replayed_batch_adds_the_same_known_frauds(
     assert first.new.num_rows > 0
     later = batch_known_frauds(lake, batch, 0, lake.version("labels"))
     assert later.new.num_rows > first.new.num_rows
+
+
+def test_one_row_per_fraud_the_first_in_order() -> None:
+    """Stored and newly joined frauds overlap on a replay: the first row of each id stays."""
+    rng = np.random.default_rng(3)
+    ids = [f"tx{i}" for i in rng.integers(0, 400, 2_000)]
+    table = pa.table({"transaction_id": ids, "row": np.arange(len(ids))})
+    chunked = pa.concat_tables([table.slice(0, 700), table.slice(700)])
+    first: dict[str, int] = {}
+    for row, i in enumerate(ids):
+        first.setdefault(i, row)
+    expected = sorted(first.values())
+    assert _unique(chunked)["row"].to_pylist() == expected
+    assert len(expected) < len(ids) / 4
