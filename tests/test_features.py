@@ -637,3 +637,42 @@ def test_known_fraud_counts_equal_a_pairwise_count(delay: int) -> None:
                     assert f[rate] == (pytest.approx(want) if want is not None else None), (
                         event["transaction_id"], window)  # fmt: skip
     assert between > 1000
+
+
+@pytest.mark.parametrize("step", [1, 2**58])  # times that pack into one int64 key, and not
+def test_processing_order_is_key_time_history_then_arrival(step: int) -> None:
+    """The packed stable argsort (and its fallback) orders a timeline as the 4-key lexsort that
+    defines it, ties included: key, time, history before batch, then arrival order."""
+    import numpy as np
+
+    from models.features import _processing_order
+
+    rng = np.random.default_rng(step)
+    n, n_hist = 2000, 1200
+    codes = rng.integers(0, 40, n)
+    times = rng.integers(-5, 6, n) * step  # many equal times, within and across both parts
+    is_batch = np.arange(n) >= n_hist
+    want = np.lexsort((np.arange(n), is_batch, times, codes))
+    assert np.array_equal(_processing_order(codes, times, n_hist), want)
+
+
+def test_window_prefix_of_whole_numbers_is_the_per_key_float_sum() -> None:
+    """Counts and cents are summed by one int64 cumsum: every within-key difference equals the
+    per-key float sum bit for bit; other values keep the per-key float sums."""
+    import numpy as np
+
+    from models.features import _prefix_sums, _window_prefix
+
+    rng = np.random.default_rng(0)
+    codes = np.sort(rng.integers(0, 50, 3000))
+    values = rng.integers(0, 10**6, 3000).astype(np.float64)
+    first = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    key_start = first[np.searchsorted(first, np.arange(3000), side="right") - 1]
+    whole = _window_prefix(codes, values)
+    assert whole.dtype == np.int64
+    per_key = _prefix_sums(codes, values)[:-1]
+    assert np.array_equal((whole[:-1] - whole[key_start]).astype(np.float64), per_key)
+    for other in (values + 0.25, values - 10**5, np.where(values > 5 * 10**5, np.nan, values)):
+        assert np.array_equal(
+            _window_prefix(codes, other), _prefix_sums(codes, other), equal_nan=True
+        )
