@@ -59,8 +59,8 @@ APPEND_WRITER_PROPERTIES = WriterProperties(
 
 # How a table kept in memory (`Lake.keep_in_memory`) is written whole: LZ4 without dictionary
 # encoding. The customer state at issue 11's size (100k customers, 31 day sums each; 76 MiB in
-# memory): 0.17 s per write against 0.40 s with delta-rs's defaults (Snappy, dictionaries) and
-# 0.45-0.74 s for a MERGE of 40k changed rows; files 26 MiB instead of 15.
+# memory), on busy cores: 0.20-0.31 s per write against 0.40 s with delta-rs's defaults (Snappy,
+# dictionaries) and 0.45-0.74 s for a MERGE of 40k changed rows; files 26 MiB instead of 15.
 STATE_WRITER_PROPERTIES = WriterProperties(
     compression="LZ4_RAW",
     default_column_properties=ColumnProperties(dictionary_enabled=False),
