@@ -668,10 +668,12 @@ def drop_duplicates(
     """A transaction id is scored once: repeats (in the batch or earlier) are rejected.
 
     Earlier batches are searched on the batch's event dates only (the partitions of
-    `transactions`), so the lookup costs the same on the lake's first day and its thousandth; a
-    repeat with another event date is not caught there (a retry repeats the whole record). Rows
-    written before the table had `event_date` are always searched. `valid` carries
-    `record_index`; the rejected come back as (record_index, reason).
+    `transactions`; a repeat with another event date is not caught there: a retry repeats the
+    whole record), and through the lake's index of the ids in each of their files, so the
+    lookup costs the same on a date's first batch and its thousandth, and only the files whose
+    ids hash like the batch's are read for the exact answer. Rows written before the table had
+    `event_date` are always searched. `valid` carries `record_index`; the rejected come back as
+    (record_index, reason).
     """
     ids = valid["transaction_id"].to_numpy(zero_copy_only=False)
     first = ~pd.Series(ids).duplicated(keep="first").to_numpy()  # hashing, no string sort
@@ -679,14 +681,26 @@ def drop_duplicates(
     valid = valid.filter(pa.array(first))
     if valid.num_rows == 0:  # every record rejected: nothing to look up
         return valid, rejected
+    dates = pc.unique(pc.cast(valid["event_time"], pa.date32()).combine_chunks())
+    # None: the dates are too big to index; their files are all read instead.
+    files = lake.files_holding(
+        TRANSACTIONS,
+        "transaction_id",
+        valid["transaction_id"],
+        EVENT_DATE,
+        [*dates.to_pylist(), None],
+    )
+    if files == []:
+        return valid, rejected  # no file holds an id hashing like the batch's: no repeat
     seen = lake.read(
         TRANSACTIONS,
         columns=["transaction_id"],
         # combine_chunks: a chunkless column would make an untyped (null) value set
-        filter=_on_dates(valid)
+        filter=(pc.field(EVENT_DATE).isin(dates) | pc.field(EVENT_DATE).is_null())
         & pc.field("transaction_id").isin(valid["transaction_id"].combine_chunks())
         & (pc.field("batch_id") < batch_id),
         schema=TRANSACTIONS_TABLE_SCHEMA,
+        files=files,
     )["transaction_id"]
     if len(seen):
         again = pc.is_in(valid["transaction_id"], value_set=seen.combine_chunks())
@@ -695,12 +709,6 @@ def drop_duplicates(
         ]
         valid = valid.filter(pc.invert(again))
     return valid, rejected
-
-
-def _on_dates(valid: pa.Table) -> pc.Expression:
-    """Rows of `transactions` on the batch's event dates (or from before the date column)."""
-    dates = pc.unique(pc.cast(valid["event_time"], pa.date32()).combine_chunks())
-    return pc.field(EVENT_DATE).isin(dates) | pc.field(EVENT_DATE).is_null()
 
 
 def load_state(lake: LakeReader, valid: pa.Table) -> FeatureState:

@@ -31,6 +31,10 @@ class LakeReader(Protocol):
 
     def files(self, name: str, version: int | None = None) -> list[str]: ...
 
+    def files_holding(
+        self, name: str, column: str, values: Any, partition: str, partitions: Any
+    ) -> list[str] | None: ...
+
 
 class RecordLike(Protocol):
     """One stream record as the engine read it."""

@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -41,6 +43,8 @@ from deltalake import (
 )
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.fs import DeltaStorageHandler
+
+from streamguard.key_index import BYTES_PER_KEY, KeyIndex, key_hashes
 
 # Delta's default distance between log checkpoints (`delta.checkpointInterval`).
 CHECKPOINT_INTERVAL = 100
@@ -75,6 +79,9 @@ DEFAULT_STATE_MEMORY_MB = 2048
 # Memory bytes per byte of Parquet a state table takes, at most (measured: 2.9 for the LZ4 files
 # written whole, 5 for the Snappy files with dictionaries a MERGE writes).
 MEMORY_PER_FILE_BYTE = 5
+# The most the key indexes of one table may take (MiB; `Lake.files_holding`) unless
+# STREAMGUARD_KEY_INDEX_MB says: 12 bytes a key, so 1 GiB holds ~89M keys (a day at ~1,000 tx/s).
+DEFAULT_KEY_INDEX_MB = 1024
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +91,16 @@ def state_memory_bytes() -> int:
     return int(
         float(os.environ.get("STREAMGUARD_STATE_MEMORY_MB", DEFAULT_STATE_MEMORY_MB)) * 2**20
     )
+
+
+def key_index_bytes() -> int:
+    """The memory budget of one table's key indexes (read when asked)."""
+    return int(float(os.environ.get("STREAMGUARD_KEY_INDEX_MB", DEFAULT_KEY_INDEX_MB)) * 2**20)
+
+
+def _partition_value(value: object) -> str | None:
+    """A partition value as the Delta log writes it (dates as ISO text; None for null)."""
+    return None if value is None else str(value)
 
 
 class RemoteLakeError(ValueError):
@@ -102,12 +119,16 @@ class _LogView:
 
     `maxima`: per column asked about, the statistics' maximum in each data file (None: no
     statistic); `txns`: per application id asked about, its last transaction version (None:
-    none). Both answer from memory what delta-rs answers by going over the whole log.
+    none). Both answer from memory what delta-rs answers by going over the whole log. `keys`:
+    per (column, partition column) asked about, the hashed keys of the files of the partitions
+    asked about (`files_holding`); `too_big`: the partitions found too big to index.
     """
 
     version: int
     maxima: dict[str, dict[str, int | None]] = field(default_factory=dict)
     txns: dict[str, int | None] = field(default_factory=dict)
+    keys: dict[tuple[str, str], KeyIndex] = field(default_factory=dict)
+    too_big: set[tuple[str, str, str | None]] = field(default_factory=set)
 
 
 class Lake:
@@ -130,6 +151,9 @@ class Lake:
         self._kept: set[str] = set()  # tables to keep whole in memory (`keep_in_memory`)
         self._memory: dict[str, tuple[int, pa.Table]] = {}  # their content, by the version
         self._too_big: set[str] = set()  # kept tables found over the memory budget
+        # One per table: its log view is followed and its key indexes used by one thread at a
+        # time (a batch's appends run on threads, one table each).
+        self._view_locks: dict[str, threading.RLock] = {}
 
     def keep_in_memory(self, names: Iterable[str]) -> None:
         """Keep these (keyed, bounded) tables whole in memory between batches.
@@ -432,14 +456,18 @@ class Lake:
         """The table's log view at the open version: the commits since the last look are read
         from their log files (a few small JSON files); started afresh when one cannot be read."""
         version = table.version()
-        view = self._views.get(name)
-        if (
-            view is None
-            or view.version > version  # the table was made anew
-            or (view.version < version and not self._follow(name, view, version))
-        ):
-            view = self._views[name] = _LogView(version)
-        return view
+        with self._view_lock(name):
+            view = self._views.get(name)
+            if (
+                view is None
+                or view.version > version  # the table was made anew
+                or (view.version < version and not self._follow(name, view, version))
+            ):
+                view = self._views[name] = _LogView(version)
+            return view
+
+    def _view_lock(self, name: str) -> threading.RLock:
+        return self._view_locks.setdefault(name, threading.RLock())
 
     def _follow(self, name: str, view: _LogView, version: int) -> bool:
         """Apply the commits after `view.version` up to `version` to `view`; False (and `view`
@@ -457,10 +485,15 @@ class Lake:
                         for column, files in view.maxima.items():
                             value = top.get(column)
                             files[path] = None if value is None else int(value)
+                        partitions = add.get("partitionValues") or {}
+                        for (_, part), index in view.keys.items():
+                            index.added(path, _partition_value(partitions.get(part)))
                     elif "remove" in action:
                         path = unquote(action["remove"]["path"])
                         for files in view.maxima.values():
                             files.pop(path, None)
+                        for index in view.keys.values():
+                            index.removed(path)
                     elif "txn" in action:
                         txn = action["txn"]
                         view.txns[str(txn["appId"])] = int(txn["version"])
@@ -480,6 +513,98 @@ class Lake:
             values = actions[stat].to_pylist() if stat in actions.column_names else []
             view.maxima[column] = dict(zip(paths, values or [None] * len(paths), strict=True))
         return view.maxima[column]
+
+    def files_holding(
+        self,
+        name: str,
+        column: str,
+        values: pa.Array | pa.ChunkedArray,
+        partition: str,
+        partitions: Iterable[object],
+    ) -> list[str] | None:
+        """The data files of the table's `partitions` (values of its `partition` column; None
+        names the files without one) that may hold any of `values` in `column`, as `files`
+        lists them; None when the partitions are too big to index (read them instead).
+
+        A keyed lookup in a partition then costs the same however many rows the partition
+        holds: each file's keys are read and hashed once, when the file first matters, and
+        followed with the log (see `streamguard.key_index`). A file named may not hold the keys
+        after all (hashes collide): read it for the exact answer. The indexes of a table take
+        at most STREAMGUARD_KEY_INDEX_MB; the partitions asked about least recently go first.
+        """
+        table = self.table(name)
+        if table is None:
+            return []
+        with self._view_lock(name):
+            return self._files_holding(table, name, column, values, partition, partitions)
+
+    def _files_holding(
+        self,
+        table: DeltaTable,
+        name: str,
+        column: str,
+        values: pa.Array | pa.ChunkedArray,
+        partition: str,
+        partitions: Iterable[object],
+    ) -> list[str] | None:
+        view = self._view(name, table)
+        index = view.keys.setdefault((column, partition), KeyIndex())
+        wanted = list(dict.fromkeys(_partition_value(p) for p in partitions))
+        if any((column, partition, p) in view.too_big for p in wanted):
+            return None
+        new = [p for p in wanted if not index.holds(p)]
+        if new:
+            actions = pa.table(table.get_add_actions(flatten=True))
+            paths = [unquote(str(p)) for p in actions["path"].to_pylist()]
+            on = f"partition.{partition}"
+            values_of = actions[on].to_pylist() if on in actions.column_names else []
+            parts = [_partition_value(v) for v in values_of] or [None] * len(paths)
+            rows = (
+                actions["num_records"].to_pylist() if "num_records" in actions.column_names else []
+            )
+            for p in new:
+                mine = [i for i, q in enumerate(parts) if q == p]
+                if rows and sum(rows[i] or 0 for i in mine) * BYTES_PER_KEY > key_index_bytes():
+                    view.too_big.add((column, partition, p))
+                    return None
+                index.hold(p, [paths[i] for i in mine])
+        for held, unread in index.unread_files().items():
+            hashes, files = self._key_hashes(name, column, unread)
+            index.add(held, unread, hashes, files)
+        index.used(wanted)
+        while index.nbytes > key_index_bytes():
+            oldest = index.least_used()
+            if oldest is None or oldest in wanted:
+                for p in wanted:
+                    view.too_big.add((column, partition, p))
+                    index.drop(p)
+                return None
+            index.drop(oldest)
+        hashes = key_hashes(values)
+        return sorted({path for p in wanted for path in index.files_holding(p, hashes)})
+
+    def _key_hashes(
+        self, name: str, column: str, paths: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The hashed values of `column` in these data files, and the position in `paths` of
+        the file each came from."""
+        if self.remote:
+            store, full = self._objects(), [f"{name}/{p}" for p in paths]
+        else:
+            store, full = pafs.LocalFileSystem(), [os.path.join(self.root, name, p) for p in paths]
+        read = ds.dataset(full, format="parquet", filesystem=store).to_table(
+            columns=[column, "__filename"]
+        )
+        read = read.filter(pc.is_valid(read[column]))
+        position = {f: i for i, f in enumerate(full)}
+        names = pc.dictionary_encode(read["__filename"]).combine_chunks()
+        of_name = np.array([position[str(f)] for f in names.dictionary.to_pylist()], np.int64)
+        files = (
+            of_name[names.indices.to_numpy(zero_copy_only=False)]
+            if len(names)
+            else np.empty(0, np.int64)
+        )
+        return key_hashes(read[column]), files
 
     def transaction_version(self, name: str, app_id: str) -> int | None:
         """The last batch `app_id` committed to this table, from the Delta log itself (asked of
