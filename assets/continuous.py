@@ -18,9 +18,12 @@ from pydantic import Field, field_validator
 from assets.resources import HomeResource, KafkaResource, KinesisResource, MlflowResource
 from assets.scoring import alert_sinks
 from streamguard.continuous import (
+    COMPACT_TARGET_BYTES,
     DEFAULT_COMPACT_EVERY_S,
+    DEFAULT_COMPACT_MIN_FILES,
     DEFAULT_MAX_BATCH_RECORDS,
     DEFAULT_REPORT_EVERY_S,
+    SMALL_FILE_BYTES,
     ContinuousReport,
     ContinuousSettings,
     StopRequest,
@@ -71,8 +74,11 @@ class ContinuousConfig(dg.Config):
     )
     compact_every_s: float = Field(
         default=DEFAULT_COMPACT_EVERY_S,
-        description="At most this often, between batches, compact the worker's table with the "
-        "most small files (0: never; the nightly compaction job still runs)",
+        description="Every this many seconds, on a thread beside the scoring, compact each of the "
+        f"worker's append-only tables with at least {DEFAULT_COMPACT_MIN_FILES} small files (under "
+        f"{SMALL_FILE_BYTES // 2**20} MiB) into files of up to {COMPACT_TARGET_BYTES // 2**20} "
+        "MiB, the one with the most first, and once enough of those gather, the table to its own "
+        "target file size (0: never; the nightly compaction job still runs)",
     )
     report_every_s: float = Field(
         default=DEFAULT_REPORT_EVERY_S, description="Seconds between progress lines in the run log"

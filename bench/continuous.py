@@ -5,8 +5,9 @@ local Kinesis server (or Kafka broker) and notes when each was sent; the continu
 (`streamguard.continuous.run_continuous`, the champion resolved from MLflow as in a
 deployment) scores them. The runner's write hook notes when each batch's `scores` rows landed
 in the lake (its `alerts` land one Delta commit later). A transaction's latency is that time
-minus its send time; the time to its batch's commit (state tables and checkpoint written too)
-is reported next to it.
+minus its send time; the time to the end of its batch (state tables written and the batch
+committed; while batches follow each other, the worker writes a batch's commit mark with the
+next batch's plan, `Checkpoints.defer_commits`) is reported next to it.
 
 Not a test: the numbers depend on the machine and on what else runs on it. Run it alone:
 
@@ -74,7 +75,11 @@ def produce_steady(
     for `seconds` (or until they run out); write (transaction_id, sent_at) to `out`.
 
     Each chunk's records are stamped with the time just before the chunk is sent, so the
-    latency includes the producer's own call.
+    latency includes the producer's own call. A chunk goes every CHUNK_S (what became due
+    since the last one): sending whatever was due the moment the last call returned made a call
+    every few records (about 300 PutRecords a second at 1,000 tx/s, half a core, and as many
+    requests for the local server), CPU the worker on the same two cores then lacked (now 50
+    calls a second, 15 % of a core).
     """
     table = pq.read_table(payloads)
     data = table["data"].to_pylist()
@@ -92,9 +97,10 @@ def produce_steady(
             sent_at[done:due] = now
             send(list(zip(data[done:due], keys[done:due], strict=True)))
             done = due
-        pause = started + (done / rate) - time.time()
+        # The next chunk CHUNK_S after this one, or when the next record is due if later.
+        pause = max(now + CHUNK_S, started + done / rate) - time.time()
         if pause > 0:
-            time.sleep(min(pause, CHUNK_S))
+            time.sleep(pause)
     ids = table["transaction_id"].slice(0, n)
     pq.write_table(pa.table({"transaction_id": ids, "sent_at": sent_at}), out)
 

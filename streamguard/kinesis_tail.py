@@ -2,10 +2,13 @@
 
 `KinesisSource` answers every read exactly and to the current end of the shard: a new shard
 iterator, then GetRecords until a page comes back empty: two calls or more per shard per poll,
-made while the worker waits. `KinesisTailSource` instead keeps one reader thread per source that
-polls every shard from where it last stopped (GetRecords on the iterator the last page returned,
+made while the worker waits. `KinesisTailSource` instead keeps one reader thread per shard that
+polls the shard from where it last stopped (GetRecords on the iterator the last page returned,
 never a new iterator unless the position moves) and buffers what it gets, so the worker's next
-batch is already in memory when the last one commits: reading overlaps scoring and writing.
+batch is already in memory when the last one commits: reading overlaps scoring and writing. The
+shards are polled side by side (one slow call does not hold up the others' records), and a
+worker with nothing to do waits on `wait_for_records`, which returns as soon as a reader has
+buffered a record it was not given yet, instead of sleeping a fixed pause.
 
 The exactly-once contract is unchanged: a read with no upper bound (the runner planning its next
 batch) returns the buffered records right after `after`, and the runner records their exact
@@ -49,7 +52,17 @@ class _Shard:
     buffer: list[StreamRecord] = field(default_factory=list)
     iterator: str | None = None  # None: get one after `end` before the next call
     closed: bool = False  # the shard is closed and was read to its end
+    # The last record the runner was given (`base` when none): records after it are new.
+    given: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.given = self.base
+
+    @property
+    def has_new(self) -> bool:
+        """Whether the buffer holds a record past the last one the runner was given."""
+        return self.end != self.given
 
     @property
     def end(self) -> str | None:
@@ -66,10 +79,11 @@ class _Shard:
                 self.base = after
                 return
         self.base, self.buffer, self.iterator, self.closed = after, [], None, False
+        self.given = after
 
 
 class KinesisTailSource(KinesisSource):
-    """`KinesisSource` with a reader thread that keeps each shard's next records in memory."""
+    """`KinesisSource` with a reader thread per shard that keeps its next records in memory."""
 
     def __init__(
         self,
@@ -88,8 +102,10 @@ class KinesisTailSource(KinesisSource):
         self._listed_at = -float("inf")
         self._state: dict[str, _Shard] = {}
         self._closing = threading.Event()
-        self._reader: threading.Thread | None = None
+        self._readers: dict[str, threading.Thread] = {}
         self._failure: BaseException | None = None
+        # Notified whenever a reader buffers records (or fails): `wait_for_records`.
+        self._arrived = threading.Condition()
 
     # -- Source
 
@@ -110,44 +126,73 @@ class KinesisTailSource(KinesisSource):
             failure, self._failure = self._failure, None
             raise RuntimeError(f"reading Kinesis stream {self.stream!r} failed") from failure
         state = self._state.setdefault(shard, _Shard(after))
-        self._start()
+        self._start(shard, state)
         with state.lock:
             state.align(after)
-            return state.buffer[:max_records]
+            got = state.buffer[:max_records]
+            state.given = got[-1].sequence_number if got else state.base
+            return got
+
+    def wait_for_records(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for a record the runner was not given yet (on any shard
+        it reads); whether there is one. Returns at once when there is, or when a reader failed
+        (the next read raises)."""
+        with self._arrived:
+            return self._arrived.wait_for(self._has_new, timeout)
+
+    def _has_new(self) -> bool:
+        if self._failure is not None:
+            return True
+        for state in list(self._state.values()):
+            with state.lock:
+                if state.has_new:
+                    return True
+        return False
 
     def close(self) -> None:
-        """Stop the reader thread (the worker is stopping)."""
+        """Stop the reader threads (the worker is stopping)."""
         self._closing.set()
-        if self._reader is not None:
-            self._reader.join(10)
+        for reader in list(self._readers.values()):
+            reader.join(10)
 
-    # -- the reader thread
+    # -- the reader threads
 
-    def _start(self) -> None:
-        if self._reader is None:
-            self._reader = threading.Thread(
-                target=self._read_ahead, name=f"kinesis-tail-{self.stream}", daemon=True
+    def _start(self, shard: str, state: _Shard) -> None:
+        reader = self._readers.get(shard)
+        if reader is None or not reader.is_alive():  # a failed reader starts again on a read
+            reader = self._readers[shard] = threading.Thread(
+                target=self._read_ahead,
+                args=(shard, state),
+                name=f"kinesis-tail-{self.stream}-{shard}",
+                daemon=True,
             )
-            self._reader.start()
+            reader.start()
 
-    def _read_ahead(self) -> None:
-        """Poll every shard at most once per poll interval, until closed."""
+    def _read_ahead(self, shard: str, state: _Shard) -> None:
+        """Poll the shard at most once per poll interval, from where the runner stands on it,
+        until closed."""
         failures = 0
         while not self._closing.is_set():
             started = time.monotonic()
             try:
-                # The shards the runner reads (it reads every shard at each poll), from where it
-                # stands on each.
-                for shard, state in list(self._state.items()):
-                    if not state.closed and len(state.buffer) < self.max_buffered:
-                        self._fetch(shard, state)
+                fetch = not state.closed and len(state.buffer) < self.max_buffered
+                if fetch and self._fetch(shard, state):
+                    with self._arrived:
+                        self._arrived.notify_all()
                 failures = 0
             except Exception as exc:  # the worker sees it at its next read, then restarts
                 failures += 1
                 if failures >= 5:
                     self._failure = exc
+                    with self._arrived:
+                        self._arrived.notify_all()
                     return
-                log.warning("Kinesis stream %s: read failed (%s), retrying", self.stream, exc)
+                log.warning(
+                    "Kinesis stream %s, shard %s: read failed (%s), retrying",
+                    self.stream,
+                    shard,
+                    exc,
+                )
             pause = self.poll_interval_s - (time.monotonic() - started)
             if pause > 0:
                 self._closing.wait(pause)

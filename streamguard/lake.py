@@ -660,14 +660,19 @@ class Lake:
         app_id: str,
         version: int,
         partition_by: Sequence[str] = (),
+        also: Sequence[tuple[str, int]] = (),
     ) -> bool:
         """Append once per (app_id, version): False when this batch is already in the table.
 
-        `partition_by` applies when this append creates the table.
+        `partition_by` applies when this append creates the table. `also`: more (app_id,
+        version) application transactions recorded by the same commit (a deferred commit mark
+        going out with the next plan); nothing is written when any of them is already done.
         """
-        done = self.transaction_version(name, app_id)
-        if done is not None and done >= version:
-            return False
+        marks = [(app_id, version), *also]
+        for mark, at in marks:
+            done = self.transaction_version(name, mark)
+            if done is not None and done >= at:
+                return False
         creates = not self.exists(name)
         self.create_dir(name)
         # The open table when there is one (just refreshed by `transaction_version`): writing
@@ -681,7 +686,9 @@ class Lake:
             # schema instead of failing the append on a lake written before them.
             schema_mode="merge",
             writer_properties=APPEND_WRITER_PROPERTIES,
-            commit_properties=self._commit(app_id, version),
+            commit_properties=CommitProperties(
+                app_transactions=[Transaction(app_id=a, version=v) for a, v in marks]
+            ),
             post_commithook_properties=self._hooks(),
         )
         return True

@@ -4,7 +4,9 @@ exactly once, stopped between batches, killed with -9 and restarted with nothing
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -40,7 +42,7 @@ from assets.resources import (
     SparkResource,
 )
 from assets.sensors import kinesis_transactions_sensor
-from models.job import ALERTS, SCORES, TRANSACTIONS, FraudScoringJob
+from models.job import ALERTS, SCORES, TERMINAL_STATE, TRANSACTIONS, FraudScoringJob
 from models.promotion import move_champion
 from models.registry import MODEL_NAME, LoadedModel, mlflow_client
 from models.schema import DUPLICATE_EARLIER
@@ -52,9 +54,10 @@ from streamguard.config import Home
 from streamguard.continuous import ContinuousReport, ContinuousSettings, StopRequest, run_continuous
 from streamguard.kafka import KafkaSource, produce_records
 from streamguard.kinesis import put_records, transaction_records
+from streamguard.kinesis_tail import KinesisTailSource
 from streamguard.lake import Lake
 from streamguard.pipeline import scoring_job_name, scoring_runner
-from streamguard.runner import ConcurrentWriterError
+from streamguard.runner import BatchReport, ConcurrentWriterError
 from streamguard.sources import MemorySource
 
 REPO = Path(__file__).resolve().parent.parent
@@ -295,6 +298,146 @@ def test_cli_worker_killed_mid_stream_and_restarted_loses_nothing_and_doubles_no
     commits = checkpoints.filter(pc.equal(checkpoints["kind"], "commit"))
     assert sorted(commits["batch_id"].to_pylist()) == sorted(set(plans["batch_id"].to_pylist()))
     assert pc.sum(commits["n_records"]).as_py() == N_TX
+
+
+# A worker process (run_continuous on the local Kinesis server, as the CLI runs it) that
+# SIGKILLs itself at one point of the deferred commit marks (`Checkpoints.defer_commits`): no
+# `finally`, no flush on the way out, as a real kill.
+KILLED_WORKER = """
+import os, pickle, signal, sys
+from streamguard.checkpoint import Checkpoints
+from streamguard.continuous import ContinuousSettings, StopRequest, run_continuous
+from streamguard.kinesis import kinesis_client
+from streamguard.kinesis_tail import KinesisTailSource
+from streamguard.lake import Lake
+from streamguard.pipeline import scoring_runner
+
+job = pickle.loads(open(sys.argv[1], "rb").read())
+point, batch = job["point"], job["batch"]
+stop = StopRequest()
+
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+class Killing(Checkpoints):
+    def write_plan(self, plan):
+        if point == "before the mark with the next plan" and plan.batch_id == batch + 1:
+            kill()
+        super().write_plan(plan)
+        if point == "after the mark with the next plan" and plan.batch_id == batch + 1:
+            kill()
+
+    def flush(self):
+        if self._pending is not None and point == ("stop" if stop.is_set() else "idle"):
+            kill()
+        return super().flush()
+
+source = KinesisTailSource(kinesis_client(job["endpoint"]), job["stream"], poll_interval_s=0.05)
+runner = scoring_runner(Lake(job["lake"]), source, None, max_batch_records=job["max_batch"],
+                        model=job["model"], job=job["job"])
+runner.checkpoints = Killing(runner.lake, runner.job, runner.processor.load_context)
+
+def after_write(plan, table):
+    if point == "after the batch" and plan.batch_id == batch and table == "commit":
+        kill()
+
+def on_batch(report):
+    if point == "stop" and report.batch_id == batch:
+        stop.set("asked to stop")
+
+runner.after_write = after_write
+run_continuous(runner, stop, ContinuousSettings(idle_wait_s=0.02, compact_every_s=0.5,
+               compact_min_files=4), on_batch=on_batch)
+"""
+# Where the worker dies, and whether the batch it leaves unmarked is already wholly written
+# (then its replay writes nothing). The batch is the third one; "idle" is the first idle flush
+# with a mark to write.
+DEFERRED_MARK_CRASHES = {
+    "after the batch": True,  # its outputs written, its mark only noted
+    "before the mark with the next plan": True,  # the next batch read and planned, not written
+    "after the mark with the next plan": False,  # one Delta commit; the next batch not written
+    "idle": True,  # the stream went quiet: the mark about to go out alone
+    "stop": True,  # stopping: the mark about to go out alone
+}
+
+
+@pytest.mark.parametrize("point", list(DEFERRED_MARK_CRASHES))
+def test_a_worker_killed_around_a_deferred_commit_mark_then_restarted_scores_each_once(
+    tmp_path: Path, kinesis_server: str, kinesis: Any, stream_name: str, small_sim: Simulation,
+    tiny_model: LoadedModel, point: str,
+) -> None:  # fmt: skip
+    """A batch's commit mark goes out with the next batch's plan, or alone when the stream is
+    idle or the worker stops: a kill at each of those points, then a restart, leaves every
+    produced transaction scored exactly once and every plan committed once."""
+    n_tx, batch = 600, 2
+    table = small_sim.transactions.slice(0, n_tx)
+    put_records(kinesis, stream_name, list(transaction_records(table)))
+    lake = Lake(tmp_path / "lake")
+    job = scoring_job_name("kinesis", stream_name)
+    spec = {"point": point, "batch": batch, "endpoint": kinesis_server, "stream": stream_name,
+            "lake": lake.location, "max_batch": 100, "model": tiny_model, "job": job}  # fmt: skip
+    (tmp_path / "job.pkl").write_bytes(pickle.dumps(spec))
+    (tmp_path / "worker.py").write_text(KILLED_WORKER)
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "job.pkl")],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+
+    # The point was reached: the last plan's mark is not in the lake.
+    planned = lake.transaction_version(CHECKPOINT_TABLE, f"{job}:plan")
+    marked = lake.transaction_version(CHECKPOINT_TABLE, f"{job}:commit")
+    assert planned is not None and marked == planned - 1, (planned, marked)
+    written = lake.transaction_version(TERMINAL_STATE, job)  # the batch's last output
+    if DEFERRED_MARK_CRASHES[point]:
+        assert written == planned  # the unmarked batch is whole
+    else:
+        assert planned == batch + 1 and written == batch
+        # ... and its plan went out in the one Delta commit that marked the batch before it.
+        log = lake.path(CHECKPOINT_TABLE) / "_delta_log"
+        version = lake.version(CHECKPOINT_TABLE)
+        actions = [
+            json.loads(line) for line in (log / f"{version:020d}.json").read_text().splitlines()
+        ]
+        txns = {a["txn"]["appId"]: a["txn"]["version"] for a in actions if "txn" in a}
+        assert txns == {f"{job}:commit": batch, f"{job}:plan": batch + 1}
+    if point in ("after the batch", "before the mark with the next plan", "stop"):
+        assert planned == batch
+    assert scored(lake) < n_tx or point == "idle"
+
+    # Restart: the unmarked batch is replayed over its range (writing nothing when it is
+    # whole), then the rest is scored.
+    batches: list[BatchReport] = []
+    stop = StopRequest()
+    source = KinesisTailSource(kinesis, stream_name, poll_interval_s=0.05)
+    runner = scoring_runner(lake, source, None, max_batch_records=100, model=tiny_model, job=job)
+    worker = threading.Thread(
+        target=lambda: run_continuous(runner, stop, FAST, on_batch=batches.append)
+    )
+    worker.start()
+    try:
+        wait_for("every transaction scored", lambda: scored(lake) >= n_tx)
+        time.sleep(0.3)  # a record scored twice would show now
+    finally:
+        stop.set("test done")
+        worker.join(30)
+        source.close()
+    assert not worker.is_alive()
+    assert batches[0].replayed and batches[0].batch_id == planned
+    assert (batches[0].rows_written == {}) is DEFERRED_MARK_CRASHES[point], batches[0]
+    assert not any(b.replayed for b in batches[1:])
+
+    produced = sorted(table["transaction_id"].to_pylist())
+    assert ids(lake, TRANSACTIONS) == produced, "a transaction lost or scored twice"
+    assert ids(lake, SCORES) == produced
+    assert lake.count(DEAD_LETTER_TABLE) == 0  # no record read twice
+    # Every plan marked committed once (the last one by the stop), covering what was produced.
+    checkpoints = lake.read(CHECKPOINT_TABLE, filter=pc.field("job") == job)
+    plans = checkpoints.filter(pc.equal(checkpoints["kind"], "plan"))
+    commits = checkpoints.filter(pc.equal(checkpoints["kind"], "commit"))
+    assert sorted(commits["batch_id"].to_pylist()) == sorted(set(plans["batch_id"].to_pylist()))
+    assert pc.sum(commits["n_records"]).as_py() == n_tx
+    assert committed(lake, job)
 
 
 # --------------------------------------------------------------------------- Dagster
