@@ -67,6 +67,7 @@ class KeyIndex:
     unread: dict[Hashable, list[str]] = field(default_factory=dict)  # held: added, not read
     dead: dict[Hashable, set[int]] = field(default_factory=dict)  # removed, still in runs
     recent: dict[Hashable, None] = field(default_factory=dict)  # held, least recently used first
+    asked: dict[Hashable, int] = field(default_factory=dict)  # lookups before holding, by partition
     _next: int = 0
 
     @property

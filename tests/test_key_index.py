@@ -36,6 +36,12 @@ def rows(ids: list[str], batch_id: int, day: dt.date | None) -> pa.Table:
     )
 
 
+def indexing(lake: Lake) -> Lake:
+    """The lake, indexing a partition from its first lookup (not its second)."""
+    lake.key_index_after_lookups = 0
+    return lake
+
+
 def holding(lake: Lake, ids: list[str], days: list[dt.date | None]) -> list[str] | None:
     return lake.files_holding("events", "id", pa.array(ids, pa.string()), "day", days)
 
@@ -56,7 +62,7 @@ def truth(lake: Lake, ids: list[str], days: list[dt.date | None]) -> list[str]:
 def test_the_files_named_for_keys_are_those_that_hold_them_through_appends_and_compaction(
     lake_root: str,
 ) -> None:
-    mine, other = Lake(lake_root), Lake(lake_root)
+    mine, other = indexing(Lake(lake_root)), Lake(lake_root)
     pick = random.Random(11)
     written: list[tuple[str, dt.date | None]] = []
     batch = 0
@@ -88,12 +94,17 @@ def test_the_files_named_for_keys_are_those_that_hold_them_through_appends_and_c
     key, day = written[-1]
     named = holding(mine, [key], [day])
     assert named and mine.read("events", columns=["id"], files=named)["id"].to_pylist().count(key)
+    # By default a partition is read at its first lookup (a one-batch process would hash it all
+    # for one answer) and indexed from the second.
+    fresh = Lake(lake_root)
+    assert holding(fresh, [key], [day]) is None
+    assert holding(fresh, [key], [day]) == named
 
 
 def test_a_partition_over_the_budget_is_not_indexed_and_recent_ones_are_kept(
     lake_root: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    lake = Lake(lake_root)
+    lake = indexing(Lake(lake_root))
     for b, day in enumerate(DAYS):
         ids = [f"{day}-{i}" for i in range(1000)]
         assert lake.append("events", rows(ids, b, day), "job", b, partition_by=["day"])
@@ -134,15 +145,20 @@ def test_runs_stay_few_and_removed_files_leave_the_index() -> None:
     assert set(index.paths.values()) == {"big", *files[40:]}
 
 
-@pytest.mark.parametrize("budget_mb", ["1024", "0"], ids=["indexed", "over-budget"])
+@pytest.mark.parametrize(
+    ("budget_mb", "after"),
+    [("1024", 0), ("1024", 1), ("0", 0)],
+    ids=["indexed-at-once", "indexed-from-the-second-lookup", "over-budget"],
+)
 def test_the_duplicate_check_catches_repeats_of_earlier_batches_not_a_replay_of_its_own(
-    lake_root: str, budget_mb: str, monkeypatch: pytest.MonkeyPatch
+    lake_root: str, budget_mb: str, after: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from models.job import TRANSACTIONS, drop_duplicates
     from models.schema import DUPLICATE_EARLIER, DUPLICATE_IN_BATCH
 
     monkeypatch.setenv("STREAMGUARD_KEY_INDEX_MB", budget_mb)
     lake = Lake(lake_root)
+    lake.key_index_after_lookups = after
     noon = dt.datetime(2026, 12, 2, 12, tzinfo=dt.UTC)
 
     def batch(ids: list[str], hours: list[int]) -> pa.Table:
