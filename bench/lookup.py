@@ -6,7 +6,9 @@ the partition's ids grows through the day. This grows one date to `--rows` (file
 `drop_duplicates` for a small batch (a continuous worker's) and a large one (the runner's), side
 by side: through the lake's key index (`Lake.files_holding`) and reading the date's files (what
 the lookup did before, and still does for a date over STREAMGUARD_KEY_INDEX_MB). Before each
-timing one more file is appended, so the index's cost of following the table is counted.
+timing one more file is appended, and every `--compact-every` files the table is compacted (as
+the continuous worker's compactor and the nightly job do), so the index's cost of following
+the table is counted.
 
     .venv/bin/python bench/lookup.py            # to 1M rows on the date (~1 min)
 """
@@ -69,19 +71,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows on the date at the end")
     parser.add_argument("--file-rows", type=int, default=10_000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--compact-every", type=int, default=4, help="files; 0: never")
     args = parser.parse_args()
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as work:
         # Two lakes on the same folder: one looks up through the index, one reads the files.
         indexed, reading = Lake(work), Lake(work)
         batch_id, rows, size = 0, 0, 10_000
+
+        def append(table: pa.Table) -> None:
+            nonlocal batch_id, rows
+            indexed.append(TRANSACTIONS, table, "bench", batch_id, partition_by=["event_date"])
+            batch_id, rows = batch_id + 1, rows + table.num_rows
+            if args.compact_every and batch_id % args.compact_every == 0:
+                indexed.compact(TRANSACTIONS)
+
         print(f"{'rows on date':>12} {'batch':>6} {'files read':>11} {'index':>9} {'ratio':>6}")
         while size <= args.rows:
             while rows < size:
-                new = stored(batch(f"b{batch_id}", args.file_rows), batch_id)
-                indexed.append(TRANSACTIONS, new, "bench", batch_id, partition_by=["event_date"])
-                batch_id, rows = batch_id + 1, rows + args.file_rows
+                append(stored(batch(f"b{batch_id}", args.file_rows), batch_id))
             for n in (200, 50_000):
                 old, new_ = [], []
                 for r in range(args.repeats):

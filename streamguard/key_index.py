@@ -58,15 +58,22 @@ def _run(hashes: np.ndarray, owners: np.ndarray, *, merging: bool = False) -> _R
 
 @dataclass
 class KeyIndex:
-    """The hashed keys of the data files of the partitions held, by file."""
+    """The hashed keys of the data files of the partitions held, by file.
 
-    paths: dict[int, str] = field(default_factory=dict)  # file number -> path
+    Entries are owned by numbers: a number names a file, or, once a compaction has rewritten
+    files without changing their rows (`moved`), the group of files that now hold them (the
+    old numbers are redirected to the group's): a compaction is followed without reading the
+    new files, whose keys the index already holds.
+    """
+
+    paths: dict[int, list[str]] = field(default_factory=dict)  # number -> its files in the table
     live: dict[str, int] = field(default_factory=dict)  # path -> number, files in the table
     partition_of: dict[int, Hashable] = field(default_factory=dict)  # number -> partition
-    sizes: dict[int, int] = field(default_factory=dict)  # number -> keys read from the file
+    sizes: dict[int, int] = field(default_factory=dict)  # number -> keys read (read ones only)
+    redirect: dict[int, int] = field(default_factory=dict)  # moved number -> its group's
     runs: dict[Hashable, list[_Run]] = field(default_factory=dict)  # held partition -> runs
     unread: dict[Hashable, list[str]] = field(default_factory=dict)  # held: added, not read
-    dead: dict[Hashable, set[int]] = field(default_factory=dict)  # removed, still in runs
+    dead: dict[Hashable, set[int]] = field(default_factory=dict)  # no file left, still in runs
     recent: dict[Hashable, None] = field(default_factory=dict)  # held, least recently used first
     asked: dict[Hashable, int] = field(default_factory=dict)  # lookups before holding, by partition
     _next: int = 0
@@ -90,6 +97,7 @@ class KeyIndex:
         """Stop holding a partition (holding it again reads its files again)."""
         for number in [n for n, p in self.partition_of.items() if p == partition]:
             self._forget(number)
+        self.redirect = {n: g for n, g in self.redirect.items() if self.resolve(g) in self.paths}
         for held in (self.runs, self.unread, self.dead, self.recent):
             held.pop(partition, None)
 
@@ -103,10 +111,28 @@ class KeyIndex:
     def least_used(self) -> Hashable | None:
         return next(iter(self.recent), None)
 
+    def resolve(self, number: int) -> int:
+        """The number that owns a moved number's keys now."""
+        seen = []
+        while number in self.redirect:
+            seen.append(number)
+            number = self.redirect[number]
+        for moved in seen[:-1]:
+            self.redirect[moved] = number  # shorten the chain for next time
+        return number
+
+    def _new(self, paths: list[str], partition: Hashable) -> int:
+        number = self._next
+        self._next += 1
+        self.paths[number], self.partition_of[number] = paths, partition
+        for path in paths:
+            self.live[path] = number
+        return number
+
     def _forget(self, number: int) -> None:
-        path = self.paths.pop(number)
-        if self.live.get(path) == number:
-            del self.live[path]
+        for path in self.paths.pop(number, []):
+            if self.live.get(path) == number:
+                del self.live[path]
         self.partition_of.pop(number, None)
         self.sizes.pop(number, None)
 
@@ -114,22 +140,52 @@ class KeyIndex:
         """A data file was added to the table: noted if its partition is held."""
         if partition not in self.runs or path in self.live:
             return
-        number = self._next
-        self._next += 1
-        self.paths[number], self.live[path], self.partition_of[number] = path, number, partition
+        self._new([path], partition)
         self.unread[partition].append(path)
 
     def removed(self, path: str) -> None:
-        """A data file was removed from the table."""
+        """A data file was removed from the table (its rows with it)."""
         number = self.live.pop(path, None)
         if number is None:
             return
         partition = self.partition_of[number]
-        if number in self.sizes:
-            self.dead[partition].add(number)  # in a run: dropped when that run is merged
-        else:
+        self.paths[number].remove(path)
+        if number not in self.sizes:  # not read yet (a file of its own)
             self.unread[partition].remove(path)
             self._forget(number)
+        elif not self.paths[number]:
+            self.dead[partition].add(number)  # in a run: dropped when that run is merged
+
+    def moved(self, removed: Sequence[str], added: Sequence[tuple[str, Hashable]]) -> None:
+        """One commit rewrote files without changing their rows (a compaction: `dataChange`
+        false): per partition, the keys of the `removed` files are in the `added` ones now.
+        Nothing is read again, unless some rows were not read yet (then as a removal and
+        additions)."""
+        gone: dict[Hashable, list[str]] = {}
+        for path in removed:
+            if path in self.live:
+                gone.setdefault(self.partition_of[self.live[path]], []).append(path)
+        new: dict[Hashable, list[str]] = {}
+        for path, partition in added:
+            new.setdefault(partition, []).append(path)
+        for partition, paths in gone.items():
+            numbers = {self.live[p] for p in paths}
+            moving = new.pop(partition, [])
+            if not moving or any(n not in self.sizes for n in numbers):
+                for path in paths:
+                    self.removed(path)
+                for path in moving:
+                    self.added(path, partition)
+                continue
+            left = [p for n in numbers for p in self.paths[n] if p not in set(paths)]
+            group = self._new([*left, *moving], partition)
+            self.sizes[group] = sum(self.sizes.pop(n) for n in numbers)
+            for number in numbers:
+                self.redirect[number] = group
+                del self.paths[number], self.partition_of[number]
+        for partition, paths in new.items():
+            for path in paths:
+                self.added(path, partition)
 
     def unread_files(self) -> dict[Hashable, list[str]]:
         return {p: list(paths) for p, paths in self.unread.items() if paths}
@@ -162,7 +218,8 @@ class KeyIndex:
         owners = np.concatenate([r.owners for r in runs])
         dead = self.dead[partition]
         if dead:
-            keep = ~np.isin(owners, np.fromiter(dead, np.int32, len(dead)))
+            gone = dead | {n for n in self.redirect if self.resolve(n) in dead}
+            keep = ~np.isin(owners, np.fromiter(gone, np.int32, len(gone)))
             hashes, owners = hashes[keep], owners[keep]
         return _run(hashes, owners, merging=True)
 
@@ -177,5 +234,8 @@ class KeyIndex:
                 continue
             for start, stop in zip(low[hit].tolist(), high[hit].tolist(), strict=True):
                 found.update(run.owners[start:stop].tolist())
-        dead = self.dead[partition]
-        return {self.paths[n] for n in found if n not in dead}
+        dead, paths = self.dead[partition], set()
+        for number in {self.resolve(n) for n in found}:
+            if number not in dead:
+                paths.update(self.paths.get(number, []))
+        return paths

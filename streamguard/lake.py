@@ -481,6 +481,9 @@ class Lake:
         for v in range(view.version + 1, version + 1):
             try:
                 lines = self._read_text(self._log_file(name, v)).splitlines()
+                # Files rewritten with the same rows (`dataChange` false: a compaction).
+                moved_out: list[str] = []
+                moved_in: list[tuple[str, dict[str, object]]] = []
                 for line in lines:
                     action = json.loads(line) if line.strip() else {}
                     if "add" in action:
@@ -492,17 +495,28 @@ class Lake:
                             value = top.get(column)
                             files[path] = None if value is None else int(value)
                         partitions = add.get("partitionValues") or {}
+                        if add.get("dataChange", True) is False:
+                            moved_in.append((path, partitions))
+                            continue
                         for (_, part), index in view.keys.items():
                             index.added(path, _partition_value(partitions.get(part)))
                     elif "remove" in action:
                         path = unquote(action["remove"]["path"])
                         for files in view.maxima.values():
                             files.pop(path, None)
+                        if action["remove"].get("dataChange", True) is False:
+                            moved_out.append(path)
+                            continue
                         for index in view.keys.values():
                             index.removed(path)
                     elif "txn" in action:
                         txn = action["txn"]
                         view.txns[str(txn["appId"])] = int(txn["version"])
+                for (_, part), index in view.keys.items():
+                    index.moved(
+                        moved_out,
+                        [(path, _partition_value(pv.get(part))) for path, pv in moved_in],
+                    )
             except (OSError, ValueError, KeyError, TypeError):
                 return False
             view.version = v

@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import math
 import random
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -59,10 +61,22 @@ def truth(lake: Lake, ids: list[str], days: list[dt.date | None]) -> list[str]:
     return sorted(found)
 
 
+class ReadCountingLake(Lake):
+    """A lake that records the data files its key indexes read."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.read_for_keys: list[str] = []
+
+    def _key_hashes(self, name: str, column: str, paths: Sequence[str]) -> tuple[Any, Any]:
+        self.read_for_keys.extend(paths)
+        return super()._key_hashes(name, column, paths)
+
+
 def test_the_files_named_for_keys_are_those_that_hold_them_through_appends_and_compaction(
     lake_root: str,
 ) -> None:
-    mine, other = indexing(Lake(lake_root)), Lake(lake_root)
+    mine, other = indexing(ReadCountingLake(lake_root)), Lake(lake_root)
     pick = random.Random(11)
     written: list[tuple[str, dt.date | None]] = []
     batch = 0
@@ -85,8 +99,11 @@ def test_the_files_named_for_keys_are_those_that_hold_them_through_appends_and_c
         append(mine if step % 3 else other, pick.choice([1, 5, 40]))
         if step % 6 == 5:
             check()  # the index follows this lake's and the other writer's commits
+    before = set(mine.files("events"))
     assert mine.compact("events")["files_removed"] > 0
     check()  # the compacted files are named, the removed ones never again
+    compacted = set(mine.files("events")) - before
+    assert compacted and not compacted & set(mine.read_for_keys)  # followed, not read again
     for _ in range(5):
         append(other, 30)
     check()
@@ -142,7 +159,35 @@ def test_runs_stay_few_and_removed_files_leave_the_index() -> None:
     index.add("d", ["big"], key_hashes(keys), np.zeros(len(keys), np.int64))
     assert index.files_holding("d", key_hashes(pa.array(["f7-3"]))) == {"big"}
     assert index.nbytes == 640 * 12  # the removed files' entries were dropped, not kept
-    assert set(index.paths.values()) == {"big", *files[40:]}
+    assert {p for group in index.paths.values() for p in group} == {"big", *files[40:]}
+
+
+def test_a_compaction_moves_keys_to_the_new_files_without_reading_them() -> None:
+    index = KeyIndex()
+    index.hold("d", [])
+    for path in ("a", "b", "c"):
+        index.added(path, "d")
+        index.add(
+            "d",
+            [path],
+            key_hashes(pa.array([f"{path}-{i}" for i in range(5)])),
+            np.zeros(5, np.int64),
+        )
+    asked = key_hashes(pa.array(["a-1", "b-2", "c-3"]))
+    index.moved(["a", "b"], [("ab", "d")])  # a and b compacted into ab
+    assert not index.unread_files()  # nothing to read: the keys are held already
+    assert index.files_holding("d", asked) == {"ab", "c"}
+    index.moved(["ab", "c"], [("abc1", "d"), ("abc2", "d")])  # and again, into two files
+    assert index.files_holding("d", asked) == {"abc1", "abc2"}
+    assert index.nbytes == 15 * 12
+    index.removed("abc1")  # rows deleted: the group keeps its other file
+    assert index.files_holding("d", asked) == {"abc2"}
+    index.removed("abc2")
+    assert index.files_holding("d", asked) == set()
+    # A file not read yet among the compacted ones: the new files are read instead.
+    index.added("e", "d")
+    index.moved(["e"], [("e2", "d")])
+    assert index.unread_files() == {"d": ["e2"]}
 
 
 @pytest.mark.parametrize(
