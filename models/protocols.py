@@ -73,6 +73,11 @@ class TableOutput:
     # A keyed table bounded by its number of keys (state) that every batch reads and upserts:
     # the runner keeps it whole in memory between batches (`streamguard.lake.Lake.keep_in_memory`).
     in_memory: bool = False
+    # Written after every other output, at once with the other outputs marked so (they must end
+    # `outputs`), one thread each (`streamguard.commit.write_batch`): state tables whose new rows
+    # depend on none of the others' stored rows, since a replay after a crash amid them reads
+    # the others as the first attempt left them (possibly already advanced by the batch).
+    last_together: bool = False
 
 
 @dataclass

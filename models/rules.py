@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 SOFT_RULES: tuple[str, ...] = (
     "low_balance_large_withdrawal",
@@ -45,21 +47,47 @@ class AlertPolicy:
             )
 
 
-def _col(features: pd.DataFrame, name: str) -> np.ndarray:
+# The feature columns the rules read: all a caller holding an Arrow table has to convert.
+RULE_COLUMNS: tuple[str, ...] = (
+    "amount",
+    "amount_balance_ratio",
+    "is_debit",
+    "balance_before",
+    "location_seen_before",
+    "n_locations_seen",
+    "count_1h",
+    "card_blocked",
+    "channel_wire",
+    "account_not_open",
+)
+
+
+def _col(features: pd.DataFrame | pa.Table, name: str) -> np.ndarray:
+    """One column as float64; from Arrow a null is NaN, as `to_pandas` makes it."""
+    if isinstance(features, pa.Table):
+        column = features[name]
+        if column.type != pa.float64():
+            column = pc.cast(column, pa.float64())
+        return np.asarray(column.to_numpy(), dtype=np.float64)
     return np.asarray(features[name], dtype=np.float64)
 
 
-def rule_hits(features: pd.DataFrame, policy: AlertPolicy) -> pd.DataFrame:
-    """One bool column per rule in `RULES`, aligned with `features`.
+def rule_matrix(features: pd.DataFrame | pa.Table, policy: AlertPolicy) -> np.ndarray:
+    """One bool column per rule in `RULES` (a (rows, rules) array), row for row with `features`.
 
-    An unknown (NaN) input never fires a rule: comparisons with NaN are false, so a first-seen
-    customer or a transaction without a location is not flagged for what we do not know.
+    `features` is a pandas DataFrame or an Arrow table; only `RULE_COLUMNS` are read, so a job
+    holding the batch as Arrow converts those ten columns, not the table. An unknown (NaN or
+    null) input never fires a rule: comparisons with NaN are false, so a first-seen customer or
+    a transaction without a location is not flagged for what we do not know.
     """
     with np.errstate(invalid="ignore"):
         amount = _col(features, "amount")
         ratio = _col(features, "amount_balance_ratio")
+        # Money going out: a card payment on a blocked card, any debit of a frozen or closed
+        # account (credits still arrive, and a wire transfer needs no card).
+        debit = _col(features, "is_debit") == 1.0
         low_balance_large_withdrawal = (
-            (_col(features, "is_debit") == 1.0)
+            debit
             & (_col(features, "balance_before") < policy.low_balance)
             & (ratio >= policy.large_ratio)
             & (amount >= policy.min_large_amount)
@@ -68,41 +96,48 @@ def rule_hits(features: pd.DataFrame, policy: AlertPolicy) -> pd.DataFrame:
             _col(features, "n_locations_seen") >= policy.min_locations_for_new
         )
         velocity_burst = _col(features, "count_1h") >= policy.velocity_1h
-        # Money going out: a card payment on a blocked card, any debit of a frozen or closed
-        # account (credits still arrive, and a wire transfer needs no card).
-        debit = _col(features, "is_debit") == 1.0
         blocked_card = (
             (_col(features, "card_blocked") == 1.0)
             & debit
             & (_col(features, "channel_wire") != 1.0)
         )
         account_not_open = (_col(features, "account_not_open") == 1.0) & debit
-    return pd.DataFrame(
-        {
-            "low_balance_large_withdrawal": low_balance_large_withdrawal,
-            "never_seen_location": never_seen_location,
-            "velocity_burst": velocity_burst,
-            "blocked_card": blocked_card,
-            "account_not_open": account_not_open,
-        },
-        index=features.index,
-        columns=list(RULES),
-    )
+    fired = {
+        "low_balance_large_withdrawal": low_balance_large_withdrawal,
+        "never_seen_location": never_seen_location,
+        "velocity_burst": velocity_burst,
+        "blocked_card": blocked_card,
+        "account_not_open": account_not_open,
+    }
+    out = np.empty((len(amount), len(RULES)), dtype=bool)
+    for j, rule in enumerate(RULES):
+        out[:, j] = fired[rule]
+    return out
+
+
+def rule_hits(features: pd.DataFrame | pa.Table, policy: AlertPolicy) -> pd.DataFrame:
+    """`rule_matrix` as a DataFrame with one column per rule, on `features`' index (a
+    DataFrame's; an Arrow table's rows are numbered from 0)."""
+    index = features.index if isinstance(features, pd.DataFrame) else None
+    return pd.DataFrame(rule_matrix(features, policy), index=index, columns=list(RULES))
 
 
 def decide(
-    scores: np.ndarray, hits: pd.DataFrame, policy: AlertPolicy
+    scores: np.ndarray, hits: pd.DataFrame | np.ndarray, policy: AlertPolicy
 ) -> tuple[np.ndarray, list[str]]:
     """Alert flags and a readable reason per row ("" when no alert).
 
     alert = score >= threshold, or (any rule hit and score >= rule_threshold), or any hard rule
     hit (whatever the score, NaN included). Otherwise a NaN score never alerts. The reason names
-    the score and every rule that fired, e.g. "model 0.93; rules: never_seen_location".
+    the score and every rule that fired, e.g. "model 0.93; rules: never_seen_location". `hits`
+    is `rule_hits`' DataFrame or `rule_matrix`' array (columns in `RULES` order).
     """
     scores = np.asarray(scores, dtype=np.float64)
     if len(scores) != len(hits):
         raise ValueError(f"{len(scores)} scores for {len(hits)} rows of rule hits")
-    fired = np.asarray(hits[list(RULES)], dtype=bool).reshape(len(hits), len(RULES))
+    if isinstance(hits, pd.DataFrame):
+        hits = hits[list(RULES)]
+    fired = np.asarray(hits, dtype=bool).reshape(len(hits), len(RULES))
     hard = fired[:, [RULES.index(r) for r in HARD_RULES]].any(axis=1)
     with np.errstate(invalid="ignore"):
         alert = (

@@ -3,9 +3,9 @@
 In-process runner, Spark with state in Delta, Spark with the state store (and every source behind
 them) plan a batch, process it their own way, then hand the rows here. Each table is written with
 the Delta application transaction `(app_id, batch_id)`, so a batch replayed after a crash at any
-point writes only the tables still missing it; state tables come last in `outputs`, so a replay
-reads the state from before the batch. Marking the batch committed is the caller's (a runner's
-checkpoint, Spark's offset log).
+point writes only the tables still missing it; state tables come last in `outputs` (written at
+once when marked `last_together`), so a replay reads the state from before the batch. Marking the
+batch committed is the caller's (a runner's checkpoint, Spark's offset log).
 """
 
 from __future__ import annotations
@@ -117,23 +117,32 @@ def write_batch(
     Returns the rows written per table; a table that already held the batch is left out, and so
     is one the batch has no row for. An empty write would add nothing but a Delta commit (each
     costs milliseconds, most batches have no dead letter, alert or new label), and a replay
-    computes the same empty rows again; the last output is written even when empty, so its
-    application transaction still says the whole batch is written (`batch_written`).
+    computes the same empty rows again; the last output (or group, below) is written even when
+    empty, so its application transaction still says the whole batch is written
+    (`batch_written`).
 
     The dead letters and the appends that lead `outputs` (up to the first keyed output) are
     written at once, one thread per table: they are separate tables and commits, none is read
     by the batch's own processing (earlier batches' rows only), so a crash amid them leaves some
     written and the replay writes the rest, as it would after a crash between two of them in
     turn. `after_write` is called for each, in order, once they are all written. The keyed
-    outputs (upserts, state last) and what follows them are written one after the other.
+    outputs (upserts) and what follows them are written one after the other, except the
+    outputs marked `last_together` that end `outputs` (the state tables): written at once after
+    all the others, one thread each, each one handled as the last output is (written even when
+    empty); together their application transactions say the whole batch is written
+    (`batch_written`). A crash amid them leaves some holding the batch; the replay writes only
+    the others (each one's rows come from its own stored state, which has not moved, whatever
+    the others' did).
     """
     written: dict[str, int] = {}
     specs = [TableOutput(DEAD_LETTER_TABLE, dead_letters.schema), *outputs]
     data = {DEAD_LETTER_TABLE: dead_letters} | {
         o.name: tables[o.name].cast(o.schema) for o in outputs
     }
+    final = {o.name for o in _final_outputs(outputs)}  # written even when empty
+    tail = len(specs) - len(final) if outputs and outputs[-1].last_together else len(specs)
     leading = 1
-    while leading < len(specs) and specs[leading].key is None and specs[leading] is not outputs[-1]:
+    while leading < min(tail, len(specs) - 1) and specs[leading].key is None:
         leading += 1
     # The keyed outputs are written one by one after the whole leading group, so every table
     # before the last keyed one already holding the batch (a replay after a crash) was written
@@ -141,44 +150,61 @@ def write_batch(
     # state tables the first attempt may already have advanced (a crash after `customer_state`),
     # not from the state the batch was first computed on. (Inside the leading group, written in
     # parallel, a later table may hold the batch while an earlier one does not: no state had
-    # moved then, so the replay writes what is missing there.)
-    done_before = max(
-        (i for i in range(leading, len(specs)) if _holds(lake, specs[i].name, app_id, batch_id)),
-        default=-1,
-    )
+    # moved then, so the replay writes what is missing there; inside the last group likewise,
+    # each of its tables on its own holding.)
+    held = {i for i in range(leading, len(specs)) if _holds(lake, specs[i].name, app_id, batch_id)}
+    done_before = max(held, default=-1)
 
     def write(spec: TableOutput) -> bool:
         rows = data[spec.name]
-        if rows.num_rows == 0 and spec is not outputs[-1]:
+        i = specs.index(spec)
+        if rows.num_rows == 0 and spec.name not in final:
             return False  # nothing to add (see above)
-        if specs.index(spec) <= done_before:
+        if (i in held) if i >= tail else (i <= done_before):
             return False  # written by an earlier attempt, or empty then (see above)
         if spec.key is None:
             return lake.append(spec.name, rows, app_id, batch_id, spec.partition_by)
         return lake.upsert(spec.name, rows, spec.key, app_id, batch_id)
 
-    group = [s for s in specs[:leading] if data[s.name].num_rows]
-    if len(group) > 1:
-        futures = [_writers().submit(write, spec) for spec in group]
-        done = {
-            spec.name: f.exception() or f.result() for spec, f in zip(group, futures, strict=True)
-        }
-        for outcome in done.values():
-            if isinstance(outcome, BaseException):
-                raise outcome
-    else:
-        done = {spec.name: write(spec) for spec in group}
-    for spec in specs[:leading]:
-        if done.get(spec.name):
-            written[spec.name] = data[spec.name].num_rows
-        if after_write is not None:
-            after_write(spec.name)
-    for spec in specs[leading:]:
+    def write_group(group: Sequence[TableOutput]) -> None:
+        """Write `group` at once (one thread per table that has something to write)."""
+        todo = [s for s in group if data[s.name].num_rows or s.name in final]
+        if len(todo) > 1:
+            futures = [_writers().submit(write, spec) for spec in todo]
+            done = {
+                spec.name: f.exception() or f.result()
+                for spec, f in zip(todo, futures, strict=True)
+            }
+            for outcome in done.values():
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        else:
+            done = {spec.name: write(spec) for spec in todo}
+        for spec in group:
+            if done.get(spec.name):
+                written[spec.name] = data[spec.name].num_rows
+            if after_write is not None:
+                after_write(spec.name)
+
+    write_group(specs[:leading])
+    for spec in specs[leading:tail]:
         if write(spec):
             written[spec.name] = data[spec.name].num_rows
         if after_write is not None:
             after_write(spec.name)
+    write_group(specs[tail:])
     return written
+
+
+def _final_outputs(outputs: Sequence[TableOutput]) -> list[TableOutput]:
+    """The outputs whose application transactions together say a batch is written: the
+    `last_together` group that ends `outputs`, else the last output alone."""
+    tail = len(outputs)
+    while tail > 0 and outputs[tail - 1].last_together:
+        tail -= 1
+    if any(o.last_together for o in outputs[:tail]):
+        raise ValueError("the outputs marked last_together must end the outputs")
+    return list(outputs[tail:]) or list(outputs[-1:])
 
 
 def _holds(lake: Lake, name: str, app_id: str, batch_id: int) -> bool:
@@ -199,8 +225,9 @@ def _writers() -> ThreadPoolExecutor:
 
 
 def batch_written(lake: Lake, app_id: str, batch_id: int, outputs: Sequence[TableOutput]) -> bool:
-    """Whether the batch's last output already holds it: every table does (written in order)."""
-    return _holds(lake, outputs[-1].name, app_id, batch_id)
+    """Whether the batch's last output (each of the `last_together` group that ends `outputs`)
+    already holds it: then every table does (written in order)."""
+    return all(_holds(lake, o.name, app_id, batch_id) for o in _final_outputs(outputs))
 
 
 def next_batch_id(lake: Lake) -> int:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -12,7 +14,9 @@ from fraud_streams import add_account_version
 
 from models.accounts import ACCOUNTS_HISTORY
 from models.job import (
+    CUSTOMER_STATE,
     LABELS,
+    OUTPUTS,
     TERMINAL_STATE,
     TRANSACTIONS,
     TRANSACTIONS_TABLE_SCHEMA,
@@ -24,7 +28,7 @@ from models.registry import ALERT_THRESHOLD_TAG, LoadedModel
 from models.schema import LABEL_SCHEMA, TIMESTAMP, to_payload
 from models.simulate import Simulation
 from streamguard.checkpoint import BatchPlan, Checkpoints, ShardRange
-from streamguard.commit import DEAD_LETTER_SCHEMA, write_batch
+from streamguard.commit import DEAD_LETTER_SCHEMA, batch_written, write_batch
 from streamguard.lake import Lake
 from streamguard.pipeline import SCORING_JOB, ensure_tables, scoring_runner
 from streamguard.sources import MemorySource
@@ -215,3 +219,72 @@ def test_a_replay_writes_what_an_attempt_left_missing_and_not_what_it_left_empty
     written = write_batch(lake, "job", 3, none, batch3, outputs)
     assert set(written) == {"state_b"}
     assert lake.count("first") == 1
+
+
+class _MeetingLake(Lake):
+    """Each upsert of a `last_together` table waits for the other's: written one after the
+    other, the first would wait in vain (BrokenBarrierError)."""
+
+    def __init__(self, root: Path, names: set[str]) -> None:
+        super().__init__(root)
+        self.names, self.barrier = names, threading.Barrier(len(names), timeout=10)
+        self.threads: set[int] = set()
+
+    def upsert(self, name: str, *args: Any, **kwargs: Any) -> bool:
+        if name in self.names:
+            self.threads.add(threading.get_ident())
+            self.barrier.wait()
+        return super().upsert(name, *args, **kwargs)
+
+
+def test_the_last_together_state_tables_are_written_at_once_and_each_exactly_once(
+    tmp_path: Path,
+) -> None:
+    """The state tables (`last_together`) are upserted at once, after every other output; a
+    crash amid them leaves either one holding the batch, and the replay writes only the other;
+    the batch counts as written once all of them hold it."""
+    schema = pa.schema([("k", pa.string()), ("batch_id", pa.int64())])
+    outputs = [
+        TableOutput("first", schema),
+        TableOutput("keyed", schema, key=("k",)),
+        TableOutput("state_a", schema, key=("k",), last_together=True),
+        TableOutput("state_b", schema, key=("k",), last_together=True),
+    ]
+    assert [o.name for o in OUTPUTS if o.last_together] == [CUSTOMER_STATE, TERMINAL_STATE]
+    assert all(o.last_together for o in OUTPUTS[-2:])
+
+    def rows(batch: int) -> dict[str, pa.Table]:
+        return {o.name: pa.table({"k": ["x"], "batch_id": [batch]}, schema=schema) for o in outputs}
+
+    none = DEAD_LETTER_SCHEMA.empty_table()
+    lake = _MeetingLake(tmp_path / "lake", {"state_a", "state_b"})
+    order: list[str] = []
+    written = write_batch(lake, "job", 1, none, rows(1), outputs, after_write=order.append)
+    assert set(written) == {"first", "keyed", "state_a", "state_b"}
+    assert len(lake.threads) == 2 and order[-2:] == ["state_a", "state_b"]
+    assert batch_written(lake, "job", 1, outputs)
+    # A crash after state_b only (its thread was first), then after state_a only: the replay
+    # writes the missing one and nothing else; until then the batch is not written.
+    plain = Lake(tmp_path / "lake")
+    for done, missing in [("state_b", "state_a"), ("state_a", "state_b")]:
+        batch = 2 if done == "state_b" else 3
+        data = rows(batch)
+        plain.append("first", data["first"], "job", batch)
+        plain.upsert("keyed", data["keyed"], ("k",), "job", batch)
+        plain.upsert(done, data[done], ("k",), "job", batch)
+        assert not batch_written(plain, "job", batch, outputs)
+        data["first"] = data["keyed"] = data[done] = data[done].set_column(0, "k", pa.array(["y"]))
+        assert set(write_batch(plain, "job", batch, none, data, outputs)) == {missing}
+        assert batch_written(plain, "job", batch, outputs)
+        assert plain.count("first") == batch and plain.read("keyed")["k"].to_pylist() == ["x"]
+    # A batch with no row for any output (every record rejected) is still recorded as written:
+    # a MERGE of nothing makes no Delta commit, so the state tables get an empty one.
+    empty = {o.name: schema.empty_table() for o in outputs}
+    versions = {name: plain.version(name) for name in ("state_a", "state_b")}
+    kept = {name: plain.read(name) for name in versions}
+    write_batch(plain, "job", 4, none, empty, outputs)
+    assert batch_written(plain, "job", 4, outputs)
+    assert {n: plain.version(n) for n in versions} == {n: v + 1 for n, v in versions.items()}
+    assert {n: plain.read(n) for n in versions} == kept  # no row changed
+    with pytest.raises(ValueError, match="must end the outputs"):
+        batch_written(plain, "job", 3, [outputs[2], outputs[0]])

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from models.features import FEATURE_COLUMNS
+from models.accounts import AccountChanges, account_history
+from models.features import FEATURE_COLUMNS, replay
+from models.job import ALERTS, SCORES, FraudScoringJob, ScoringContext
+from models.registry import MODEL_NAME, LoadedModel
 from models.rules import RULES, SOFT_RULES, AlertPolicy, decide, rule_hits
+from models.simulate import Simulation
+from models.training import score
 
 POLICY = AlertPolicy()
 
@@ -199,3 +205,52 @@ def test_hard_rules_alert_whatever_the_score() -> None:
         "model 0.00; rules: account_not_open",
         "model ?; rules: blocked_card",
     ]
+
+
+def test_the_job_scores_and_rules_from_arrow_exactly_as_from_pandas(
+    small_sim: Simulation, small_bank: AccountChanges, tiny_model: LoadedModel
+) -> None:
+    """`FraudScoringJob.score` and `shadow_score` score and apply the rules on the Arrow table
+    (issue 11); scores, rules, alerts and reasons are bit for bit what the whole table converted
+    to pandas gave, on a real simulated batch (with accounts: the hard rules fire too)."""
+    features = replay(
+        small_sim.transactions, small_sim.labels, accounts=account_history(small_bank)
+    ).features
+    shadow_model = LoadedModel(model=tiny_model.model, name=MODEL_NAME, version="shadow")
+    policy = AlertPolicy(threshold=0.3, rule_threshold=0.1)  # alerts of each kind in this batch
+    job = FraudScoringJob(None, model=tiny_model, challenger=shadow_model, policy=policy)
+    context = ScoringContext(MODEL_NAME, tiny_model.version, challenger_version="shadow")
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    tables = job.score(features, context, 7, now)
+    shadow = job.shadow_score(features, context, 7, now)
+
+    # The pandas path, as the job took it before.
+    frame = features.replace_schema_metadata(None).to_pandas()
+    probability = score(tiny_model.model, frame)
+    hits = rule_hits(frame, policy)
+    alert, reasons = decide(probability, hits, policy)
+    fired = hits.to_numpy()
+    rules = [",".join(r for r, on in zip(RULES, row, strict=True) if on) for row in fired]
+
+    got = tables[SCORES]
+    assert got["score"].to_numpy().tobytes() == probability.tobytes()
+    assert got["rules"].to_pylist() == rules
+    assert got["alert"].to_pylist() == alert.tolist()
+    alerts = tables[ALERTS]
+    assert alerts["transaction_id"].to_pylist() == frame["transaction_id"][alert].tolist()
+    assert alerts["score"].to_numpy().tobytes() == probability[alert].tobytes()
+    assert alerts["reason"].to_pylist() == [r for r, a in zip(reasons, alert, strict=True) if a]
+    before = score(shadow_model.model, features.select(FEATURE_COLUMNS).to_pandas())
+    assert shadow["score"].to_numpy().tobytes() == before.tobytes()
+    assert rule_hits(features, policy).equals(hits)
+    # The batch has what the comparison is about: NaN features, alerts by the score alone, by a
+    # soft rule below the threshold and by a hard rule whatever the score.
+    assert np.isnan(frame[FEATURE_COLUMNS].to_numpy()).any()
+    soft = fired[:, [RULES.index(r) for r in SOFT_RULES]].any(axis=1)
+    hard = fired.any(axis=1) & ~soft
+    assert (alert & ~fired.any(axis=1)).any()
+    assert (alert & soft & (probability < policy.threshold)).any()
+    assert (alert & hard & (probability < policy.rule_threshold)).any()
+    empty = job.score(features.slice(0, 0), context, 7, now)
+    assert empty[SCORES].num_rows == empty[ALERTS].num_rows == 0
+    assert job.shadow_score(features.slice(0, 0), context, 7, now).num_rows == 0
