@@ -746,6 +746,15 @@ class Lake:
             )
             return True
         kept = self._memory.get(name)
+        if data.num_rows == 0 and app_id is not None:
+            # A MERGE of nothing makes no commit at all; an empty append records the batch
+            # (`batch_written` relies on it for a batch whose every record was rejected).
+            before = table.version()
+            self.append(name, data, app_id, version)
+            now = self.version(name)
+            if kept is not None and kept[0] == before and now == before + 1:
+                self._memory[name] = (before + 1, kept[1])  # the same rows
+            return True
         after = self._replaced(name, table, data, keys)
         if (
             after is not None
