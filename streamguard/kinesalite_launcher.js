@@ -22,6 +22,19 @@ try {
 const options = {createStreamMs: 0, deleteStreamMs: 0, updateStreamMs: 0, shardLimit: 1000}
 if (dataDir) options.path = dataDir
 
+// kinesalite rethrows a request's 'error' event (`req.on('error', function(err) { throw err })`),
+// so a client that dies mid-request (a SIGKILLed worker, its readers' GetRecords in flight) took
+// the whole server down, and every other client with it. A real Kinesis shrugs that off: so does
+// this one. Anything else still ends the server.
+process.on('uncaughtException', (err) => {
+  if (err && (err.code === 'ECONNRESET' || err.code === 'EPIPE' || err.message === 'aborted')) {
+    console.error(`a client went away mid-request (${err.code || err.message}); serving on`)
+    return
+  }
+  console.error(err && err.stack ? err.stack : String(err))
+  process.exit(1)
+})
+
 const server = kinesalite(options)
 server.on('error', (err) => {
   console.error(`kinesalite failed: ${err.message}`)

@@ -422,3 +422,27 @@ def test_arrival_times_are_the_instants_botocores_own_parser_gives(
     created = raw["StreamCreationTimestamp"]
     assert created.tzinfo is not None and created.utcoffset() == timedelta(0)
     assert abs((datetime.now(UTC) - created).total_seconds()) < 3600
+
+
+def test_local_kinesis_outlives_a_client_that_dies_mid_request(tmp_path: Path) -> None:
+    """kinesalite rethrew a request's error, so a client killed mid-request (a SIGKILLed worker's
+    reader in GetRecords) took the server, and every other test's client, down with it."""
+    import socket
+    import struct
+    from urllib.parse import urlsplit
+
+    with LocalKinesis(tmp_path / "kinesis", persist=False) as server:
+        address = urlsplit(server.endpoint)
+        for _ in range(3):
+            sock = socket.create_connection((address.hostname, address.port))
+            sock.sendall(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-amz-json-1.1\r\n"
+                b"X-Amz-Target: Kinesis_20131202.ListStreams\r\nContent-Length: 1000\r\n\r\n{"
+            )
+            # Reset, not close: the request is cut off half way, as by a killed process.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        client = kinesis_client(server.endpoint)
+        ensure_stream(client, "after", shards=1)
+        assert server.running() and answers(server.endpoint)
+        assert "a client went away mid-request" in (tmp_path / "kinesis" / "server.log").read_text()
