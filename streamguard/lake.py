@@ -556,58 +556,49 @@ class Lake:
         table = self.table(name)
         if table is None:
             return []
-        with self._view_lock(name):
-            return self._files_holding(table, name, column, values, partition, partitions)
-
-    def _files_holding(
-        self,
-        table: DeltaTable,
-        name: str,
-        column: str,
-        values: pa.Array | pa.ChunkedArray,
-        partition: str,
-        partitions: Iterable[object],
-    ) -> list[str] | None:
-        view = self._view(name, table)
-        index = view.keys.setdefault((column, partition), KeyIndex())
-        wanted = list(dict.fromkeys(_partition_value(p) for p in partitions))
-        if any((column, partition, p) in view.too_big for p in wanted):
-            return None
-        new = [p for p in wanted if not index.holds(p)]
-        early = [p for p in new if index.asked.get(p, 0) < self.key_index_after_lookups]
-        for p in early:
-            index.asked[p] = index.asked.get(p, 0) + 1
-        if early:
-            return None  # read this time; indexed once asked about again
-        if new:
-            actions = pa.table(table.get_add_actions(flatten=True))
-            paths = [unquote(str(p)) for p in actions["path"].to_pylist()]
-            on = f"partition.{partition}"
-            values_of = actions[on].to_pylist() if on in actions.column_names else []
-            parts = [_partition_value(v) for v in values_of] or [None] * len(paths)
-            rows = (
-                actions["num_records"].to_pylist() if "num_records" in actions.column_names else []
-            )
-            for p in new:
-                mine = [i for i, q in enumerate(parts) if q == p]
-                if rows and sum(rows[i] or 0 for i in mine) * BYTES_PER_KEY > key_index_bytes():
-                    view.too_big.add((column, partition, p))
-                    return None
-                index.hold(p, [paths[i] for i in mine])
-        for held, unread in index.unread_files().items():
-            hashes, files = self._key_hashes(name, column, unread)
-            index.add(held, unread, hashes, files)
-        index.used(wanted)
-        while index.nbytes > key_index_bytes():
-            oldest = index.least_used()
-            if oldest is None or oldest in wanted:
-                for p in wanted:
-                    view.too_big.add((column, partition, p))
-                    index.drop(p)
+        with self._view_lock(name):  # the view is followed by writer threads too
+            view = self._view(name, table)
+            index = view.keys.setdefault((column, partition), KeyIndex())
+            wanted = list(dict.fromkeys(_partition_value(p) for p in partitions))
+            if any((column, partition, p) in view.too_big for p in wanted):
                 return None
-            index.drop(oldest)
-        hashes = key_hashes(values)
-        return sorted({path for p in wanted for path in index.files_holding(p, hashes)})
+            new = [p for p in wanted if not index.holds(p)]
+            early = [p for p in new if index.asked.get(p, 0) < self.key_index_after_lookups]
+            for p in early:
+                index.asked[p] = index.asked.get(p, 0) + 1
+            if early:
+                return None  # read this time; indexed once asked about again
+            if new:
+                actions = pa.table(table.get_add_actions(flatten=True))
+                paths = [unquote(str(p)) for p in actions["path"].to_pylist()]
+                on = f"partition.{partition}"
+                values_of = actions[on].to_pylist() if on in actions.column_names else []
+                parts = [_partition_value(v) for v in values_of] or [None] * len(paths)
+                rows = (
+                    actions["num_records"].to_pylist()
+                    if "num_records" in actions.column_names
+                    else []
+                )
+                for p in new:
+                    mine = [i for i, q in enumerate(parts) if q == p]
+                    if rows and sum(rows[i] or 0 for i in mine) * BYTES_PER_KEY > key_index_bytes():
+                        view.too_big.add((column, partition, p))
+                        return None
+                    index.hold(p, [paths[i] for i in mine])
+            for held, unread in index.unread_files().items():
+                hashes, files = self._key_hashes(name, column, unread)
+                index.add(held, unread, hashes, files)
+            index.used(wanted)
+            while index.nbytes > key_index_bytes():
+                oldest = index.least_used()
+                if oldest is None or oldest in wanted:
+                    for p in wanted:
+                        view.too_big.add((column, partition, p))
+                        index.drop(p)
+                    return None
+                index.drop(oldest)
+            hashes = key_hashes(values)
+            return sorted({path for p in wanted for path in index.files_holding(p, hashes)})
 
     def _key_hashes(
         self, name: str, column: str, paths: Sequence[str]
