@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
+
+from models.schema import float64_values
 
 SOFT_RULES: tuple[str, ...] = (
     "low_balance_large_withdrawal",
@@ -65,10 +66,7 @@ RULE_COLUMNS: tuple[str, ...] = (
 def _col(features: pd.DataFrame | pa.Table, name: str) -> np.ndarray:
     """One column as float64; from Arrow a null is NaN, as `to_pandas` makes it."""
     if isinstance(features, pa.Table):
-        column = features[name]
-        if column.type != pa.float64():
-            column = pc.cast(column, pa.float64())
-        return np.asarray(column.to_numpy(), dtype=np.float64)
+        return float64_values(features[name])
     return np.asarray(features[name], dtype=np.float64)
 
 

@@ -24,6 +24,15 @@ CHANNELS = ("atm", "pos", "online", "wire")
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
+
+def float64_values(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A numeric column as float64 numpy values, a null as NaN (as `to_pandas` makes it): the
+    one conversion the model's matrix and the rules both read Arrow batches through."""
+    if column.type != pa.float64():
+        column = pc.cast(column, pa.float64())
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
 TRANSACTION_SCHEMA = pa.schema(
     [
         pa.field("transaction_id", pa.string(), nullable=False),

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin, clone
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
@@ -37,6 +36,7 @@ from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
 from models.features import FEATURE_COLUMNS, KEY_COLUMNS, LABEL_DELAY_DAYS
+from models.schema import float64_values
 
 DEFAULT_LABEL_DELAY = pd.Timedelta(days=7)
 RANDOM_STATE = 0
@@ -477,10 +477,7 @@ def arrow_feature_matrix(features: pa.Table) -> np.ndarray:
         raise ValueError(f"features lack column(s): {', '.join(missing)}")
     out = np.empty((features.num_rows, len(FEATURE_COLUMNS)), dtype=np.float64, order="F")
     for j, name in enumerate(FEATURE_COLUMNS):
-        column = features[name]
-        if column.type != pa.float64():
-            column = pc.cast(column, pa.float64())
-        out[:, j] = column.to_numpy()  # a null becomes NaN, as in pandas
+        out[:, j] = float64_values(features[name])  # a null becomes NaN, as in pandas
     return out
 
 

@@ -13,7 +13,7 @@ from models.accounts import AccountChanges, account_history
 from models.features import FEATURE_COLUMNS, replay
 from models.job import ALERTS, SCORES, FraudScoringJob, ScoringContext
 from models.registry import MODEL_NAME, LoadedModel
-from models.rules import RULES, SOFT_RULES, AlertPolicy, decide, rule_hits
+from models.rules import RULE_COLUMNS, RULES, SOFT_RULES, AlertPolicy, decide, rule_hits
 from models.simulate import Simulation
 from models.training import score
 
@@ -243,6 +243,8 @@ def test_the_job_scores_and_rules_from_arrow_exactly_as_from_pandas(
     before = score(shadow_model.model, features.select(FEATURE_COLUMNS).to_pandas())
     assert shadow["score"].to_numpy().tobytes() == before.tobytes()
     assert rule_hits(features, policy).equals(hits)
+    # RULE_COLUMNS are all the rules read: given only those columns they fire exactly the same.
+    assert rule_hits(features.select(list(RULE_COLUMNS)), policy).equals(hits)
     # The batch has what the comparison is about: NaN features, alerts by the score alone, by a
     # soft rule below the threshold and by a hard rule whatever the score.
     assert np.isnan(frame[FEATURE_COLUMNS].to_numpy()).any()
