@@ -179,6 +179,7 @@ OUTPUTS: tuple[TableOutput, ...] = (
         ("customer_id",),
         stats_columns=("customer_id", "last_event_time", "batch_id"),
         in_memory=True,
+        latest_by="batch_id",
         last_together=True,
     ),
     TableOutput(
@@ -187,6 +188,7 @@ OUTPUTS: tuple[TableOutput, ...] = (
         ("terminal_id",),
         stats_columns=("terminal_id", "last_event_time", "batch_id"),
         in_memory=True,
+        latest_by="batch_id",
         last_together=True,
     ),
 )
@@ -686,7 +688,8 @@ def drop_duplicates(
     if valid.num_rows == 0:  # every record rejected: nothing to look up
         return valid, rejected
     dates = pc.unique(pc.cast(valid["event_time"], pa.date32()).combine_chunks())
-    # None: the dates are too big to index; their files are all read instead.
+    # None: the index cannot answer (a date's first lookup in this process, or a date over
+    # the index's memory budget); then every file of the dates is read instead.
     files = lake.files_holding(
         TRANSACTIONS,
         "transaction_id",

@@ -73,6 +73,11 @@ class TableOutput:
     # A keyed table bounded by its number of keys (state) that every batch reads and upserts:
     # the runner keeps it whole in memory between batches (`streamguard.lake.Lake.keep_in_memory`).
     in_memory: bool = False
+    # Of a keyed table: a column that grows with every batch (the batch id) naming each key's
+    # current row. The table is then written merge-on-read: a batch appends its changed rows
+    # instead of MERGEing them (which rewrites every file holding a changed key: its cost follows
+    # the table, not the batch); readers take each key's latest (`streamguard.lake.Lake.upsert`).
+    latest_by: str | None = None
     # Written after every other output, at once with the other outputs marked so (they must end
     # `outputs`), one thread each (`streamguard.commit.write_batch`): state tables whose new rows
     # depend on none of the others' stored rows, since a replay after a crash amid them reads

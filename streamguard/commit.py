@@ -164,7 +164,7 @@ def write_batch(
             return False  # written by an earlier attempt, or empty then (see above)
         if spec.key is None:
             return lake.append(spec.name, rows, app_id, batch_id, spec.partition_by)
-        return lake.upsert(spec.name, rows, spec.key, app_id, batch_id)
+        return lake.upsert(spec.name, rows, spec.key, app_id, batch_id, spec.latest_by)
 
     def write_group(group: Sequence[TableOutput]) -> None:
         """Write `group` at once (one thread per table that has something to write)."""

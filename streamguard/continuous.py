@@ -205,9 +205,12 @@ class Compactor:
     them gather, into files of the table's own target size (rarely). Compacting between batches
     held up every record waiting meanwhile (a hundred milliseconds and more per table); on its
     own thread (delta-rs releases the GIL) it overlaps the scoring. An OPTIMIZE never conflicts
-    with the worker's blind appends (it adds no row and the appends read nothing), and the
-    worker's kept tables see its commit like any other writer's; the state tables, which the
-    worker MERGEs (reading their files), are never compacted here.
+    with the worker's blind appends (it adds no row and the appends read nothing). The state
+    tables are written merge-on-read (appends too, `Lake.upsert`), so they are compacted here
+    as well: an OPTIMIZE keeps every row, superseded ones included, and the worker's memory of
+    them stays good across it (`Lake` sees a commit that changed no row). Only the worker's own
+    fold (writing a state table whole) can meet an OPTIMIZE; whichever commits second gives way
+    (the fold becomes an append, the OPTIMIZE waits for the next round).
 
     Log checkpoints: delta-rs writes one within every 100th commit of a table, and the worker's
     tables reach it in the same batch; the worker's commits skip them (`Lake.auto_checkpoint`)
@@ -217,7 +220,9 @@ class Compactor:
 
     def __init__(self, runner: MicroBatchRunner, settings: ContinuousSettings) -> None:
         self.worker_lake = runner.lake
-        self.tables = [o.name for o in runner.processor.outputs if o.key is None] + [
+        self.tables = [
+            o.name for o in runner.processor.outputs if o.key is None or o.latest_by is not None
+        ] + [
             DEAD_LETTER_TABLE,
             CHECKPOINT_TABLE,
         ]

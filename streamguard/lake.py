@@ -79,6 +79,17 @@ DEFAULT_STATE_MEMORY_MB = 2048
 # Memory bytes per byte of Parquet a state table takes, at most (measured: 2.9 for the LZ4 files
 # written whole, 5 for the Snappy files with dictionaries a MERGE writes).
 MEMORY_PER_FILE_BYTE = 5
+# Table properties of a keyed table written merge-on-read (`Lake.upsert` with `latest_by`): its
+# key column, and the column whose largest value names a key's current row (the batch id).
+LATEST_KEY = "streamguard.latestBy.key"
+LATEST_ORDER = "streamguard.latestBy.order"
+# A merge-on-read table kept in memory is written whole (folded to one row per key) when its
+# files would otherwise hold more than this many rows per key; until then an upsert appends
+# the changed rows only. At issue 11's size (40 % of 100k customers changed per batch) two
+# batches append and the third writes whole; a continuous worker's batch of 165 rows against
+# 100k customers appends 165 rows (a MERGE rewrote the 27 MiB file: ~1 s) and folds every
+# ~600 batches.
+FOLD_ROWS_PER_KEY = 2
 # The most the key indexes of one table may take (MiB; `Lake.files_holding`) unless
 # STREAMGUARD_KEY_INDEX_MB says: 12 bytes a key, so 1 GiB holds ~89M keys (a day at ~1,000 tx/s).
 DEFAULT_KEY_INDEX_MB = 1024
@@ -136,6 +147,55 @@ class _LogView:
     too_big: set[tuple[str, str, str | None]] = field(default_factory=set)
 
 
+# The column naming a kept table's current rows while it is read from memory (`_Held`).
+_LIVE = "__streamguard_live"
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A table kept in memory (`Lake.keep_in_memory`): its rows, of which the `live` ones are
+    current. An upsert appends its rows and marks the ones they replace instead of copying all
+    the others (the copy cost the table's size every batch: 46 ms for 165 rows against 100k
+    customers); the rows are copied once the replaced ones outnumber the current."""
+
+    table: pa.Table
+    live: np.ndarray | None = None  # bool per row; None: every row
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows if self.live is None else int(self.live.sum())
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.table.column_names
+
+    def current(self) -> pa.Table:
+        """The current rows (a copy when some are replaced)."""
+        return self.table if self.live is None else self.table.filter(pa.array(self.live))
+
+    def dataset(self) -> tuple[ds.Dataset, pc.Expression | None]:
+        """A dataset of the rows and the filter keeping the current ones (None: all are)."""
+        if self.live is None:
+            return ds.dataset(self.table), None
+        return ds.dataset(self.table.append_column(_LIVE, pa.array(self.live))), pc.field(_LIVE)
+
+    def upserted(self, rows: pa.Table, key: str) -> _Held:
+        """These rows (one per key, the table's columns) replacing those of their keys."""
+        n = self.table.num_rows
+        replaced = pc.is_in(self.table[key], value_set=rows[key].combine_chunks())
+        live = np.ones(n, dtype=bool) if self.live is None else self.live.copy()
+        live &= ~np.asarray(replaced.to_numpy(zero_copy_only=False), dtype=bool)
+        held = _Held(
+            pa.concat_tables([self.table, rows]),
+            np.concatenate([live, np.ones(rows.num_rows, dtype=bool)]),
+        )
+        assert held.live is not None
+        replaced_rows = len(held.live) - int(held.live.sum())
+        if replaced_rows > held.num_rows or held.table[key].num_chunks > 64:
+            return _Held(held.current().combine_chunks())
+        return held
+
+
 class Lake:
     """Delta tables under one folder or object-store prefix, one sub-folder per table."""
 
@@ -154,7 +214,7 @@ class Lake:
         self._datasets: dict[str, tuple[int, ds.Dataset]] = {}
         self._checkpointed: dict[str, int] = {}  # last log checkpoint version seen per table
         self._kept: set[str] = set()  # tables to keep whole in memory (`keep_in_memory`)
-        self._memory: dict[str, tuple[int, pa.Table]] = {}  # their content, by the version
+        self._memory: dict[str, tuple[int, _Held]] = {}  # their content, by the version
         self._too_big: set[str] = set()  # kept tables found over the memory budget
         # One per table: its log view is followed and its key indexes used by one thread at a
         # time (a batch's appends run on threads, one table each).
@@ -175,7 +235,7 @@ class Lake:
         """
         self._kept.update(names)
 
-    def _in_memory(self, name: str, version: int | None) -> pa.Table | None:
+    def _in_memory(self, name: str, version: int | None) -> _Held | None:
         """The whole table at its latest version, from memory or read now (None: not kept,
         another version asked, no table, or over the budget)."""
         if name not in self._kept or name in self._too_big:
@@ -183,14 +243,17 @@ class Lake:
         table = self.table(name)
         if table is None or (version is not None and version != table.version()):
             return None
-        kept = self._memory.get(name)
-        if kept is not None and kept[0] == table.version():
+        kept = self._fresh_memory(name, table)
+        if kept is not None:
             return kept[1]
         # Judged by its files first (never read a table too big to hold), then by what it took.
         on_disk = sum(pa.table(table.get_add_actions(flatten=True))["size_bytes"].to_pylist())
         whole = None
         if on_disk * MEMORY_PER_FILE_BYTE <= state_memory_bytes():
             whole = self._dataset(name, table).to_table()
+            latest = latest_by_of(table)
+            if latest is not None and set(latest) <= set(whole.column_names):
+                whole = latest_rows(whole, *latest)
         if whole is None or whole.nbytes > state_memory_bytes():
             log.warning(
                 "%s (%d MiB of files) is over STREAMGUARD_STATE_MEMORY_MB: read from its files",
@@ -200,8 +263,39 @@ class Lake:
             self._too_big.add(name)
             self._memory.pop(name, None)
             return None
-        self._memory[name] = (table.version(), whole)
-        return whole
+        held = _Held(whole)
+        self._memory[name] = (table.version(), held)
+        return held
+
+    def _fresh_memory(self, name: str, table: DeltaTable) -> tuple[int, _Held] | None:
+        """The memory of a kept table if it holds `table`'s version: kept at that version, or
+        at an earlier one whose later commits changed no row (a compaction by another lake, the
+        continuous worker's compactor: reading the table whole again would cost its size)."""
+        kept = self._memory.get(name)
+        if kept is None or kept[0] > table.version():
+            return None
+        if kept[0] < table.version():
+            if not self._rows_unchanged(name, kept[0], table.version()):
+                return None
+            kept = self._memory[name] = (table.version(), kept[1])
+        return kept
+
+    def _rows_unchanged(self, name: str, since: int, until: int) -> bool:
+        """Whether the commits after `since` up to `until` changed no row: they only rewrote
+        files (`dataChange` false) or recorded application transactions."""
+        for v in range(since + 1, until + 1):
+            try:
+                lines = self._read_text(self._log_file(name, v)).splitlines()
+            except OSError:
+                return False
+            for line in lines:
+                action = json.loads(line) if line.strip() else {}
+                if "metaData" in action or "protocol" in action:
+                    return False
+                for kind in ("add", "remove"):
+                    if kind in action and action[kind].get("dataChange", True) is not False:
+                        return False
+        return True
 
     @property
     def root(self) -> Path:
@@ -310,14 +404,19 @@ class Lake:
         schema: pa.Schema,
         partition_by: Sequence[str] = (),
         stats_columns: Sequence[str] = (),
+        latest_by: tuple[str, str] | None = None,
     ) -> None:
         """Create the table empty if it does not exist, so readers and the catalog see it early.
 
         `partition_by` applies to a table created here; an existing table keeps its layout.
         `stats_columns`: the only columns whose statistics the log keeps (files written from now
         on; an existing table is altered once): each commit handles every file's statistics.
+        `latest_by`: (key, order) of a table written merge-on-read (see `upsert`).
         """
-        config = {STATS_COLUMNS: ",".join(stats_columns)} if stats_columns else None
+        config = {STATS_COLUMNS: ",".join(stats_columns)} if stats_columns else {}
+        if latest_by is not None:
+            # delta-rs refuses properties of its own names at creation: set by altering after.
+            config |= {LATEST_KEY: latest_by[0], LATEST_ORDER: latest_by[1]}
         if not self.exists(name):
             self.create_dir(name)
             write_deltalake(
@@ -325,9 +424,10 @@ class Lake:
                 schema.empty_table(),
                 mode="append",
                 partition_by=list(partition_by) or None,
-                configuration=config,
+                configuration={k: v for k, v in config.items() if k.startswith("delta.")} or None,
             )
-            return
+            if latest_by is None:
+                return
         table = self.table(name)
         if (
             config
@@ -338,7 +438,7 @@ class Lake:
                 **config,
             }
         ):
-            table.alter.set_table_properties(config)
+            table.alter.set_table_properties(config, raise_if_not_exists=False)
 
     def version(self, name: str) -> int | None:
         table = self.table(name)
@@ -367,7 +467,13 @@ class Lake:
             empty = schema.empty_table()
             return empty.select(list(columns)) if columns else empty
         whole = None if files is not None else self._in_memory(name, version)
-        dataset = self._dataset(name, table) if whole is None else ds.dataset(whole)
+        if whole is None:
+            dataset = self._dataset(name, table)
+        else:
+            dataset, live = whole.dataset()
+            if live is not None:  # only the current rows, and never the marking column
+                filter = live if filter is None else filter & live
+                columns = list(columns) if columns else whole.column_names
         missing: list[str] = []
         requested = list(columns) if columns else None
         if columns and schema is not None:
@@ -382,6 +488,10 @@ class Lake:
                 dataset.filesystem,
             )
         cols = list(columns) if columns else None
+        latest = None if whole is not None else latest_by_of(table)
+        if latest is not None and set(latest) <= set(dataset.schema.names):
+            read = _latest_read(dataset, latest, cols, filter)
+            return self._with_missing(read, missing, schema, requested)
         try:
             read = dataset.to_table(columns=cols, filter=filter)
         except pa.ArrowNotImplementedError:
@@ -389,6 +499,13 @@ class Lake:
             # them by statistics against a plain-string filter. Filter after reading instead.
             whole = dataset.to_table().filter(filter)
             read = whole.select(cols) if cols else whole
+        return self._with_missing(read, missing, schema, requested)
+
+    @staticmethod
+    def _with_missing(
+        read: pa.Table, missing: list[str], schema: pa.Schema | None, requested: list[str] | None
+    ) -> pa.Table:
+        """`read` with the requested columns its table lacks as nulls, in the requested order."""
         if not missing:
             return read
         assert schema is not None and requested is not None
@@ -423,10 +540,16 @@ class Lake:
         ]
 
     def count(self, name: str) -> int:
+        """Rows of the table (of a merge-on-read table: its keys)."""
         table = self.table(name)
         if table is None:
             return 0
-        return int(self._dataset(name, table).count_rows())
+        latest = latest_by_of(table)
+        dataset = self._dataset(name, table)
+        if latest is not None and latest[0] in dataset.schema.names:
+            keys = dataset.to_table(columns=[latest[0]])[latest[0]]
+            return int(pc.count_distinct(keys).as_py()) if len(keys) else 0
+        return int(dataset.count_rows())
 
     def names(self) -> list[str]:
         """The Delta tables under the lake's folder."""
@@ -717,10 +840,20 @@ class Lake:
         keys: Sequence[str],
         app_id: str | None = None,
         version: int = 0,
+        latest_by: str | None = None,
     ) -> bool:
         """MERGE rows by key: replace matched rows, insert the rest.
 
         With `app_id`, once per (app_id, version); without, the key alone makes it idempotent.
+
+        `latest_by` (a column that grows with every upsert, the batch id): merge-on-read. A
+        MERGE rewrites every file holding a changed key, so its cost follows the table, not the
+        batch (a continuous worker's 165 rows against 100k customers: ~1 s). Instead the rows
+        are appended, and a key's current row is the one with the largest `latest_by`; the
+        table's properties say so (LATEST_KEY, LATEST_ORDER), and every read and count through
+        a Lake chooses those rows. A table kept in memory is written whole (one row per key
+        again) once its files would hold more than FOLD_ROWS_PER_KEY rows a key; `compact`
+        folds any other.
         """
         if app_id is not None:
             done = self.transaction_version(name, app_id)
@@ -735,8 +868,13 @@ class Lake:
                 mode="append",
                 commit_properties=None if app_id is None else self._commit(app_id, version),
             )
+            created = self.table(name)
+            if latest_by is not None and created is not None:
+                self._mark_latest_by(name, created, keys, latest_by)
             return True
-        kept = self._memory.get(name)
+        if latest_by is not None:
+            table = self._mark_latest_by(name, table, keys, latest_by)
+        kept = self._fresh_memory(name, table)
         if data.num_rows == 0 and app_id is not None:
             # A MERGE of nothing makes no commit at all; an empty append records the batch
             # (`batch_written` relies on it for a batch whose every record was rejected).
@@ -747,6 +885,13 @@ class Lake:
                 self._memory[name] = (before + 1, kept[1])  # the same rows
             return True
         after = self._replaced(name, table, data, keys)
+        latest = latest_by_of(table)
+        if latest is not None:
+            _check_latest(name, data, keys, latest)
+            if after is not None:
+                return self._append_latest(name, table, data, app_id, version, after)
+            # Not in memory (not kept, or over the budget): MERGEd, as it would never be folded
+            # (its reads, which choose each key's latest row, are whole reads anyway).
         if (
             after is not None
             and kept is not None
@@ -775,32 +920,74 @@ class Lake:
         self._remember(name, kept, after)
         return True
 
+    def _mark_latest_by(
+        self, name: str, table: DeltaTable, keys: Sequence[str], order: str
+    ) -> DeltaTable:
+        """Make an existing table merge-on-read (it holds one row per key, as MERGEs left it)."""
+        if latest_by_of(table) is not None:
+            return table
+        before = table.version()
+        table.alter.set_table_properties(
+            {LATEST_KEY: keys[0], LATEST_ORDER: order}, raise_if_not_exists=False
+        )
+        kept = self._memory.get(name)
+        now = self.table(name)
+        assert now is not None
+        if kept is not None and kept[0] == before and now.version() == before + 1:
+            self._memory[name] = (before + 1, kept[1])  # the same rows
+        return now
+
+    def _append_latest(
+        self,
+        name: str,
+        table: DeltaTable,
+        data: pa.Table,
+        app_id: str | None,
+        version: int,
+        after: _Held,
+    ) -> bool:
+        """Upsert into a merge-on-read table held in memory: append the rows, or write the table
+        whole when its files would hold more than FOLD_ROWS_PER_KEY rows a key (`upsert`)."""
+        kept = self._memory.get(name)
+        in_files = sum(pa.table(table.get_add_actions(flatten=True))["num_records"].to_pylist())
+        fold = in_files + data.num_rows > FOLD_ROWS_PER_KEY * after.num_rows
+        if fold and self._overwrite(name, table, after, app_id, version):
+            return True
+        if app_id is None:
+            write_deltalake(
+                self._open.get(name) or self.uri(name),
+                data,
+                mode="append",
+                schema_mode="merge",
+                writer_properties=APPEND_WRITER_PROPERTIES,
+                post_commithook_properties=self._hooks(),
+            )
+            self._remember(name, kept, after)
+        elif self.append(name, data, app_id, version):
+            self._remember(name, kept, after)
+        return True
+
     def _replaced(
         self, name: str, table: DeltaTable, data: pa.Table, keys: Sequence[str]
-    ) -> pa.Table | None:
+    ) -> _Held | None:
         """A table kept in memory after upserting `data` there; None when memory cannot say.
 
         Only when the memory holds the table's latest version, one key names the rows, `data`
         has the table's columns (a new column goes through MERGE's schema merge) and no key
         twice.
         """
-        kept = self._memory.get(name)
-        if kept is None or kept[0] != table.version() or len(keys) != 1:
+        kept = self._fresh_memory(name, table)
+        if kept is None or len(keys) != 1:
             return None
         whole, key = kept[1], keys[0]
         if set(data.column_names) != set(whole.column_names):
             return None
         if pc.count_distinct(data[key]).as_py() != data.num_rows:
             return None
-        rows = data.select(whole.column_names).cast(whole.schema)
-        stays = pc.invert(pc.is_in(whole[key], value_set=rows[key].combine_chunks()))
-        after = pa.concat_tables([whole.filter(stays), rows])
-        if after[key].num_chunks > 16:  # one chunk per batch otherwise, for ever
-            after = after.combine_chunks()
-        return after
+        return whole.upserted(data.select(whole.column_names).cast(whole.table.schema), key)
 
     def _overwrite(
-        self, name: str, table: DeltaTable, after: pa.Table, app_id: str | None, version: int
+        self, name: str, table: DeltaTable, after: _Held, app_id: str | None, version: int
     ) -> bool:
         """Write a table kept in memory whole, as the very next version or not at all.
 
@@ -812,10 +999,11 @@ class Lake:
         if table.metadata().partition_columns:
             return False
         transactions = [] if app_id is None else [Transaction(app_id=app_id, version=version)]
+        rows = after.current()
         try:
             write_deltalake(
                 table,
-                after,
+                rows,
                 mode="overwrite",
                 writer_properties=STATE_WRITER_PROPERTIES,
                 commit_properties=CommitProperties(
@@ -826,12 +1014,10 @@ class Lake:
         except CommitFailedError:
             self._memory.pop(name, None)
             return False
-        self._remember(name, kept, after)
+        self._remember(name, kept, _Held(rows))
         return True
 
-    def _remember(
-        self, name: str, kept: tuple[int, pa.Table] | None, after: pa.Table | None
-    ) -> None:
+    def _remember(self, name: str, kept: tuple[int, _Held] | None, after: _Held | None) -> None:
         """Keep `after` as the table's content if our write was the very next version."""
         written = self.table(name)
         if (
@@ -855,7 +1041,11 @@ class Lake:
         if table is None:
             return {"files_removed": 0, "files_added": 0, "vacuumed": 0}
         before = table.version()
-        metrics = table.optimize.compact(post_commithook_properties=self._hooks())
+        latest = latest_by_of(table)
+        if latest is not None and not table.metadata().partition_columns:
+            metrics = self._fold(name, table, latest)
+        else:
+            metrics = table.optimize.compact(post_commithook_properties=self._hooks())
         kept = self._memory.get(name)
         compacted = self.table(name)
         now = None if compacted is None else compacted.version()
@@ -874,7 +1064,104 @@ class Lake:
             "vacuumed": vacuumed,
         }
 
+    def _fold(self, name: str, table: DeltaTable, latest: tuple[str, str]) -> dict[str, int]:
+        """Compact a merge-on-read table: its current rows only, written whole as the very next
+        version (none when another commit came first: the next compaction folds)."""
+        rows = self._dataset(name, table).to_table()
+        current = latest_rows(rows, *latest) if set(latest) <= set(rows.column_names) else rows
+        if current.num_rows == rows.num_rows:  # nothing superseded: an ordinary compaction
+            return dict(table.optimize.compact(post_commithook_properties=self._hooks()))
+        files = len(table.file_uris())
+        try:
+            write_deltalake(
+                table,
+                current,
+                mode="overwrite",
+                writer_properties=STATE_WRITER_PROPERTIES,
+                commit_properties=CommitProperties(max_commit_retries=0),
+                post_commithook_properties=self._hooks(),
+            )
+        except CommitFailedError:
+            return {"numFilesRemoved": 0, "numFilesAdded": 0}
+        folded = self.table(name)
+        return {
+            "numFilesRemoved": files,
+            "numFilesAdded": 0 if folded is None else len(folded.file_uris()),
+        }
+
 
 def _arrow_dataset(table: DeltaTable) -> ds.Dataset:
     dataset: ds.Dataset = table.to_pyarrow_dataset()
     return dataset
+
+
+def latest_by_of(table: DeltaTable) -> tuple[str, str] | None:
+    """(key, order) of a merge-on-read table (`Lake.upsert`'s `latest_by`), else None."""
+    config = table.metadata().configuration
+    key, order = config.get(LATEST_KEY), config.get(LATEST_ORDER)
+    return (key, order) if key and order else None
+
+
+def latest_rows(rows: pa.Table, key: str, order: str) -> pa.Table:
+    """One row per key: the one with the largest `order` (of equal ones, the last), in the
+    order the rows came. What a merge-on-read table holds (`Lake.upsert`)."""
+    n = rows.num_rows
+    if n == 0:
+        return rows
+    codes = pc.dictionary_encode(rows[key].combine_chunks()).indices.to_numpy(zero_copy_only=False)
+    ranks = pc.fill_null(rows[order], np.iinfo(np.int64).min).to_numpy()
+    by_key = np.lexsort((np.arange(n), ranks, codes))  # key, then order, then position
+    sorted_codes = codes[by_key]
+    last = np.ones(n, dtype=bool)
+    last[:-1] = sorted_codes[1:] != sorted_codes[:-1]
+    if last.all():
+        return rows
+    return rows.take(pa.array(np.sort(by_key[last])))
+
+
+def _check_latest(name: str, data: pa.Table, keys: Sequence[str], latest: tuple[str, str]) -> None:
+    """An upsert into a merge-on-read table names each key once, by the table's key, and
+    carries the column ordering its rows."""
+    key, order = latest
+    if list(keys) != [key] or order not in data.column_names:
+        raise ValueError(
+            f"{name} is merge-on-read by key {key!r} and order {order!r}: upserted by "
+            f"{list(keys)} with columns {data.column_names}"
+        )
+    if pc.count_distinct(data[key]).as_py() != data.num_rows:
+        raise ValueError(f"an upsert into {name} names a {key} twice: which row is current?")
+
+
+def _latest_read(
+    dataset: ds.Dataset,
+    latest: tuple[str, str],
+    columns: list[str] | None,
+    filter: pc.Expression | None,
+) -> pa.Table:
+    """Read a merge-on-read table: the rows passing `filter` that are their key's current row.
+
+    A superseded row may pass a filter its current row fails (or the other way round), so the
+    filter cannot simply be pushed down: the current (key, order) pairs come from the two
+    columns, the candidates from the filtered read, and a candidate stays if it is current.
+    """
+    key, order = latest
+    current = latest_rows(dataset.to_table(columns=[key, order]), key, order)
+    wanted = None if columns is None else list(dict.fromkeys([*columns, key, order]))
+    try:
+        candidates = dataset.to_table(columns=wanted, filter=filter)
+    except pa.ArrowNotImplementedError:  # string_view columns of MERGE-written files (`read`)
+        whole = dataset.to_table()
+        candidates = whole.filter(filter) if filter is not None else whole
+        candidates = candidates.select(wanted) if wanted else candidates
+    if candidates.num_rows and current.num_rows < dataset.count_rows():
+        # By Arrow's hashing of the keys of both into one set of codes (a join cannot carry the
+        # list columns of a state table).
+        n = candidates.num_rows
+        both = pa.chunked_array([*candidates[key].chunks, *current[key].chunks])
+        codes = pc.dictionary_encode(both.combine_chunks()).indices.to_numpy(zero_copy_only=False)
+        lowest = np.iinfo(np.int64).min
+        best = np.full(int(codes.max()) + 1, lowest, dtype=np.int64)
+        best[codes[n:]] = pc.fill_null(current[order], lowest).to_numpy()
+        mine = pc.fill_null(candidates[order], lowest).to_numpy()
+        candidates = latest_rows(candidates.filter(pa.array(mine == best[codes[:n]])), key, order)
+    return candidates.select(columns) if columns else candidates

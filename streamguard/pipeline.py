@@ -32,7 +32,15 @@ from models.features import (
     label_delay_of,
     replay,
 )
-from models.job import FEATURES, LABELS, OUTPUTS, FraudScoringJob
+from models.job import (
+    FEATURES,
+    LABELS,
+    OUTPUTS,
+    TRANSACTIONS,
+    TRANSACTIONS_TABLE_SCHEMA,
+    FraudScoringJob,
+)
+from models.known_frauds import locate_labels
 from models.label_delay import LabelDelayEstimate, estimate_label_delay, reporting_delays
 from models.promotion import (
     Evaluation,
@@ -96,7 +104,10 @@ def scoring_job_name(source: str, stream: str) -> str:
 def ensure_tables(lake: Lake) -> None:
     """Create every table of the scoring job empty, so the catalog and readers see them."""
     for output in OUTPUTS:
-        lake.ensure(output.name, output.schema, output.partition_by, output.stats_columns)
+        latest = None
+        if output.key is not None and output.latest_by is not None:
+            latest = (output.key[0], output.latest_by)
+        lake.ensure(output.name, output.schema, output.partition_by, output.stats_columns, latest)
     lake.ensure(DEAD_LETTER_TABLE, DEAD_LETTER_SCHEMA)
     lake.ensure(CHECKPOINT_TABLE, CHECKPOINT_SCHEMA)
     lake.ensure(LABELS, LABEL_SCHEMA)
@@ -146,20 +157,38 @@ def load_labels(lake: Lake, labels: pa.Table) -> int:
 
     New transaction ids are appended (the scoring batches fold each new label file into
     `known_frauds` once); only a label that changed (another verdict or report time) is
-    upserted, which rewrites the files holding it.
+    upserted, which rewrites the files holding it. The rows written carry where their
+    transaction is in `transactions` now (`models.known_frauds.locate_labels`): the lookup by id
+    is paid here, once per label, instead of by the scoring batch that folds the file in.
     """
     lake.ensure(LABELS, LABEL_SCHEMA)
     labels = labels.cast(LABEL_SCHEMA)
     if labels.num_rows == 0:
         return 0
-    stored = lake.read(LABELS, filter=pc.field("transaction_id").isin(labels["transaction_id"]))
+    stored = lake.read(
+        LABELS,
+        columns=["transaction_id", "is_fraud", "reported_at"],
+        filter=pc.field("transaction_id").isin(labels["transaction_id"]),
+    )
     known = pc.is_in(labels["transaction_id"], value_set=stored["transaction_id"].combine_chunks())
     new = labels.filter(pc.invert(known))
-    if new.num_rows:
-        write_deltalake(lake.uri(LABELS), new, mode="append")
     changed = _changed(labels.filter(known), stored)
+    if new.num_rows == 0 and changed.num_rows == 0:
+        return labels.num_rows
+    # One lookup for both; a label table written before these columns gains them (older rows
+    # read back null: their batches read `transactions` as before).
+    located = locate_labels(
+        lake,
+        pa.concat_tables([new, changed.cast(LABEL_SCHEMA)]),
+        TRANSACTIONS,
+        TRANSACTIONS_TABLE_SCHEMA,
+    )
+    if new.num_rows:
+        write_deltalake(
+            lake.uri(LABELS), located.slice(0, new.num_rows), mode="append", schema_mode="merge"
+        )
     if changed.num_rows:
-        lake.upsert(LABELS, changed, ["transaction_id"])
+        lake.upsert(LABELS, located.slice(new.num_rows), ["transaction_id"])
     return labels.num_rows
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -305,3 +306,151 @@ def test_a_table_over_the_memory_budget_is_read_and_merged_from_its_files(
     assert lake.upsert("state", rows(["b", "c"], 1), ["key"], "job", 1)
     assert _operations(lake, "state", 1) == ["MERGE"]
     assert keys(lake, "state") == ["a", "b", "c"]
+
+
+STATE = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("value", pa.int64()),
+        pa.field("places", pa.list_(pa.string())),  # a list column, as the state tables have
+        pa.field("batch_id", pa.int64()),
+    ]
+)
+
+
+def state_rows(values: dict[str, int], batch_id: int) -> pa.Table:
+    return pa.table(
+        {
+            "key": list(values),
+            "value": list(values.values()),
+            "places": [[k] * (v % 3) for k, v in values.items()],
+            "batch_id": [batch_id] * len(values),
+        },
+        schema=STATE,
+    )
+
+
+def current(lake: Lake, **read: Any) -> dict[str, tuple[int, int]]:
+    got = lake.read("state", **read)
+    return {
+        k: (v, b)
+        for k, v, b in zip(
+            got["key"].to_pylist(),
+            got["value"].to_pylist(),
+            got["batch_id"].to_pylist(),
+            strict=True,
+        )
+    }
+
+
+def rows_in_files(lake: Lake, name: str) -> int:
+    table = lake.table(name)
+    assert table is not None
+    return sum(pa.table(table.get_add_actions(flatten=True))["num_records"].to_pylist())
+
+
+def test_a_merge_on_read_table_appends_changed_rows_and_reads_each_keys_latest(
+    lake_root: str,
+) -> None:
+    """Issue 11: a state upsert costs its batch, not the table. The changed rows are appended
+    (no file rewritten), and every read through a Lake, this one's or a fresh one's, sees each
+    key's latest row only, filters applied to those rows."""
+    writer, reader = Lake(lake_root), Lake(lake_root)
+    writer.keep_in_memory(["state"])
+    writer.ensure("state", STATE, latest_by=("key", "batch_id"))
+    expected: dict[str, tuple[int, int]] = {}
+    for values, batch in (({"a": 1, "b": 2, "c": 3}, 0), ({"b": 20}, 1), ({"c": 30, "d": 4}, 2)):
+        current(writer)  # as the runner reads the batch's state first
+        before = set(writer.files("state"))
+        assert writer.upsert("state", state_rows(values, batch), ["key"], "job", batch, "batch_id")
+        assert before < set(writer.files("state"))  # appended: every earlier file stays
+        expected |= {k: (v, batch) for k, v in values.items()}
+        assert current(writer) == current(reader) == expected
+    assert rows_in_files(writer, "state") == 6  # b and c twice
+    assert writer.count("state") == reader.count("state") == 4
+    # A filter sees current rows only: b's old row (value 2) passes, its current one does not.
+    for lake in (writer, reader):
+        assert current(lake, filter=pc.field("value") == 2) == {}
+        assert current(lake, filter=pc.field("value") >= 20) == {"b": (20, 1), "c": (30, 2)}
+        picked = lake.read("state", columns=["value"], filter=pc.field("key") == "c")
+        assert picked.column_names == ["value"] and picked["value"].to_pylist() == [30]
+    # Once per batch, as any upsert.
+    assert not writer.upsert("state", state_rows({"a": 9}, 2), ["key"], "job", 2, "batch_id")
+    assert current(reader)["a"] == (1, 0)
+
+    # Files holding two rows a key: the lake holding the table in memory writes it whole (one
+    # row a key again).
+    batch3 = {"a": 100, "b": 200, "c": 300, "d": 400}
+    assert writer.upsert("state", state_rows(batch3, 3), ["key"], "job", 3, "batch_id")
+    expected |= {k: (v, 3) for k, v in batch3.items()}
+    assert rows_in_files(writer, "state") == 4
+    assert _operations(writer, "state", 1) == ["WRITE"]
+    assert current(reader) == current(writer) == expected
+
+    # A lake not holding it in memory MERGEs (it could never fold its appends), on top of
+    # superseded rows too; and another lake's compaction folds the table: current rows only,
+    # batches still recorded; the writer goes on from there.
+    assert writer.upsert("state", state_rows({"e": 5, "a": 6}, 4), ["key"], "job", 4, "batch_id")
+    assert rows_in_files(writer, "state") == 6
+    assert reader.upsert("state", state_rows({"a": 8, "g": 9}, 5), ["key"], "other", 5, "batch_id")
+    assert _operations(reader, "state", 1) == ["MERGE"]
+    expected |= {"e": (5, 4), "a": (8, 5), "g": (9, 5)}
+    assert current(reader) == current(writer) == expected
+    reader.compact("state")
+    assert rows_in_files(reader, "state") == 6 == reader.count("state")
+    assert reader.transaction_version("state", "job") == 4
+    assert writer.upsert("state", state_rows({"a": 7, "f": 6}, 6), ["key"], "job", 6, "batch_id")
+    expected |= {"a": (7, 6), "f": (6, 6)}
+    assert current(writer) == current(Lake(lake_root)) == expected
+
+
+def test_a_merge_on_read_upsert_names_each_key_once_by_the_tables_key(tmp_path: Path) -> None:
+    lake = Lake(tmp_path)
+    lake.ensure("state", STATE, latest_by=("key", "batch_id"))
+    twice = pa.concat_tables([state_rows({"a": 1}, 0), state_rows({"a": 2}, 0)])
+    with pytest.raises(ValueError, match="twice"):
+        lake.upsert("state", twice, ["key"], "job", 0, "batch_id")
+    with pytest.raises(ValueError, match="merge-on-read by key 'key'"):
+        lake.upsert("state", state_rows({"a": 1}, 0), ["value"], "job", 0, "batch_id")
+    assert lake.count("state") == 0
+
+
+def test_a_table_merged_before_becomes_merge_on_read_in_place(lake_root: str) -> None:
+    """A lake written by an older release (MERGEd state, one row a key) is taken over as is."""
+    lake = Lake(lake_root)
+    assert lake.upsert("state", state_rows({"a": 1, "b": 2}, 0), ["key"], "job", 0)
+    assert lake.upsert("state", state_rows({"b": 3}, 1), ["key"], "job", 1)
+    assert _operations(lake, "state", 1) == ["MERGE"]
+    lake.keep_in_memory(["state"])
+    assert current(lake) == {"a": (1, 0), "b": (3, 1)}
+    assert lake.upsert("state", state_rows({"b": 4, "c": 5}, 2), ["key"], "job", 2, "batch_id")
+    assert _operations(lake, "state", 1) == ["WRITE"]  # appended
+    assert current(Lake(lake_root)) == {"a": (1, 0), "b": (4, 2), "c": (5, 2)}
+
+
+def test_a_kept_tables_memory_survives_commits_that_change_no_row(lake_root: str) -> None:
+    """A compaction by another lake (the continuous worker's compactor) rewrites files with the
+    same rows: the writer keeps its memory instead of reading the table whole again, yet any
+    commit that changes rows makes it read again."""
+    writer, other = Lake(lake_root), Lake(lake_root)
+    writer.keep_in_memory(["state"])
+    writer.ensure("state", STATE, latest_by=("key", "batch_id"))
+    for batch in range(4):  # one small file each, a row of each key
+        current(writer)  # as the runner reads the batch's state first
+        values = {"a": batch, f"k{batch}": batch}
+        assert writer.upsert("state", state_rows(values, batch), ["key"], "job", batch, "batch_id")
+    assert current(writer)["a"] == (3, 3)
+    held = writer._memory["state"]
+    table = other.table("state")
+    assert table is not None
+    table.optimize.compact()  # an OPTIMIZE: the same rows (superseded ones too) in one file
+    assert len(other.files("state")) == 1
+    assert current(writer)["a"] == (3, 3)
+    assert writer._memory["state"][1] is held[1]  # not read again
+    assert writer._memory["state"][0] == held[0] + 1
+    assert writer.upsert("state", state_rows({"a": 9}, 4), ["key"], "job", 4, "batch_id")
+    assert current(Lake(lake_root)) == current(writer)
+    assert current(writer)["a"] == (9, 4)
+    # Another writer's rows: read again.
+    assert other.upsert("state", state_rows({"z": 1}, 5), ["key"], "other", 5, "batch_id")
+    assert current(writer)["z"] == (1, 5)

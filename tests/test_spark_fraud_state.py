@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from deltalake import write_deltalake
 from fraud_streams import (
     BAD_RECORDS,
     assert_same_outputs,
@@ -191,11 +192,12 @@ def test_crash_replay_and_lost_checkpoint_recover_exactly(
         keys: Sequence[str],
         app_id: str | None = None,
         version: int = 0,
+        latest_by: str | None = None,
     ) -> bool:
         if name == CUSTOMER_STATE and version == base + k - 1 and not crashed:
             crashed.append(version)
             raise RuntimeError("crash between Delta commits")
-        return upsert(name, data, keys, app_id, version)
+        return upsert(name, data, keys, app_id, version, latest_by)
 
     monkeypatch.setattr(lake, "upsert", crash_once)
     with pytest.raises(Exception, match="crash between Delta commits"):
@@ -212,6 +214,17 @@ def test_crash_replay_and_lost_checkpoint_recover_exactly(
     assert set(replay.rows_written) == {CUSTOMER_STATE}  # only what was missing
 
     shutil.rmtree(checkpoint)  # lost: the new query starts from Delta
+    # The state tables are merge-on-read (the in-process runner appends changed rows): give the
+    # customers superseded rows (older batch ids, wrong balances) that the initial state must
+    # pass over for each customer's latest.
+    stored = lake.read(CUSTOMER_STATE)
+    older = stored.set_column(
+        stored.schema.get_field_index("batch_id"), "batch_id", pc.subtract(stored["batch_id"], 1)
+    ).set_column(
+        stored.schema.get_field_index("balance"), "balance", pc.add(stored["balance"], 1e6)
+    )
+    write_deltalake(lake.uri(CUSTOMER_STATE), older, mode="append")
+    assert lake.read(CUSTOMER_STATE).sort_by("customer_id").equals(stored.sort_by("customer_id"))
     recovered = run(rest)
     assert recovered.app_id != app
     assert [b.batch_id for b in recovered.batches] == list(range(base + k, base + runs.n_batches))

@@ -89,6 +89,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.window import Window
 
 from models.accounts import ACCOUNTS_HISTORY
 from models.features import (
@@ -372,10 +373,17 @@ def initial_state(
         "customer_id string, balance double, last_event_time timestamp, n_transactions bigint, "
         "locations array<string>, history_times array<timestamp>, "
         "history_amounts array<double>, days array<bigint>, day_counts array<bigint>, "
-        "day_cents array<bigint>, updated_at timestamp"
+        "day_cents array<bigint>, updated_at timestamp, batch_id bigint"
     )
     customers = _delta_frame(
         spark, lake, CUSTOMER_STATE, _version_before(lake, CUSTOMER_STATE, app_id), state_ddl
+    )
+    # Merge-on-read (`Lake.upsert`): a customer's current row is its latest batch's.
+    latest = Window.partitionBy("customer_id").orderBy(F.col("batch_id").desc())
+    customers = (
+        customers.withColumn("_latest", F.row_number().over(latest))
+        .where(F.col("_latest") == 1)
+        .drop("_latest")
     )
     if customer_ttl is not None:
         oldest = datetime.now(UTC) - customer_ttl
