@@ -1,5 +1,6 @@
-"""What the latency benches (bench/sensor.py, bench/continuous.py) share: their percentile, the
-champion they score with, and the read-update-write of the shared results file."""
+"""What the benches share: the latency benches' percentile (bench/sensor.py, bench/continuous.py),
+the champion they score with, a synthetic customer state (bench/state_upsert.py,
+bench/continuous.py) and the read-update-write of the shared results file."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
+from models.job import CUSTOMER_STATE_TABLE_SCHEMA
 from models.simulate import Simulation, simulate
 from streamguard.config import Home
 from streamguard.pipeline import train_on_simulation
@@ -47,3 +50,38 @@ def merge_results(
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     partial.write_text(json.dumps(results, indent=2, default=str) + "\n")
     partial.replace(path)
+
+
+DAY_US = 86_400 * 1_000_000
+START_US = 1_767_225_600 * 1_000_000  # 2026-01-01
+
+
+def _lists(rng: np.random.Generator, n: int, mean: int, values: np.ndarray) -> pa.ListArray:
+    lengths = rng.poisson(mean, n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[: offsets[-1]]))
+
+
+def customer_state(ids: np.ndarray, batch_id: int, seed: int) -> pa.Table:
+    """Synthetic full-window `customer_state` rows for customers `C<id>`, the issue-size shape:
+    ~6 places, ~3 debits of the last day, ~25 days with debits of the last 31."""
+    rng = np.random.default_rng(seed)
+    n = len(ids)
+    big = n * 40
+    days = (START_US // DAY_US + rng.integers(0, 31, big)).astype(np.int64)
+    columns = {
+        "customer_id": pa.array([f"C{i:08d}" for i in ids]),
+        "balance": pa.array(rng.normal(2_000, 500, n)),
+        "last_event_time": pa.array(START_US + rng.integers(0, 31 * DAY_US, n)),
+        "n_transactions": pa.array(rng.integers(1, 200, n)),
+        "locations": _lists(rng, n, 6, np.array([f"city-{i % 500}" for i in range(big)])),
+        "history_times": _lists(rng, n, 3, START_US + rng.integers(0, DAY_US, big)),
+        "history_amounts": _lists(rng, n, 3, rng.gamma(2.0, 40.0, big)),
+        "days": _lists(rng, n, 25, days),
+        "day_counts": _lists(rng, n, 25, rng.integers(1, 5, big)),
+        "day_cents": _lists(rng, n, 25, rng.integers(100, 50_000, big)),
+        "batch_id": pa.array(np.full(n, batch_id)),
+        "updated_at": pa.array(np.full(n, START_US)),
+    }
+    schema = CUSTOMER_STATE_TABLE_SCHEMA
+    return pa.table({f.name: columns[f.name].cast(f.type) for f in schema}, schema=schema)

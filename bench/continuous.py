@@ -41,9 +41,9 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, percentile, train_champion  # noqa: E402
+from bench.common import RESULTS, customer_state, percentile, train_champion  # noqa: E402
 from bench.common import merge_results as merge_into_results  # noqa: E402
-from models.job import SCORES  # noqa: E402
+from models.job import CUSTOMER_STATE, SCORES  # noqa: E402
 from models.simulate import simulate  # noqa: E402
 from streamguard.checkpoint import BatchPlan  # noqa: E402
 from streamguard.config import Home  # noqa: E402
@@ -163,8 +163,13 @@ def bench_rate(
     settings: ContinuousSettings,
     max_batch_records: int,
     poll_interval_s: float,
+    state_customers: int = 0,
 ) -> dict[str, Any]:
-    """One steady-rate run on a fresh stream and lake; latency percentiles and what it took."""
+    """One steady-rate run on a fresh stream and lake; latency percentiles and what it took.
+
+    `state_customers`: the lake starts with that many other customers' state (a bank's
+    customers are many more than one minute's stream touches): what each state write is
+    measured against."""
     stream = f"continuous-{rate}"
     n = min(transactions.num_rows, int(rate * seconds))
     payloads = work / f"payloads-{rate}.parquet"
@@ -193,7 +198,11 @@ def bench_rate(
         max_batch_records=max_batch_records,
         job=scoring_job_name(source, stream),
     )
+    if state_customers:
+        seed = customer_state(np.arange(state_customers), 0, seed=state_customers)
+        lake.upsert(CUSTOMER_STATE, seed, ["customer_id"], "bench-seed", 0)
     runner.recover()  # opens the lake's tables and the model before the clock starts
+    lake.read(CUSTOMER_STATE, filter=pc.field("customer_id") == "")  # held, as a running worker
     visible: dict[int, float] = {}  # batch id -> when its `scores` rows landed in the lake
     committed: dict[int, float] = {}  # batch id -> when the batch was committed
     sizes: list[int] = []
@@ -309,6 +318,7 @@ def bench_continuous(
     source: str = "kinesis",
     poll_interval_s: float = LOCAL_POLL_INTERVAL_S,
     max_batch_records: int = 10_000,
+    state_customers: int = 0,
 ) -> dict[str, Any]:
     """Latency of the continuous worker at each steady rate, each on a fresh stream and lake.
 
@@ -326,6 +336,7 @@ def bench_continuous(
         "poll_interval_s": poll_interval_s,
         "idle_wait_s": settings.idle_wait_s,
         "max_batch_records": max_batch_records,
+        "state_customers": state_customers,
     }
     with _broker(source, work) as address:
         for rate in rates:
@@ -340,6 +351,7 @@ def bench_continuous(
                 settings=settings,
                 max_batch_records=max_batch_records,
                 poll_interval_s=poll_interval_s,
+                state_customers=state_customers,
             )
             out[f"at_{rate}"] = result
             out[f"continuous_{rate}_p50_ms"] = result["p50_ms"]
@@ -423,6 +435,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seconds between reads of each shard (AWS: 0.2 or more)",
     )
     parser.add_argument("--max-batch", type=int, default=10_000, help="records per batch at most")
+    parser.add_argument(
+        "--state-customers",
+        type=int,
+        default=0,
+        help="start from this many other customers' state (synthetic, full windows)",
+    )
     parser.add_argument("--output", default=None, help="also write the result as JSON here")
     parser.add_argument(
         "--no-write", action="store_true", help=f"do not merge the result into {RESULTS}"
@@ -436,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             source=args.source,
             poll_interval_s=args.poll_interval,
             max_batch_records=args.max_batch,
+            state_customers=args.state_customers,
         )
     print_continuous(out)
     print(json.dumps({k: v for k, v in out.items() if not k.startswith("at_")}, indent=1))
