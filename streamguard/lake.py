@@ -280,22 +280,32 @@ class Lake:
             kept = self._memory[name] = (table.version(), kept[1])
         return kept
 
-    def _rows_unchanged(self, name: str, since: int, until: int) -> bool:
+    def _rows_unchanged(
+        self, name: str, since: int, until: int, ours: tuple[str, int] | None = None
+    ) -> bool:
         """Whether the commits after `since` up to `until` changed no row: they only rewrote
-        files (`dataChange` false) or recorded application transactions."""
+        files (`dataChange` false) or recorded application transactions. With `ours` (an
+        application transaction), the one commit recording it is ours and not judged."""
         for v in range(since + 1, until + 1):
             try:
                 lines = self._read_text(self._log_file(name, v)).splitlines()
             except OSError:
                 return False
-            for line in lines:
-                action = json.loads(line) if line.strip() else {}
+            actions = [json.loads(line) for line in lines if line.strip()]
+            if ours is not None and any(
+                (a.get("txn") or {}).get("appId") == ours[0]
+                and (a.get("txn") or {}).get("version") == ours[1]
+                for a in actions
+            ):
+                ours = None  # only one commit is ours
+                continue
+            for action in actions:
                 if "metaData" in action or "protocol" in action:
                     return False
                 for kind in ("add", "remove"):
                     if kind in action and action[kind].get("dataChange", True) is not False:
                         return False
-        return True
+        return ours is None  # (ours not found among them: not ours to judge)
 
     @property
     def root(self) -> Path:
@@ -964,7 +974,7 @@ class Lake:
             )
             self._remember(name, kept, after)
         elif self.append(name, data, app_id, version):
-            self._remember(name, kept, after)
+            self._remember(name, kept, after, (app_id, version))
         return True
 
     def _replaced(
@@ -1017,18 +1027,26 @@ class Lake:
         self._remember(name, kept, _Held(rows))
         return True
 
-    def _remember(self, name: str, kept: tuple[int, _Held] | None, after: _Held | None) -> None:
-        """Keep `after` as the table's content if our write was the very next version."""
+    def _remember(
+        self,
+        name: str,
+        kept: tuple[int, _Held] | None,
+        after: _Held | None,
+        ours: tuple[str, int] | None = None,
+    ) -> None:
+        """Keep `after` as the table's content if our write was the very next version, or, for
+        a write recorded as application transaction `ours`, if every other commit since `kept`
+        changed no row (a compaction that landed while we wrote: without this the continuous
+        worker read its state whole again after 1 batch in 10, ~1 s at 100k customers)."""
         written = self.table(name)
-        if (
-            kept is not None
-            and after is not None
-            and written is not None
-            and written.version() == kept[0] + 1
-        ):
-            self._memory[name] = (kept[0] + 1, after)
-        else:
-            self._memory.pop(name, None)
+        if kept is not None and after is not None and written is not None:
+            at = written.version()
+            if at == kept[0] + 1 or (
+                ours is not None and at > kept[0] and self._rows_unchanged(name, kept[0], at, ours)
+            ):
+                self._memory[name] = (at, after)
+                return
+        self._memory.pop(name, None)
 
     def compact(self, name: str, vacuum_hours: int | None = None) -> dict[str, int]:
         """Rewrite the many small files micro-batches leave into few large ones.

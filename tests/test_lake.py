@@ -454,3 +454,39 @@ def test_a_kept_tables_memory_survives_commits_that_change_no_row(lake_root: str
     # Another writer's rows: read again.
     assert other.upsert("state", state_rows({"z": 1}, 5), ["key"], "other", 5, "batch_id")
     assert current(writer)["z"] == (1, 5)
+
+
+class CompactedMidAppend(Lake):
+    """A lake whose every append has another lake's compaction land first: after the writer
+    checked its memory, before its commit (what the continuous worker's compactor does now and
+    then)."""
+
+    def __init__(self, root: str, other: Lake) -> None:
+        super().__init__(root)
+        self.other = other
+
+    def append(self, name: str, data: pa.Table, *args: Any, **kwargs: Any) -> bool:
+        table = self.other.table(name)
+        assert table is not None
+        table.optimize.compact()
+        return super().append(name, data, *args, **kwargs)
+
+
+def test_a_compaction_landing_amid_an_upsert_leaves_the_memory_good(lake_root: str) -> None:
+    other = Lake(lake_root)
+    writer = CompactedMidAppend(lake_root, other)
+    writer.keep_in_memory(["state"])
+    writer.ensure("state", STATE, latest_by=("key", "batch_id"))
+    other.append("state", state_rows({"a": 0, "b": 0}, 0), "seed", 0)
+    other.append("state", state_rows({"c": 0}, 0), "seed", 1)  # two files to compact
+    for batch in (1, 2):
+        current(writer)  # memory checked, as the runner reads before it writes
+        before = writer.version("state")
+        assert before is not None
+        values = {"a": batch, f"n{batch}": batch}
+        assert writer.upsert("state", state_rows(values, batch), ["key"], "job", batch, "batch_id")
+        assert writer.version("state") == before + 2  # a compaction, then the append
+        # Kept at the new version: the next read is from memory, not the files in full.
+        assert writer._memory["state"][0] == before + 2
+        assert current(writer) == current(Lake(lake_root))
+    assert current(writer)["a"] == (2, 2)
