@@ -286,6 +286,10 @@ def bench_rate(
         "records_per_batch_mean": float(np.mean(sizes)) if sizes else 0.0,
         "batch_p50_ms": percentile(np.array(batch_s), 50) * 1000,
         "batch_p99_ms": percentile(np.array(batch_s), 99) * 1000,
+        # The slowest batches (their place in the run, ms, records): a tail has a cause.
+        "slowest_batches": [
+            [int(i), round(batch_s[i] * 1000, 1), sizes[i]] for i in np.argsort(batch_s)[::-1][:5]
+        ],
         "compactions": report.compactions,
         "log_checkpoints": report.log_checkpoints,
         "idle_polls": report.idle_polls,

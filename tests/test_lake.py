@@ -490,3 +490,22 @@ def test_a_compaction_landing_amid_an_upsert_leaves_the_memory_good(lake_root: s
         assert writer._memory["state"][0] == before + 2
         assert current(writer) == current(Lake(lake_root))
     assert current(writer)["a"] == (2, 2)
+
+
+def test_a_kept_table_stays_in_few_chunks_through_many_small_upserts(tmp_path: Path) -> None:
+    """Each upsert adds its rows as a chunk; the last chunks are merged like a binary counter,
+    never the whole table at once, so 200 upserts leave a handful of chunks."""
+    lake = Lake(tmp_path)
+    lake.keep_in_memory(["state"])
+    lake.ensure("state", STATE, latest_by=("key", "batch_id"))
+    lake.upsert("state", state_rows({f"k{i}": 0 for i in range(1000)}, 0), ["key"], "job", 0)
+    expected = {f"k{i}": (0, 0) for i in range(1000)}
+    for batch in range(1, 201):
+        current(lake)
+        values = {f"k{(batch * 7) % 1000}": batch, f"new{batch}": batch}
+        assert lake.upsert("state", state_rows(values, batch), ["key"], "job", batch, "batch_id")
+        expected |= {k: (v, batch) for k, v in values.items()}
+    held = lake._memory["state"][1].table
+    lengths = [len(c) for c in held["key"].chunks]
+    assert len(lengths) <= 9 and lengths == sorted(lengths, reverse=True)
+    assert current(lake) == current(Lake(tmp_path)) == expected
